@@ -1,0 +1,23 @@
+"""The package's own errors. Driver errors are translated into these at the adapters."""
+
+from __future__ import annotations
+
+
+class OtelWorkerError(Exception):
+    """Base class of otelworker's errors."""
+
+
+class ConfigError(OtelWorkerError):
+    """A setting is missing or invalid; the message names the key."""
+
+
+class StagingUnavailable(OtelWorkerError):
+    """The staging database could not take the payload; nothing was acknowledged."""
+
+
+class ObjectStoreError(OtelWorkerError):
+    """The object store refused or failed an operation."""
+
+
+class BadPayload(OtelWorkerError):
+    """A payload is not a valid OTLP request of its signal."""

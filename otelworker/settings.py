@@ -1,0 +1,180 @@
+"""Settings: read once from the environment (and `.env`) into one object, passed down.
+
+Every key works bare or with the ``OTEL_`` prefix: ``DATABASE_URL`` or
+``OTEL_DATABASE_URL`` (the prefixed form wins when both are set).
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+from pydantic import (
+    AliasChoices,
+    AliasGenerator,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from otelworker.exceptions import ConfigError
+
+MiB = 1024 * 1024
+SECRET_KEYS = frozenset({"DATABASE_URL", "S3_ACCESS_KEY_ID", "S3_SECRET_ACCESS_KEY"})
+
+
+def env_key(field_name: str) -> str:
+    """The environment key of a settings field (``database_url`` -> ``DATABASE_URL``)."""
+    return field_name.upper()
+
+
+def _aliases(field_name: str) -> AliasChoices:
+    key = env_key(field_name)
+    return AliasChoices(f"OTEL_{key}", key, field_name)
+
+
+class Role(str, enum.Enum):
+    ALL = "all"
+    INGRESS = "ingress"
+    WORKER = "worker"
+
+
+class OverflowPolicy(str, enum.Enum):
+    REJECT = "reject"
+    DROP = "drop"
+    SAMPLE = "sample"
+
+
+class Compression(str, enum.Enum):
+    GZIP = "gzip"
+    ZSTD = "zstd"
+    NONE = "none"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        case_sensitive=False,
+        populate_by_name=True,
+        alias_generator=AliasGenerator(validation_alias=_aliases),
+        use_enum_values=False,
+        validate_default=True,
+    )
+
+    # --- service -------------------------------------------------------------
+    role: Role = Role.ALL
+    host: str = "0.0.0.0"  # noqa: S104 - a server binds all interfaces by default
+    port: int = Field(4318, ge=1, le=65535)
+    log_level: str = Field("INFO", pattern=r"(?i)^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
+    log_aggregation_window_s: float = Field(1.0, ge=0.0, le=60.0)
+    shutdown_grace_s: float = Field(10.0, ge=0.0, le=600.0)
+    readiness_drain_delay_s: float = Field(0.0, ge=0.0, le=120.0)
+
+    # --- database ------------------------------------------------------------
+    database_url: SecretStr | None = None
+    embedded_db_dir: str = "./.otelworker/pgdata"
+    db_pool_min_size: int = Field(2, ge=0, le=1000)
+    db_pool_max_size: int = Field(10, ge=1, le=1000)
+    db_connect_timeout_s: float = Field(5.0, gt=0.0, le=300.0)
+    db_startup_timeout_s: float = Field(30.0, ge=0.0, le=3600.0)
+
+    # --- ingress ---------------------------------------------------------------
+    max_request_body_bytes: int = Field(16 * MiB, ge=1024, le=1024 * MiB)
+    group_commit_max_items: int = Field(256, ge=1, le=100_000)
+    group_commit_max_bytes: int = Field(32 * MiB, ge=1024, le=4096 * MiB)
+    group_commit_workers: int = Field(2, ge=1, le=64)
+    staging_commit_timeout_s: float = Field(10.0, gt=0.0, le=600.0)
+    unavailable_retry_after_s: int = Field(5, ge=1, le=3600)
+
+    # --- rate limiting (pre-staging) -----------------------------------------------
+    enable_rate_limiting: bool = False
+    rate_limit_rps: float = Field(100.0, gt=0.0)
+    rate_limit_burst: int = Field(200, ge=1)
+
+    # --- staging capacity ------------------------------------------------------------
+    staging_max_backlog: int = Field(1000, ge=1)
+    overflow_policy: OverflowPolicy = OverflowPolicy.REJECT
+    overflow_sample_rate: float = Field(0.1, ge=0.0, le=1.0)
+    overflow_sample_seed: int | None = None
+    backlog_refresh_interval_ms: int = Field(500, ge=10, le=60_000)
+    saturated_retry_after_s: int = Field(1, ge=1, le=3600)
+
+    # --- processing ------------------------------------------------------------------
+    processing_queue_max_depth: int = Field(100, ge=1, le=1_000_000)
+    poll_interval_ms: int = Field(500, ge=1, le=600_000)
+    lease_timeout_s: float = Field(30.0, ge=1.0, le=86_400.0)
+    batch_max_size: int = Field(25, ge=1, le=100_000)
+    batch_flush_interval_ms: int = Field(200, ge=1, le=3_600_000)
+    worker_concurrency: int = Field(4, ge=1, le=256)
+    max_attempts: int = Field(10, ge=1, le=1000)
+    retry_backoff_initial_ms: int = Field(1000, ge=1)
+    retry_backoff_max_ms: int = Field(60_000, ge=1)
+
+    # --- object storage --------------------------------------------------------------
+    s3_endpoint_url: str | None = None
+    s3_bucket: str | None = None
+    s3_prefix: str = "otel"
+    s3_region: str = "us-east-1"
+    s3_access_key_id: SecretStr | None = None
+    s3_secret_access_key: SecretStr | None = None
+    s3_force_path_style: bool = False
+    s3_create_bucket: bool = False
+    s3_compression: Compression = Compression.GZIP
+    s3_timeout_s: float = Field(30.0, gt=0.0, le=3600.0)
+    local_object_dir: str = "./.otelworker/objects"
+
+    @model_validator(mode="after")
+    def _check_relations(self) -> Settings:
+        if self.db_pool_min_size > self.db_pool_max_size:
+            raise ValueError(
+                "DB_POOL_MIN_SIZE must not exceed DB_POOL_MAX_SIZE "
+                f"({self.db_pool_min_size} > {self.db_pool_max_size})"
+            )
+        if self.retry_backoff_initial_ms > self.retry_backoff_max_ms:
+            raise ValueError(
+                "RETRY_BACKOFF_INITIAL_MS must not exceed RETRY_BACKOFF_MAX_MS "
+                f"({self.retry_backoff_initial_ms} > {self.retry_backoff_max_ms})"
+            )
+        return self
+
+    @property
+    def dsn(self) -> str | None:
+        if self.database_url is None:
+            return None
+        url = self.database_url.get_secret_value()
+        for driver in ("postgresql+asyncpg://", "postgres+asyncpg://"):
+            if url.startswith(driver):
+                url = "postgresql://" + url[len(driver) :]
+        return url
+
+    @property
+    def runs_ingress(self) -> bool:
+        return self.role in (Role.ALL, Role.INGRESS)
+
+    @property
+    def runs_worker(self) -> bool:
+        return self.role in (Role.ALL, Role.WORKER)
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = [str(part) for part in error.get("loc", ()) if part != "__root__"]
+    message = str(error.get("msg", "invalid value"))
+    if not loc:
+        return message.removeprefix("Value error, ")
+    key = env_key(loc[0]).removeprefix("OTEL_")
+    if key in SECRET_KEYS:
+        return f"{key}: {message}"
+    return f"{key}: {message} (got {error.get('input')!r})"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the settings; an invalid value raises ConfigError naming the key."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        details = "; ".join(_describe(e) for e in exc.errors())  # type: ignore[arg-type]
+        raise ConfigError(f"invalid setting {details}") from None

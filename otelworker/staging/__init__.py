@@ -1,0 +1,1 @@
+"""Staging: the durable Postgres queue every acknowledged payload lands in first."""

@@ -1,0 +1,194 @@
+"""The staging queue's port and its asyncpg adapter.
+
+Every database operation on ``ingestion_queue`` and ``export_batches`` is here; the
+queries themselves are in ``sql/queries.sql``. Driver errors become
+:class:`~otelworker.exceptions.StagingUnavailable`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+import asyncpg
+
+from otelworker.exceptions import StagingUnavailable
+from otelworker.staging.database import DB_ERRORS
+from otelworker.staging.sql import query
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A staged payload claimed by this worker."""
+
+    id: int
+    signal: str
+    payload: bytes
+    record_count: int
+    attempts: int
+
+    @classmethod
+    def from_row(cls, row: Any) -> Claimed:
+        return cls(row["id"], row["signal"], row["payload"], row["record_count"], row["attempts"])
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """One object in the bucket, as indexed in ``export_batches``."""
+
+    batch_id: uuid.UUID
+    signal: str
+    object_key: str
+    item_count: int
+    record_count: int
+    compressed_bytes: int
+    raw_bytes: int
+    min_time: datetime | None
+    max_time: datetime | None
+    service_names: Sequence[str]
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    max_attempts: int
+    backoff_initial_ms: int
+    backoff_max_ms: int
+
+
+class QueuePort(Protocol):
+    """What the processing pipeline needs of the staging queue."""
+
+    async def claim(self, limit: int, lease_s: float, token: uuid.UUID) -> list[Claimed]: ...
+
+    async def renew(self, ids: Sequence[int], lease_s: float, token: uuid.UUID) -> None: ...
+
+    async def complete(
+        self, manifest: Manifest, ids: Sequence[int], token: uuid.UUID
+    ) -> bool: ...
+
+    async def fail(
+        self, ids: Sequence[int], token: uuid.UUID, error: str, policy: RetryPolicy
+    ) -> list[tuple[int, str]]: ...
+
+    async def kill(self, ids: Sequence[int], token: uuid.UUID, error: str) -> None: ...
+
+    async def release(self, ids: Sequence[int], token: uuid.UUID) -> None: ...
+
+
+class StagingQueue:
+    """The asyncpg adapter of :class:`QueuePort`, plus the ingress and admin operations."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    async def _fetch(self, name: str, *args: Any) -> list[Any]:
+        try:
+            async with self.pool.acquire() as conn:
+                rows: list[Any] = await conn.fetch(query(name), *args)
+                return rows
+        except DB_ERRORS as exc:
+            raise StagingUnavailable(f"{name}: {type(exc).__name__}") from exc
+
+    async def _execute(self, name: str, *args: Any) -> str:
+        try:
+            async with self.pool.acquire() as conn:
+                status: str = await conn.execute(query(name), *args)
+                return status
+        except DB_ERRORS as exc:
+            raise StagingUnavailable(f"{name}: {type(exc).__name__}") from exc
+
+    # --- ingress ----------------------------------------------------------------
+    async def stage_many(
+        self, signals: list[str], payloads: list[bytes], record_counts: list[int]
+    ) -> None:
+        """Insert the rows in one transaction and wake idle pollers once."""
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                await conn.execute(query("stage_many"), signals, payloads, record_counts)
+                await conn.execute(query("notify_staged"))
+        except DB_ERRORS as exc:
+            raise StagingUnavailable(f"stage: {type(exc).__name__}") from exc
+
+    async def backlog(self) -> int:
+        rows = await self._fetch("backlog")
+        return int(rows[0][0])
+
+    # --- processing ----------------------------------------------------------------
+    async def claim(self, limit: int, lease_s: float, token: uuid.UUID) -> list[Claimed]:
+        rows = await self._fetch("claim", limit, lease_s, token)
+        return sorted((Claimed.from_row(r) for r in rows), key=lambda c: c.id)
+
+    async def renew(self, ids: Sequence[int], lease_s: float, token: uuid.UUID) -> None:
+        await self._execute("renew_leases", list(ids), lease_s, token)
+
+    async def complete(self, manifest: Manifest, ids: Sequence[int], token: uuid.UUID) -> bool:
+        """Index the object and delete its items in one transaction.
+
+        Returns False, committing nothing, when some rows are no longer ours (their lease
+        expired and another worker claimed them): the object is then an orphan.
+        """
+        try:
+            async with self.pool.acquire() as conn:
+                tx = conn.transaction()
+                await tx.start()
+                try:
+                    status = await conn.execute(query("delete_claimed"), list(ids), token)
+                    if int(status.split()[-1]) != len(ids):
+                        await tx.rollback()
+                        return False
+                    await conn.execute(
+                        query("insert_manifest"),
+                        manifest.batch_id,
+                        manifest.signal,
+                        manifest.object_key,
+                        manifest.item_count,
+                        manifest.record_count,
+                        manifest.compressed_bytes,
+                        manifest.raw_bytes,
+                        manifest.min_time,
+                        manifest.max_time,
+                        list(manifest.service_names),
+                    )
+                except BaseException:
+                    await tx.rollback()
+                    raise
+                await tx.commit()
+                return True
+        except DB_ERRORS as exc:
+            raise StagingUnavailable(f"complete: {type(exc).__name__}") from exc
+
+    async def fail(
+        self, ids: Sequence[int], token: uuid.UUID, error: str, policy: RetryPolicy
+    ) -> list[tuple[int, str]]:
+        rows = await self._fetch(
+            "fail_claimed",
+            list(ids),
+            token,
+            error[:2000],
+            policy.max_attempts,
+            float(policy.backoff_initial_ms),
+            float(policy.backoff_max_ms),
+        )
+        return [(r["id"], r["status"]) for r in rows]
+
+    async def kill(self, ids: Sequence[int], token: uuid.UUID, error: str) -> None:
+        await self._execute("kill_claimed", list(ids), token, error[:2000])
+
+    async def release(self, ids: Sequence[int], token: uuid.UUID) -> None:
+        await self._execute("release_claimed", list(ids), token)
+
+    # --- admin ----------------------------------------------------------------------
+    async def requeue_dead(self, signal: str | None, limit: int) -> int:
+        rows = await self._fetch("requeue_dead", signal, limit)
+        return len(rows)
+
+    async def dead_count(self) -> int:
+        rows = await self._fetch("dead_count")
+        return int(rows[0][0])
+
+    async def manifest_keys_among(self, keys: Sequence[str]) -> set[str]:
+        rows = await self._fetch("manifest_keys_among", list(keys))
+        return {r[0] for r in rows}

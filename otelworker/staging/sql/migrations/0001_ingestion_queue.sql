@@ -1,0 +1,38 @@
+-- The staging queue: every acknowledged payload is a row here until its batch is
+-- in object storage and indexed in export_batches.
+CREATE TABLE ingestion_queue (
+    id               bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    signal           text        NOT NULL CHECK (signal IN ('traces', 'metrics', 'logs')),
+    payload          bytea       NOT NULL,
+    record_count     integer     NOT NULL CHECK (record_count >= 0),
+    status           text        NOT NULL DEFAULT 'pending'
+                                 CHECK (status IN ('pending', 'processing', 'failed', 'dead')),
+    attempts         integer     NOT NULL DEFAULT 0,
+    available_at     timestamptz NOT NULL DEFAULT now(),
+    lease_expires_at timestamptz,
+    lease_token      uuid,
+    received_at      timestamptz NOT NULL DEFAULT now(),
+    last_error       text
+);
+
+-- The claim scans this in id order: every row that is not dead.
+CREATE INDEX ingestion_queue_claimable_idx
+    ON ingestion_queue (id)
+    WHERE status IN ('pending', 'failed', 'processing');
+
+-- The manifest: one row per object in the bucket whose items left the queue.
+CREATE TABLE export_batches (
+    batch_id         uuid        PRIMARY KEY,
+    signal           text        NOT NULL CHECK (signal IN ('traces', 'metrics', 'logs')),
+    object_key       text        NOT NULL UNIQUE,
+    item_count       integer     NOT NULL,
+    record_count     bigint      NOT NULL,
+    compressed_bytes bigint      NOT NULL,
+    raw_bytes        bigint      NOT NULL,
+    min_time         timestamptz,
+    max_time         timestamptz,
+    service_names    text[]      NOT NULL DEFAULT '{}',
+    created_at       timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE INDEX export_batches_created_idx ON export_batches (signal, created_at);

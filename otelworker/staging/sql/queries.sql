@@ -1,0 +1,115 @@
+-- Every query otelworker runs, each under a `-- name: NAME --` header.
+
+-- name: create_migrations_table --
+CREATE TABLE IF NOT EXISTS otelworker_migrations (
+    version    integer PRIMARY KEY,
+    name       text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- name: migration_lock --
+-- Serialises migrations across replicas that start at once (held to the end of the transaction).
+SELECT pg_advisory_xact_lock(hashtext('otelworker.migrations'));
+
+-- name: applied_migrations --
+SELECT version FROM otelworker_migrations ORDER BY version;
+
+-- name: record_migration --
+INSERT INTO otelworker_migrations (version, name) VALUES ($1, $2);
+
+-- name: schema_version --
+SELECT coalesce(max(version), 0) FROM otelworker_migrations;
+
+-- name: stage_many --
+-- One multi-row insert per group commit.
+INSERT INTO ingestion_queue (signal, payload, record_count)
+SELECT * FROM unnest($1::text[], $2::bytea[], $3::integer[]);
+
+-- name: notify_staged --
+SELECT pg_notify('otelworker_staged', '');
+
+-- name: backlog --
+-- Items staged and not yet exported: pending, processing and failed (dead rows excluded).
+SELECT count(*) FROM ingestion_queue WHERE status IN ('pending', 'processing', 'failed');
+
+-- name: claim --
+-- Claim up to $1 available rows: pending, failed whose backoff has passed, or
+-- processing whose lease has expired (a crashed or stalled worker's).
+WITH candidates AS (
+    SELECT id FROM ingestion_queue
+    WHERE status IN ('pending', 'failed', 'processing')
+      AND ((status <> 'processing' AND available_at <= now())
+           OR (status = 'processing' AND lease_expires_at < now()))
+    ORDER BY id
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE ingestion_queue q
+SET status = 'processing',
+    lease_expires_at = now() + make_interval(secs => $2),
+    lease_token = $3
+FROM candidates c
+WHERE q.id = c.id
+RETURNING q.id, q.signal, q.payload, q.record_count, q.attempts;
+
+-- name: renew_leases --
+UPDATE ingestion_queue
+SET lease_expires_at = now() + make_interval(secs => $2)
+WHERE id = ANY($1::bigint[]) AND lease_token = $3 AND status = 'processing';
+
+-- name: insert_manifest --
+INSERT INTO export_batches (batch_id, signal, object_key, item_count, record_count,
+                            compressed_bytes, raw_bytes, min_time, max_time, service_names)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10);
+
+-- name: delete_claimed --
+-- Rows whose lease has passed to another worker are not ours to delete: the caller
+-- compares the count and rolls back.
+DELETE FROM ingestion_queue
+WHERE id = ANY($1::bigint[]) AND lease_token = $2 AND status = 'processing';
+
+-- name: fail_claimed --
+-- Failed rows wait an exponential backoff with full jitter; past $4 attempts they are dead.
+UPDATE ingestion_queue
+SET attempts = attempts + 1,
+    status = CASE WHEN attempts + 1 >= $4 THEN 'dead' ELSE 'failed' END,
+    available_at = now() + make_interval(secs => random() * least(
+        $6::double precision,
+        $5::double precision * power(2, least(attempts, 60))) / 1000.0),
+    lease_expires_at = NULL,
+    lease_token = NULL,
+    last_error = $3
+WHERE id = ANY($1::bigint[]) AND lease_token = $2 AND status = 'processing'
+RETURNING id, status;
+
+-- name: kill_claimed --
+-- A payload that cannot be decoded goes dead at once, alone.
+UPDATE ingestion_queue
+SET attempts = attempts + 1, status = 'dead', lease_expires_at = NULL,
+    lease_token = NULL, last_error = $3
+WHERE id = ANY($1::bigint[]) AND lease_token = $2 AND status = 'processing';
+
+-- name: release_claimed --
+-- Shutdown: unflushed claims go back to pending at once, attempts unchanged.
+UPDATE ingestion_queue
+SET status = 'pending', available_at = now(), lease_expires_at = NULL, lease_token = NULL
+WHERE id = ANY($1::bigint[]) AND lease_token = $2 AND status = 'processing';
+
+-- name: requeue_dead --
+WITH picked AS (
+    SELECT id FROM ingestion_queue
+    WHERE status = 'dead' AND ($1::text IS NULL OR signal = $1)
+    ORDER BY id
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE ingestion_queue q
+SET status = 'pending', attempts = 0, available_at = now(), last_error = NULL
+FROM picked p WHERE q.id = p.id
+RETURNING q.id;
+
+-- name: dead_count --
+SELECT count(*) FROM ingestion_queue WHERE status = 'dead';
+
+-- name: manifest_keys_among --
+SELECT object_key FROM export_batches WHERE object_key = ANY($1::text[]);
