@@ -1,0 +1,159 @@
+"""Command line: ``python -m otelworker serve|migrate|requeue-dead|gc-orphans``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from datetime import UTC, datetime, timedelta
+
+from otelworker import logs
+from otelworker.exceptions import ConfigError, OtelWorkerError
+from otelworker.settings import Settings, load_settings
+
+
+async def _serve(settings: Settings) -> None:
+    from hypercorn.asyncio import serve
+    from hypercorn.config import Config
+
+    from otelworker.app import create_app
+
+    app = create_app(settings)
+    config = Config()
+    config.bind = [f"{settings.host}:{settings.port}"]
+    config.graceful_timeout = settings.shutdown_grace_s
+    config.accesslog = None
+    config.errorlog = logs.logger.getChild("hypercorn")
+    config.keep_alive_timeout = 75
+
+    # One owner of the signals: readiness fails first, then hypercorn stops listening,
+    # waits for in-flight requests (their commits) and runs the lifespan shutdown.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        service = getattr(app.state, "service", None)
+        if service is not None:
+            service.accepting = False
+            service.stopping = True
+        loop.call_later(settings.readiness_drain_delay_s, stop.set)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    host = "localhost" if settings.host in ("0.0.0.0", "::") else settings.host  # noqa: S104
+    print(
+        f"otelworker: send OTLP/HTTP to http://{host}:{settings.port} "
+        f"(/v1/traces, /v1/metrics, /v1/logs); probes at /healthz, /readyz; metrics at /metrics",
+        file=sys.stderr,
+        flush=True,
+    )
+    await serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+
+
+async def _with_pool(settings: Settings, action: str, args: argparse.Namespace) -> int:
+    from otelworker.service import Service
+    from otelworker.staging.database import create_pool, migrate
+    from otelworker.staging.queue import StagingQueue
+
+    service = Service(settings)
+    dsn = await service._resolve_dsn()
+    pool = await create_pool(
+        dsn,
+        min_size=1,
+        max_size=2,
+        connect_timeout_s=settings.db_connect_timeout_s,
+        startup_timeout_s=settings.db_startup_timeout_s,
+    )
+    try:
+        async with pool.acquire() as conn:
+            applied = await migrate(conn)
+        if action == "migrate":
+            print(f"migrations applied: {applied or 'none (schema current)'}")
+            return 0
+        queue = StagingQueue(pool)
+        if action == "requeue-dead":
+            n = await queue.requeue_dead(args.signal, args.limit)
+            print(f"requeued {n} dead item(s)")
+            return 0
+        if action == "gc-orphans":
+            from otelworker.sinks.factory import open_store
+
+            store = await open_store(settings)
+            try:
+                removed = await gc_orphans(settings, queue, store, args.older_than_s, args.dry_run)
+            finally:
+                await store.close()
+            print(f"{'would remove' if args.dry_run else 'removed'} {removed} orphan object(s)")
+            return 0
+        raise AssertionError(action)
+    finally:
+        await pool.close()
+        if service.embedded is not None:
+            await asyncio.to_thread(service.embedded.stop)
+
+
+async def gc_orphans(settings: Settings, queue: object, store: object, older_than_s: float,
+                     dry_run: bool = False) -> int:
+    """Delete objects under S3_PREFIX that no manifest row names and are older than the age."""
+    from otelworker.sinks.base import ObjectStore
+    from otelworker.staging.queue import StagingQueue
+
+    assert isinstance(queue, StagingQueue)
+    store_: ObjectStore = store  # type: ignore[assignment]
+    cutoff = datetime.now(UTC) - timedelta(seconds=older_than_s)
+    prefix = settings.s3_prefix.strip("/")
+    removed = 0
+    page: list[str] = []
+
+    async def sweep(keys: list[str]) -> int:
+        known = await queue.manifest_keys_among(keys)
+        orphans = [k for k in keys if k not in known]
+        if not dry_run:
+            for key in orphans:
+                await store_.delete(key)
+        return len(orphans)
+
+    async for obj in store_.list(f"{prefix}/" if prefix else ""):
+        if obj.last_modified <= cutoff:
+            page.append(obj.key)
+        if len(page) >= 500:
+            removed += await sweep(page)
+            page = []
+    if page:
+        removed += await sweep(page)
+    return removed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="otelworker", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="run the service (HOST:PORT, default 0.0.0.0:4318)")
+    sub.add_parser("migrate", help="apply database migrations and exit")
+    requeue = sub.add_parser("requeue-dead", help="make dead items pending again")
+    requeue.add_argument("--signal", choices=["traces", "metrics", "logs"])
+    requeue.add_argument("--limit", type=int, default=1_000_000)
+    gc = sub.add_parser("gc-orphans", help="remove uploaded objects that no manifest row names")
+    gc.add_argument("--older-than-s", type=float, default=3600.0,
+                    help="only objects older than this many seconds (default 3600)")
+    gc.add_argument("--dry-run", action="store_true")
+    args = parser.parse_args(argv)
+
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"otelworker: {exc}", file=sys.stderr)
+        return 2
+    logs.configure(settings.log_level)
+    try:
+        if args.command == "serve":
+            asyncio.run(_serve(settings))
+            return 0
+        return asyncio.run(_with_pool(settings, args.command, args))
+    except OtelWorkerError as exc:
+        print(f"otelworker: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

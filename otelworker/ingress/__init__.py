@@ -1,0 +1,1 @@
+"""Ingress: the OTLP/HTTP endpoints, body handling and admission control."""

@@ -1,0 +1,150 @@
+"""Admission control: the token bucket and the staging-capacity (overflow) policy.
+
+Both are decided before the expensive work: the rate limit before the body is read,
+the saturation check before it is decompressed and decoded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import math
+import random
+import time
+from collections.abc import Awaitable, Callable
+
+from otelworker.exceptions import StagingUnavailable
+from otelworker.logs import log_event
+from otelworker.settings import OverflowPolicy
+
+
+class TokenBucket:
+    """A token bucket with continuous refill, full at start.
+
+    A refused request takes no token. ``retry_after()`` is the whole number of seconds,
+    rounded up, until a token will be there, plus up to one second of jitter so that
+    refused clients do not all come back at once.
+    """
+
+    def __init__(
+        self,
+        rate: float,
+        burst: int,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self._clock = clock
+        self._tokens = float(burst)
+        self._stamp = clock()
+        self._rng = rng or random.Random()
+
+    def _refill(self) -> None:
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+
+    def try_acquire(self) -> bool:
+        self._refill()
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
+
+    def retry_after(self) -> int:
+        self._refill()
+        wait = max(0.0, (1.0 - self._tokens) / self.rate)
+        return max(1, math.ceil(wait + self._rng.random()))
+
+    @property
+    def tokens(self) -> float:
+        self._refill()
+        return self._tokens
+
+
+class BacklogTracker:
+    """The staged-not-exported item count without a COUNT(*) per request.
+
+    ``value`` is the last counted figure plus the items staged here since. A refresh
+    task recounts every ``refresh_interval_s``. How far the cap can be overshot: by the
+    items other ingress replicas stage within one interval, plus the requests already
+    past the check and waiting on their group commit (at most the concurrent requests).
+    """
+
+    def __init__(self, count: Callable[[], Awaitable[int]], refresh_interval_s: float) -> None:
+        self._count = count
+        self.refresh_interval_s = refresh_interval_s
+        self._counted = 0
+        self._since = 0
+        self.known = False
+
+    @property
+    def value(self) -> int:
+        return self._counted + self._since
+
+    def add(self, items: int) -> None:
+        self._since += items
+
+    async def refresh(self) -> None:
+        since_before = self._since
+        counted = await self._count()
+        # Items staged while the count ran may or may not be in it; keep them (overcount).
+        self._counted = counted
+        self._since -= since_before
+        self.known = True
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except StagingUnavailable as exc:
+                log_event(
+                    "backlog_refresh_failed",
+                    "could not count the staging backlog",
+                    reason=str(exc).split(":")[-1].strip(),
+                    level=logging.WARNING,
+                )
+            await asyncio.sleep(self.refresh_interval_s)
+
+
+class Verdict(enum.Enum):
+    ACCEPT = "accept"
+    REJECT = "queue_full_reject"
+    DROP = "queue_full_drop"
+    SAMPLE_DROP = "queue_full_sample"
+
+
+class OverflowGate:
+    """Decides what happens to a request when the staging backlog is at its cap."""
+
+    def __init__(
+        self,
+        backlog: BacklogTracker,
+        max_backlog: int,
+        policy: OverflowPolicy,
+        sample_rate: float,
+        seed: int | None = None,
+    ) -> None:
+        self.backlog = backlog
+        self.max_backlog = max_backlog
+        self.policy = policy
+        self.sample_rate = sample_rate
+        self._rng = random.Random(seed)
+
+    @property
+    def saturated(self) -> bool:
+        return self.backlog.value >= self.max_backlog
+
+    def decide(self) -> Verdict:
+        if not self.saturated:
+            return Verdict.ACCEPT
+        if self.policy is OverflowPolicy.REJECT:
+            return Verdict.REJECT
+        if self.policy is OverflowPolicy.DROP:
+            return Verdict.DROP
+        if self._rng.random() < self.sample_rate:
+            return Verdict.ACCEPT
+        return Verdict.SAMPLE_DROP

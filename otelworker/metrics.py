@@ -1,0 +1,142 @@
+"""Prometheus metrics: one registry per service instance, served at GET /metrics.
+
+Names follow Prometheus conventions: the ``otelworker_`` prefix, base units, ``_total``
+on counters, and only low-cardinality labels (signal, code, reason).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "otelworker_requests",
+            "OTLP export requests answered, by signal and HTTP status code.",
+            ["signal", "code"],
+            registry=r,
+        )
+        self.records_accepted = Counter(
+            "otelworker_records_accepted",
+            "Records (spans, data points, log records) staged and acknowledged.",
+            ["signal"],
+            registry=r,
+        )
+        self.requests_refused = Counter(
+            "otelworker_requests_refused",
+            "Requests refused or shed, by reason.",
+            ["signal", "reason"],
+            registry=r,
+        )
+        self.records_refused = Counter(
+            "otelworker_records_refused",
+            "Records refused or shed, by reason (where the body was decoded).",
+            ["signal", "reason"],
+            registry=r,
+        )
+        self.request_bytes = Counter(
+            "otelworker_request_bytes",
+            "Bytes of decompressed OTLP payload staged.",
+            ["signal"],
+            registry=r,
+        )
+        self.stage_duration = Histogram(
+            "otelworker_stage_duration_seconds",
+            "Time from a request's payload being ready to its commit in the staging queue.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+        self.group_commit_size = Histogram(
+            "otelworker_group_commit_requests",
+            "Requests per group commit.",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            registry=r,
+        )
+        self.staging_backlog = Gauge(
+            "otelworker_staging_backlog_items",
+            "Items staged and not yet exported (pending, processing, failed), as admission sees it.",
+            registry=r,
+        )
+        self.staging_backlog_limit = Gauge(
+            "otelworker_staging_backlog_limit_items",
+            "STAGING_MAX_BACKLOG.",
+            registry=r,
+        )
+        self.buffer_depth = Gauge(
+            "otelworker_buffer_items",
+            "Items claimed into worker memory and not yet finished.",
+            registry=r,
+        )
+        self.buffer_capacity = Gauge(
+            "otelworker_buffer_capacity_items",
+            "PROCESSING_QUEUE_MAX_DEPTH.",
+            registry=r,
+        )
+        self.paused_seconds = Counter(
+            "otelworker_polling_paused_seconds",
+            "Time polling spent paused because the buffer was full.",
+            registry=r,
+        )
+        self.pauses = Counter(
+            "otelworker_polling_pauses",
+            "Times polling paused because the buffer was full.",
+            registry=r,
+        )
+        self.items_claimed = Counter(
+            "otelworker_items_claimed",
+            "Staged items claimed by this worker.",
+            ["signal"],
+            registry=r,
+        )
+        self.batches = Counter(
+            "otelworker_batches_flushed",
+            "Batches uploaded and indexed.",
+            ["signal"],
+            registry=r,
+        )
+        self.batch_items = Histogram(
+            "otelworker_batch_items",
+            "Items per flushed batch.",
+            ["signal"],
+            buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000),
+            registry=r,
+        )
+        self.batch_records = Counter(
+            "otelworker_records_exported",
+            "Records written to object storage and indexed.",
+            ["signal"],
+            registry=r,
+        )
+        self.batch_bytes = Counter(
+            "otelworker_object_bytes",
+            "Compressed bytes uploaded to object storage.",
+            ["signal"],
+            registry=r,
+        )
+        self.upload_duration = Histogram(
+            "otelworker_upload_duration_seconds",
+            "Object upload time.",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
+        self.batch_failures = Counter(
+            "otelworker_batch_failures",
+            "Batches whose upload or index write failed, by error class.",
+            ["signal", "reason"],
+            registry=r,
+        )
+        self.items_dead = Counter(
+            "otelworker_items_dead",
+            "Items moved to dead (attempts exhausted or undecodable).",
+            ["signal", "reason"],
+            registry=r,
+        )
+        self.orphans = Counter(
+            "otelworker_orphan_objects",
+            "Uploaded objects left out of the manifest (their index transaction did not commit).",
+            ["signal"],
+            registry=r,
+        )

@@ -1,0 +1,199 @@
+"""OTLP messages: decoding, the JSON mapping, record counting, responses and Status bodies.
+
+Shared by the ingress (which converts JSON to canonical protobuf at the door) and the
+processing pipeline (which decodes staged payloads to merge and index them).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import orjson
+from google.protobuf import json_format
+from google.protobuf.message import DecodeError, Message
+from google.rpc import status_pb2
+from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+
+from otelworker.exceptions import BadPayload
+
+Signal = Literal["traces", "metrics", "logs"]
+SIGNALS: tuple[Signal, ...] = ("traces", "metrics", "logs")
+
+REQUEST_TYPES: dict[str, type[Message]] = {
+    "traces": trace_service_pb2.ExportTraceServiceRequest,
+    "metrics": metrics_service_pb2.ExportMetricsServiceRequest,
+    "logs": logs_service_pb2.ExportLogsServiceRequest,
+}
+RESPONSE_TYPES: dict[str, type[Message]] = {
+    "traces": trace_service_pb2.ExportTraceServiceResponse,
+    "metrics": metrics_service_pb2.ExportMetricsServiceResponse,
+    "logs": logs_service_pb2.ExportLogsServiceResponse,
+}
+_REJECTED_FIELD = {
+    "traces": "rejected_spans",
+    "metrics": "rejected_data_points",
+    "logs": "rejected_log_records",
+}
+# Byte fields that the OTLP JSON mapping writes as hex, not base64.
+_HEX_KEYS = frozenset({"traceId", "spanId", "parentSpanId", "trace_id", "span_id", "parent_span_id"})
+_METRIC_KINDS = ("gauge", "sum", "histogram", "exponential_histogram", "summary")
+
+
+def decode(signal: str, data: bytes) -> Any:
+    """Parse canonical protobuf bytes into the signal's Export*ServiceRequest."""
+    message = REQUEST_TYPES[signal]()
+    try:
+        message.ParseFromString(data)
+    except DecodeError as exc:
+        raise BadPayload(f"invalid {signal} protobuf: {exc}") from None
+    return message
+
+
+def _hex_to_base64(node: Any) -> Any:
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            if key in _HEX_KEYS and isinstance(value, str):
+                try:
+                    value = base64.b64encode(bytes.fromhex(value)).decode()
+                except ValueError:
+                    raise BadPayload(f"{key} is not a hex string") from None
+            else:
+                value = _hex_to_base64(value)
+            out[key] = value
+        return out
+    if isinstance(node, list):
+        return [_hex_to_base64(v) for v in node]
+    return node
+
+
+def decode_json(signal: str, data: bytes) -> Any:
+    """Parse an OTLP/JSON body (hex ids, integer enums, unknown fields ignored)."""
+    try:
+        tree = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise BadPayload(f"invalid JSON: {exc}") from None
+    if not isinstance(tree, dict):
+        raise BadPayload("the JSON body must be an object")
+    message = REQUEST_TYPES[signal]()
+    try:
+        json_format.ParseDict(_hex_to_base64(tree), message, ignore_unknown_fields=True)
+    except (json_format.ParseError, binascii.Error, ValueError, TypeError) as exc:
+        raise BadPayload(f"invalid OTLP/JSON {signal} request: {exc}") from None
+    return message
+
+
+def count_records(signal: str, message: Any) -> int:
+    """Spans, data points or log records in a request."""
+    if signal == "traces":
+        return sum(len(ss.spans) for rs in message.resource_spans for ss in rs.scope_spans)
+    if signal == "logs":
+        return sum(len(sl.log_records) for rl in message.resource_logs for sl in rl.scope_logs)
+    total = 0
+    for rm in message.resource_metrics:
+        for sm in rm.scope_metrics:
+            for metric in sm.metrics:
+                kind = metric.WhichOneof("data")
+                if kind is not None:
+                    total += len(getattr(metric, kind).data_points)
+    return total
+
+
+def resources(signal: str, message: Any) -> Iterable[Any]:
+    field = {"traces": "resource_spans", "metrics": "resource_metrics", "logs": "resource_logs"}
+    return getattr(message, field[signal])  # type: ignore[no-any-return]
+
+
+def service_names(signal: str, message: Any) -> set[str]:
+    names = set()
+    for res in resources(signal, message):
+        for attr in res.resource.attributes:
+            if attr.key == "service.name" and attr.value.HasField("string_value"):
+                names.add(attr.value.string_value)
+    return names
+
+
+def time_range(signal: str, message: Any) -> tuple[int, int] | None:
+    """The earliest and latest record timestamps (unix nanoseconds), or None."""
+    low: int | None = None
+    high: int | None = None
+
+    def see(start: int, end: int) -> None:
+        nonlocal low, high
+        if start:
+            low = start if low is None else min(low, start)
+        if end:
+            high = end if high is None else max(high, end)
+
+    if signal == "traces":
+        for rs in message.resource_spans:
+            for ss in rs.scope_spans:
+                for span in ss.spans:
+                    see(span.start_time_unix_nano, span.end_time_unix_nano or span.start_time_unix_nano)
+    elif signal == "logs":
+        for rl in message.resource_logs:
+            for sl in rl.scope_logs:
+                for rec in sl.log_records:
+                    t = rec.time_unix_nano or rec.observed_time_unix_nano
+                    see(t, t)
+    else:
+        for rm in message.resource_metrics:
+            for sm in rm.scope_metrics:
+                for metric in sm.metrics:
+                    kind = metric.WhichOneof("data")
+                    if kind is None:
+                        continue
+                    for point in getattr(metric, kind).data_points:
+                        see(point.time_unix_nano, point.time_unix_nano)
+    if low is None or high is None:
+        return None
+    return low, high
+
+
+@dataclass(frozen=True, slots=True)
+class Encoding:
+    """How a request was encoded; its answer uses the same."""
+
+    json: bool
+
+    @property
+    def content_type(self) -> str:
+        return "application/json" if self.json else "application/x-protobuf"
+
+    def render(self, message: Message) -> bytes:
+        if self.json:
+            return json_format.MessageToJson(message, indent=None).encode()
+        return message.SerializeToString()
+
+
+PROTOBUF = Encoding(json=False)
+JSON = Encoding(json=True)
+
+
+def success(signal: str, encoding: Encoding) -> bytes:
+    return encoding.render(RESPONSE_TYPES[signal]())
+
+
+def partial_success(signal: str, encoding: Encoding, rejected: int, message: str) -> bytes:
+    response = RESPONSE_TYPES[signal]()
+    setattr(response.partial_success, _REJECTED_FIELD[signal], rejected)
+    response.partial_success.error_message = message
+    return encoding.render(response)
+
+
+# google.rpc.Code values for the Status body.
+CODE_INVALID_ARGUMENT = 3
+CODE_RESOURCE_EXHAUSTED = 8
+CODE_UNIMPLEMENTED = 12
+CODE_UNAVAILABLE = 14
+CODE_INTERNAL = 13
+
+
+def status_body(code: int, message: str, encoding: Encoding) -> bytes:
+    return encoding.render(status_pb2.Status(code=code, message=message))

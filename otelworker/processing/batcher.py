@@ -1,0 +1,117 @@
+"""The batcher: groups buffered items per signal; flushes by size or by the flush timer.
+
+A batch is flushed when it holds BATCH_MAX_SIZE items, or when BATCH_FLUSH_INTERVAL_MS
+has passed since its first item (the flush timer task's job). At most
+WORKER_CONCURRENCY flushes run at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+from otelworker.logs import log_event
+from otelworker.processing.buffer import Buffer
+from otelworker.staging.queue import Claimed
+
+Flush = Callable[[str, Sequence[Claimed]], Awaitable[None]]
+
+
+@dataclass
+class _Open:
+    opened: float
+    items: list[Claimed] = field(default_factory=list)
+
+
+class Batcher:
+    def __init__(
+        self,
+        buffer: Buffer,
+        flush: Flush,
+        *,
+        max_size: int,
+        flush_interval_s: float,
+        concurrency: int,
+    ) -> None:
+        self.buffer = buffer
+        self._flush = flush
+        self.max_size = max_size
+        self.flush_interval_s = flush_interval_s
+        self._slots = asyncio.Semaphore(concurrency)
+        self._open: dict[str, _Open] = {}
+        self._opened = asyncio.Event()
+        self.flushing: set[asyncio.Task[None]] = set()
+
+    async def run(self) -> None:
+        """Take items from the buffer into open batches; dispatch full ones."""
+        while True:
+            item = await self.buffer.get()
+            batch = self._open.get(item.signal)
+            if batch is None:
+                batch = self._open[item.signal] = _Open(time.monotonic())
+                self._opened.set()
+            batch.items.append(item)
+            if len(batch.items) >= self.max_size:
+                await self._dispatch(item.signal)
+
+    async def run_timer(self) -> None:
+        """The flush timer: dispatch batches whose first item is BATCH_FLUSH_INTERVAL_MS old."""
+        while True:
+            if not self._open:
+                self._opened.clear()
+                await self._opened.wait()
+                continue
+            now = time.monotonic()
+            signal, batch = min(self._open.items(), key=lambda kv: kv[1].opened)
+            due = batch.opened + self.flush_interval_s
+            if due > now:
+                self._opened.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._opened.wait(), due - now)
+                continue
+            await self._dispatch(signal)
+
+    async def _dispatch(self, signal: str) -> None:
+        batch = self._open.pop(signal, None)
+        if batch is None or not batch.items:
+            return
+        await self._slots.acquire()
+        task = asyncio.create_task(self._run_flush(signal, batch.items), name=f"flush-{signal}")
+        self.flushing.add(task)
+        task.add_done_callback(self.flushing.discard)
+
+    async def _run_flush(self, signal: str, items: list[Claimed]) -> None:
+        try:
+            await self._flush(signal, items)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug, not an outage: keep the worker alive, rows come back
+            log_event(
+                "flush_crashed",
+                "unexpected error while flushing; items return after their lease",
+                reason=type(exc).__name__,
+                level=logging.ERROR,
+                exc_info=exc,
+                signal=signal,
+                items=len(items),
+            )
+        finally:
+            self.buffer.done(item.id for item in items)
+            self._slots.release()
+
+    async def flush_all(self) -> None:
+        """Shutdown: move every queued item into batches and dispatch them all."""
+        while True:
+            try:
+                item = self.buffer.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+            self._open.setdefault(item.signal, _Open(time.monotonic())).items.append(item)
+            if len(self._open[item.signal].items) >= self.max_size:
+                await self._dispatch(item.signal)
+        for signal in list(self._open):
+            await self._dispatch(signal)

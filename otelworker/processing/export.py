@@ -1,0 +1,225 @@
+"""Flushing one batch: decode, merge, compress, upload, then index and dequeue in one transaction."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import zstandard
+
+from otelworker import otlp
+from otelworker.exceptions import BadPayload, ObjectStoreError, StagingUnavailable
+from otelworker.logs import log_event
+from otelworker.metrics import Metrics
+from otelworker.settings import Compression
+from otelworker.sinks.base import ObjectStore, object_key
+from otelworker.staging.queue import Claimed, Manifest, QueuePort, RetryPolicy
+
+CONTENT_ENCODING = {Compression.GZIP: "gzip", Compression.ZSTD: "zstd", Compression.NONE: None}
+
+
+def compress(data: bytes, compression: Compression) -> bytes:
+    if compression is Compression.GZIP:
+        return gzip.compress(data, compresslevel=6, mtime=0)
+    if compression is Compression.ZSTD:
+        return zstandard.ZstdCompressor(level=3).compress(data)
+    return data
+
+
+@dataclass(slots=True)
+class Prepared:
+    """A batch's decoded facts and its object body."""
+
+    good: list[Claimed]
+    poison: list[tuple[Claimed, str]]
+    body: bytes
+    raw_bytes: int
+    record_count: int
+    min_time: datetime | None
+    max_time: datetime | None
+    service_names: list[str]
+
+
+def _ns_to_dt(ns: int) -> datetime:
+    return datetime.fromtimestamp(ns / 1e9, UTC)
+
+
+def prepare(signal: str, items: Sequence[Claimed], compression: Compression) -> Prepared:
+    """CPU work, run in a thread: isolate undecodable payloads, merge and compress the rest.
+
+    Concatenated serialized Export*ServiceRequests are the serialization of the one
+    request holding all their resource_* entries (repeated fields concatenate on the
+    wire), so the merge is a join of the staged bytes.
+    """
+    good: list[Claimed] = []
+    poison: list[tuple[Claimed, str]] = []
+    names: set[str] = set()
+    low: int | None = None
+    high: int | None = None
+    records = 0
+    for item in items:
+        try:
+            message = otlp.decode(signal, item.payload)
+        except BadPayload as exc:
+            poison.append((item, str(exc)))
+            continue
+        good.append(item)
+        records += item.record_count
+        names |= otlp.service_names(signal, message)
+        span = otlp.time_range(signal, message)
+        if span is not None:
+            low = span[0] if low is None else min(low, span[0])
+            high = span[1] if high is None else max(high, span[1])
+    raw = b"".join(item.payload for item in good)
+    return Prepared(
+        good=good,
+        poison=poison,
+        body=compress(raw, compression) if good else b"",
+        raw_bytes=len(raw),
+        record_count=records,
+        min_time=_ns_to_dt(low) if low is not None else None,
+        max_time=_ns_to_dt(high) if high is not None else None,
+        service_names=sorted(names),
+    )
+
+
+class Exporter:
+    def __init__(
+        self,
+        queue: QueuePort,
+        store: ObjectStore,
+        metrics: Metrics,
+        *,
+        token: uuid.UUID,
+        prefix: str,
+        compression: Compression,
+        retry: RetryPolicy,
+    ) -> None:
+        self.queue = queue
+        self.store = store
+        self.metrics = metrics
+        self.token = token
+        self.prefix = prefix
+        self.compression = compression
+        self.retry = retry
+
+    async def flush(self, signal: str, items: Sequence[Claimed]) -> None:
+        prepared = await asyncio.to_thread(prepare, signal, items, self.compression)
+        if prepared.poison:
+            await self._bury(signal, prepared.poison)
+        if not prepared.good:
+            return
+        ids = [item.id for item in prepared.good]
+        batch_id = uuid.uuid4()
+        key = object_key(self.prefix, signal, batch_id, datetime.now(UTC), self.compression)
+        context = {
+            "signal": signal,
+            "batch_id": str(batch_id),
+            "items": len(ids),
+            "records": prepared.record_count,
+            "bytes": len(prepared.body),
+        }
+        try:
+            started = time.monotonic()
+            await self.store.put(
+                key, prepared.body, "application/x-protobuf", CONTENT_ENCODING[self.compression]
+            )
+            self.metrics.upload_duration.observe(time.monotonic() - started)
+            manifest = Manifest(
+                batch_id=batch_id,
+                signal=signal,
+                object_key=key,
+                item_count=len(ids),
+                record_count=prepared.record_count,
+                compressed_bytes=len(prepared.body),
+                raw_bytes=prepared.raw_bytes,
+                min_time=prepared.min_time,
+                max_time=prepared.max_time,
+                service_names=prepared.service_names,
+            )
+            committed = await self.queue.complete(manifest, ids, self.token)
+        except (ObjectStoreError, StagingUnavailable) as exc:
+            reason = getattr(exc, "reason", None) or _cause_name(exc)
+            await asyncio.shield(self._fail(signal, ids, reason, str(exc), context))
+            return
+        if not committed:
+            self.metrics.orphans.labels(signal).inc()
+            log_event(
+                "lease_lost",
+                "batch items were claimed by another worker; object left as an orphan",
+                reason="lease_expired",
+                level=logging.WARNING,
+                object_key=key,
+                **context,
+            )
+            return
+        self.metrics.batches.labels(signal).inc()
+        self.metrics.batch_items.labels(signal).observe(len(ids))
+        self.metrics.batch_records.labels(signal).inc(prepared.record_count)
+        self.metrics.batch_bytes.labels(signal).inc(len(prepared.body))
+        log_event("batch_flushed", "batch uploaded and indexed", level=logging.DEBUG,
+                  object_key=key, **context)
+
+    async def _fail(
+        self, signal: str, ids: list[int], reason: str, error: str, context: dict[str, object]
+    ) -> None:
+        self.metrics.batch_failures.labels(signal, reason).inc()
+        log_event(
+            "batch_persist_failed",
+            "batch write failed; items marked failed for retry",
+            reason=reason,
+            level=logging.WARNING,
+            **context,
+        )
+        try:
+            outcome = await self.queue.fail(ids, self.token, f"{reason}: {error}", self.retry)
+        except StagingUnavailable as exc:
+            # The rows stay claimed; their lease expires and another claim retries them.
+            log_event(
+                "batch_fail_mark_failed",
+                "could not mark batch items failed; they return when their lease expires",
+                reason=_cause_name(exc),
+                level=logging.WARNING,
+                **context,
+            )
+            return
+        dead = [item_id for item_id, status in outcome if status == "dead"]
+        if dead:
+            self.metrics.items_dead.labels(signal, "max_attempts").inc(len(dead))
+            log_event(
+                "items_dead",
+                "items exhausted their attempts and are dead",
+                reason="max_attempts",
+                level=logging.ERROR,
+                signal=signal,
+                item_ids=dead[:50],
+                count=len(dead),
+            )
+
+    async def _bury(self, signal: str, poison: list[tuple[Claimed, str]]) -> None:
+        for item, error in poison:
+            try:
+                await self.queue.kill([item.id], self.token, error)
+            except StagingUnavailable:
+                continue  # still claimed; retried after its lease
+            self.metrics.items_dead.labels(signal, "undecodable").inc()
+            log_event(
+                "items_dead",
+                "undecodable payload isolated and marked dead",
+                reason="undecodable",
+                level=logging.ERROR,
+                signal=signal,
+                item_ids=[item.id],
+                count=1,
+            )
+
+
+def _cause_name(exc: BaseException) -> str:
+    cause = exc.__cause__
+    return type(cause).__name__ if cause is not None else type(exc).__name__

@@ -1,0 +1,118 @@
+"""The poller: claims available rows into the buffer's free room; pauses while it is full."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from typing import Any
+
+import asyncpg
+
+from otelworker.exceptions import StagingUnavailable
+from otelworker.logs import log_event
+from otelworker.metrics import Metrics
+from otelworker.processing.buffer import Buffer
+from otelworker.staging.database import DB_ERRORS
+from otelworker.staging.queue import QueuePort
+
+CHANNEL = "otelworker_staged"
+
+
+class Poller:
+    def __init__(
+        self,
+        queue: QueuePort,
+        buffer: Buffer,
+        metrics: Metrics,
+        *,
+        token: uuid.UUID,
+        lease_s: float,
+        poll_interval_s: float,
+    ) -> None:
+        self.queue = queue
+        self.buffer = buffer
+        self.metrics = metrics
+        self.token = token
+        self.lease_s = lease_s
+        self.poll_interval_s = poll_interval_s
+        self.wake = asyncio.Event()
+        self.paused = False
+
+    async def _pause_until_room(self) -> None:
+        self.paused = True
+        started = time.monotonic()
+        self.metrics.pauses.inc()
+        log_event(
+            "processing_paused",
+            "processing buffer full; polling paused",
+            reason="buffer_full",
+            level=logging.WARNING,
+            buffer_depth=self.buffer.depth,
+            buffer_capacity=self.buffer.capacity,
+        )
+        try:
+            await self.buffer.wait_for_room()
+        finally:
+            paused_s = time.monotonic() - started
+            self.paused = False
+            self.metrics.paused_seconds.inc(paused_s)
+            log_event(
+                "processing_resumed",
+                "processing buffer has room; polling resumed",
+                reason="buffer_room",
+                paused_s=round(paused_s, 3),
+                buffer_depth=self.buffer.depth,
+            )
+
+    async def _idle(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.wake.wait(), self.poll_interval_s)
+        self.wake.clear()
+
+    async def run(self) -> None:
+        while True:
+            if self.buffer.room <= 0:
+                await self._pause_until_room()
+            room = self.buffer.room
+            try:
+                claimed = await self.queue.claim(room, self.lease_s, self.token)
+            except StagingUnavailable as exc:
+                log_event(
+                    "claim_failed",
+                    "could not claim staged items",
+                    reason=str(exc).split(":")[-1].strip(),
+                    level=logging.WARNING,
+                )
+                await self._idle()
+                continue
+            for item in claimed:
+                self.buffer.put(item)
+                self.metrics.items_claimed.labels(item.signal).inc()
+            self.metrics.buffer_depth.set(self.buffer.depth)
+            if len(claimed) < room:
+                await self._idle()
+
+    async def listen(self, dsn: str) -> None:
+        """Wake the poller on the insert notification (one per group commit)."""
+
+        def on_notify(*_: Any) -> None:
+            self.wake.set()
+
+        while True:
+            conn = None
+            try:
+                conn = await asyncpg.connect(dsn, timeout=10)
+                await conn.add_listener(CHANNEL, on_notify)
+                closed = asyncio.Event()
+                conn.add_termination_listener(lambda *_: closed.set())
+                self.wake.set()  # catch up on what was staged while not listening
+                await closed.wait()
+            except DB_ERRORS:
+                pass
+            finally:
+                if conn is not None and not conn.is_closed():
+                    await asyncio.shield(conn.close(timeout=2))
+            await asyncio.sleep(self.poll_interval_s)

@@ -1,0 +1,162 @@
+"""The service: builds every component from the settings, starts them in order, stops them in reverse."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import asyncpg
+
+from otelworker.exceptions import ConfigError
+from otelworker.ingress.admission import BacklogTracker, OverflowGate, TokenBucket
+from otelworker.logs import AggregatedEvents, log_event
+from otelworker.metrics import Metrics
+from otelworker.processing.pipeline import Pipeline
+from otelworker.settings import Settings
+from otelworker.sinks.base import ObjectStore
+from otelworker.sinks.factory import open_store
+from otelworker.staging.database import DB_ERRORS, create_pool, migrate, schema_is_current
+from otelworker.staging.group_commit import GroupCommitter
+from otelworker.staging.queue import StagingQueue
+from otelworker.supervisor import Supervisor
+
+
+class Service:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.supervisor = Supervisor()
+        self.events = AggregatedEvents(settings.log_aggregation_window_s)
+        self.limiter: TokenBucket | None = (
+            TokenBucket(settings.rate_limit_rps, settings.rate_limit_burst)
+            if settings.enable_rate_limiting
+            else None
+        )
+        self.pool: asyncpg.Pool | None = None
+        self.queue: StagingQueue | None = None
+        self.committer: GroupCommitter | None = None
+        self.backlog: BacklogTracker | None = None
+        self.gate: OverflowGate | None = None
+        self.store: ObjectStore | None = None
+        self.pipeline: Pipeline | None = None
+        self.embedded: Any = None
+        self.dsn: str | None = None
+        self.accepting = False
+        self.stopping = False
+
+    async def _resolve_dsn(self) -> str:
+        if self.settings.dsn is not None:
+            return self.settings.dsn
+        try:
+            from otelworker.devdb import EmbeddedPostgres
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise ConfigError(
+                "DATABASE_URL is not set and no embedded PostgreSQL is available "
+                "(install otelworker[embedded] or set DATABASE_URL)"
+            ) from exc
+        self.embedded = EmbeddedPostgres(self.settings.embedded_db_dir)
+        dsn: str = await asyncio.to_thread(self.embedded.start)
+        log_event(
+            "embedded_database_started",
+            "DATABASE_URL unset; started a private PostgreSQL",
+            reason="database_url_unset",
+            data_dir=self.settings.embedded_db_dir,
+        )
+        return dsn
+
+    async def start(self) -> None:
+        s = self.settings
+        self.dsn = await self._resolve_dsn()
+        self.pool = await create_pool(
+            self.dsn,
+            min_size=s.db_pool_min_size,
+            max_size=s.db_pool_max_size,
+            connect_timeout_s=s.db_connect_timeout_s,
+            startup_timeout_s=s.db_startup_timeout_s,
+        )
+        async with self.pool.acquire() as conn:
+            await migrate(conn)
+        self.queue = StagingQueue(self.pool)
+        self.supervisor.spawn(self.events.run(), "log-aggregator")
+
+        if s.runs_ingress:
+            self.committer = GroupCommitter(
+                self.queue.stage_many,
+                max_items=s.group_commit_max_items,
+                max_bytes=s.group_commit_max_bytes,
+            )
+            for n in range(s.group_commit_workers):
+                self.supervisor.spawn(self.committer.run(), f"group-commit-{n}")
+            self.backlog = BacklogTracker(self.queue.backlog, s.backlog_refresh_interval_ms / 1000)
+            try:
+                await self.backlog.refresh()
+            except Exception as exc:  # noqa: BLE001 - the refresh task keeps trying
+                log_event("backlog_refresh_failed", "could not count the staging backlog",
+                          reason=type(exc).__name__, level=logging.WARNING)
+            self.supervisor.spawn(self.backlog.run(), "backlog-refresh")
+            self.gate = OverflowGate(
+                self.backlog,
+                s.staging_max_backlog,
+                s.overflow_policy,
+                s.overflow_sample_rate,
+                s.overflow_sample_seed,
+            )
+            self.metrics.staging_backlog.set_function(lambda: self.backlog.value if self.backlog else 0)
+            self.metrics.staging_backlog_limit.set(s.staging_max_backlog)
+
+        if s.runs_worker:
+            self.store = await open_store(s)
+            self.pipeline = Pipeline(s, self.queue, self.store, self.metrics)
+            self.metrics.buffer_depth.set_function(lambda: self.pipeline.buffer.depth if self.pipeline else 0)
+            self.pipeline.start(self.supervisor, self.dsn)
+
+        self.accepting = True
+        log_event(
+            "service_started",
+            "otelworker started",
+            reason="startup",
+            role=s.role.value,
+            object_store="s3" if s.s3_bucket else "local",
+        )
+
+    async def stop(self) -> None:
+        """Readiness fails first; in-flight commits finish; the worker drains; then the pool closes."""
+        self.stopping = True
+        self.accepting = False
+        grace = self.settings.shutdown_grace_s
+        if self.committer is not None:
+            try:
+                await asyncio.wait_for(self.committer.drain(), grace)
+            except TimeoutError:
+                log_event("commit_drain_timeout", "group commits still running at shutdown",
+                          reason="shutdown_grace", level=logging.WARNING)
+        if self.pipeline is not None:
+            await self.pipeline.stop(self.supervisor)
+        await self.supervisor.cancel_all()
+        if self.store is not None:
+            await self.store.close()
+        if self.pool is not None:
+            try:
+                await asyncio.wait_for(self.pool.close(), timeout=max(grace, 1.0))
+            except TimeoutError:
+                self.pool.terminate()
+        if self.embedded is not None:
+            await asyncio.to_thread(self.embedded.stop)
+        log_event("service_stopped", "otelworker stopped", reason="shutdown")
+
+    async def readiness(self) -> tuple[bool, str]:
+        if self.stopping or not self.accepting:
+            return False, "shutting down" if self.stopping else "starting"
+        if not self.supervisor.healthy:
+            return False, f"task died: {', '.join(self.supervisor.failed)}"
+        if self.pool is None:
+            return False, "no database pool"
+        try:
+            async with asyncio.timeout(2.0):
+                async with self.pool.acquire() as conn:
+                    if not await schema_is_current(conn):
+                        return False, "schema not current"
+        except (*DB_ERRORS, TimeoutError) as exc:
+            return False, f"database unreachable: {type(exc).__name__}"
+        return True, "ready"

@@ -1,0 +1,123 @@
+"""Group commit: concurrent requests share one multi-row insert and one commit.
+
+Each request appends its payload and awaits a future; a few committer tasks take
+everything waiting (up to GROUP_COMMIT_MAX_ITEMS / _MAX_BYTES), insert it in one
+transaction and resolve the futures after the commit. While one commit is in flight
+the next batch gathers, so the batch size follows the load with no added delay.
+A failed commit fails every request in it: none of them is acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from otelworker.exceptions import StagingUnavailable
+from otelworker.logs import log_event
+
+StageMany = Callable[[list[str], list[bytes], list[int]], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class _Entry:
+    signal: str
+    payload: bytes
+    records: int
+    done: asyncio.Future[None]
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    # The request may be gone (client disconnect); its outcome is still observed here.
+    if not future.cancelled():
+        future.exception()
+
+
+class GroupCommitter:
+    def __init__(self, stage_many: StageMany, *, max_items: int, max_bytes: int) -> None:
+        self._stage_many = stage_many
+        self.max_items = max_items
+        self.max_bytes = max_bytes
+        self._waiting: deque[_Entry] = deque()
+        self._wake = asyncio.Event()
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._closed = False
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    async def stage(self, signal: str, payload: bytes, records: int) -> None:
+        """Return once the payload is committed; raise StagingUnavailable if it was not."""
+        if self._closed:
+            raise StagingUnavailable("shutting down")
+        entry = _Entry(signal, payload, records, asyncio.get_running_loop().create_future())
+        entry.done.add_done_callback(_retrieve)
+        self._waiting.append(entry)
+        self._idle.clear()
+        self._wake.set()
+        # A client that goes away does not cancel the commit of what it sent.
+        await asyncio.shield(entry.done)
+
+    def _take(self) -> list[_Entry]:
+        batch: list[_Entry] = []
+        size = 0
+        while self._waiting and len(batch) < self.max_items:
+            if batch and size + len(self._waiting[0].payload) > self.max_bytes:
+                break
+            entry = self._waiting.popleft()
+            batch.append(entry)
+            size += len(entry.payload)
+        if not self._waiting:
+            self._wake.clear()
+        return batch
+
+    async def run(self) -> None:
+        """One committer; run several for overlapping commits."""
+        while True:
+            await self._wake.wait()
+            batch = self._take()
+            if not batch:
+                continue
+            self._in_flight += 1
+            try:
+                await self._commit(batch)
+            finally:
+                self._in_flight -= 1
+                if not self._waiting and not self._in_flight:
+                    self._idle.set()
+
+    async def _commit(self, batch: list[_Entry]) -> None:
+        try:
+            await self._stage_many(
+                [e.signal for e in batch], [e.payload for e in batch], [e.records for e in batch]
+            )
+        except asyncio.CancelledError:
+            for entry in batch:
+                if not entry.done.done():
+                    entry.done.set_exception(StagingUnavailable("shutting down"))
+            raise
+        except StagingUnavailable as exc:
+            log_event(
+                "stage_failed",
+                "group commit failed; requests answered 503",
+                reason=str(exc).split(":")[-1].strip(),
+                level=logging.WARNING,
+                requests=len(batch),
+            )
+            for entry in batch:
+                if not entry.done.done():
+                    entry.done.set_exception(exc)
+        else:
+            for entry in batch:
+                if not entry.done.done():
+                    entry.done.set_result(None)
+
+    async def drain(self) -> None:
+        """Refuse new payloads and wait until every waiting one is committed or failed."""
+        self._closed = True
+        await self._idle.wait()
