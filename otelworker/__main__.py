@@ -41,7 +41,7 @@ async def _serve(settings: Settings) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
-    host = "localhost" if settings.host in ("0.0.0.0", "::") else settings.host  # noqa: S104
+    host = "localhost" if settings.host in ("0.0.0.0", "::") else settings.host
     print(
         f"otelworker: send OTLP/HTTP to http://{host}:{settings.port} "
         f"(/v1/traces, /v1/metrics, /v1/logs); probes at /healthz, /readyz; metrics at /metrics",
@@ -93,8 +93,9 @@ async def _with_pool(settings: Settings, action: str, args: argparse.Namespace) 
             await asyncio.to_thread(service.embedded.stop)
 
 
-async def gc_orphans(settings: Settings, queue: object, store: object, older_than_s: float,
-                     dry_run: bool = False) -> int:
+async def gc_orphans(
+    settings: Settings, queue: object, store: object, older_than_s: float, dry_run: bool = False
+) -> int:
     """Delete objects under S3_PREFIX that no manifest row names and are older than the age."""
     from otelworker.sinks.base import ObjectStore
     from otelworker.staging.queue import StagingQueue
@@ -134,8 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     requeue.add_argument("--signal", choices=["traces", "metrics", "logs"])
     requeue.add_argument("--limit", type=int, default=1_000_000)
     gc = sub.add_parser("gc-orphans", help="remove uploaded objects that no manifest row names")
-    gc.add_argument("--older-than-s", type=float, default=3600.0,
-                    help="only objects older than this many seconds (default 3600)")
+    gc.add_argument(
+        "--older-than-s",
+        type=float,
+        default=3600.0,
+        help="only objects older than this many seconds (default 3600)",
+    )
     gc.add_argument("--dry-run", action="store_true")
     args = parser.parse_args(argv)
 

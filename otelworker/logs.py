@@ -111,7 +111,7 @@ class AggregatedEvents:
         if window.suppressed:
             log_event(
                 key[0],
-                "repeated %d times in %.1fs" % (window.suppressed, now - window.opened),
+                f"repeated {window.suppressed} times in {now - window.opened:.1f}s",
                 reason=key[1],
                 level=logging.WARNING,
                 count=window.suppressed,

@@ -57,7 +57,8 @@ class Metrics:
         )
         self.staging_backlog = Gauge(
             "otelworker_staging_backlog_items",
-            "Items staged and not yet exported (pending, processing, failed), as admission sees it.",
+            "Items staged and not yet exported (pending, processing, failed), as admission"
+            " sees it.",
             registry=r,
         )
         self.staging_backlog_limit = Gauge(

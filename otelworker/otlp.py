@@ -41,7 +41,9 @@ _REJECTED_FIELD = {
     "logs": "rejected_log_records",
 }
 # Byte fields that the OTLP JSON mapping writes as hex, not base64.
-_HEX_KEYS = frozenset({"traceId", "spanId", "parentSpanId", "trace_id", "span_id", "parent_span_id"})
+_HEX_KEYS = frozenset(
+    {"traceId", "spanId", "parentSpanId", "trace_id", "span_id", "parent_span_id"}
+)
 _METRIC_KINDS = ("gauge", "sum", "histogram", "exponential_histogram", "summary")
 
 
@@ -135,7 +137,8 @@ def time_range(signal: str, message: Any) -> tuple[int, int] | None:
         for rs in message.resource_spans:
             for ss in rs.scope_spans:
                 for span in ss.spans:
-                    see(span.start_time_unix_nano, span.end_time_unix_nano or span.start_time_unix_nano)
+                    end = span.end_time_unix_nano or span.start_time_unix_nano
+                    see(span.start_time_unix_nano, end)
     elif signal == "logs":
         for rl in message.resource_logs:
             for sl in rl.scope_logs:
@@ -181,7 +184,7 @@ def success(signal: str, encoding: Encoding) -> bytes:
 
 
 def partial_success(signal: str, encoding: Encoding, rejected: int, message: str) -> bytes:
-    response = RESPONSE_TYPES[signal]()
+    response: Any = RESPONSE_TYPES[signal]()
     setattr(response.partial_success, _REJECTED_FIELD[signal], rejected)
     response.partial_success.error_message = message
     return encoding.render(response)

@@ -1,4 +1,4 @@
-"""The service: builds every component from the settings, starts them in order, stops them in reverse."""
+"""The service: builds components from settings, starts them in order, stops them in reverse."""
 
 from __future__ import annotations
 
@@ -44,6 +44,12 @@ class Service:
         self.dsn: str | None = None
         self.accepting = False
         self.stopping = False
+
+    def _backlog_value(self) -> float:
+        return float(self.backlog.value) if self.backlog is not None else 0.0
+
+    def _buffer_depth(self) -> float:
+        return float(self.pipeline.buffer.depth) if self.pipeline is not None else 0.0
 
     async def _resolve_dsn(self) -> str:
         if self.settings.dsn is not None:
@@ -91,9 +97,13 @@ class Service:
             self.backlog = BacklogTracker(self.queue.backlog, s.backlog_refresh_interval_ms / 1000)
             try:
                 await self.backlog.refresh()
-            except Exception as exc:  # noqa: BLE001 - the refresh task keeps trying
-                log_event("backlog_refresh_failed", "could not count the staging backlog",
-                          reason=type(exc).__name__, level=logging.WARNING)
+            except Exception as exc:
+                log_event(
+                    "backlog_refresh_failed",
+                    "could not count the staging backlog",
+                    reason=type(exc).__name__,
+                    level=logging.WARNING,
+                )
             self.supervisor.spawn(self.backlog.run(), "backlog-refresh")
             self.gate = OverflowGate(
                 self.backlog,
@@ -102,13 +112,13 @@ class Service:
                 s.overflow_sample_rate,
                 s.overflow_sample_seed,
             )
-            self.metrics.staging_backlog.set_function(lambda: self.backlog.value if self.backlog else 0)
+            self.metrics.staging_backlog.set_function(self._backlog_value)
             self.metrics.staging_backlog_limit.set(s.staging_max_backlog)
 
         if s.runs_worker:
             self.store = await open_store(s)
             self.pipeline = Pipeline(s, self.queue, self.store, self.metrics)
-            self.metrics.buffer_depth.set_function(lambda: self.pipeline.buffer.depth if self.pipeline else 0)
+            self.metrics.buffer_depth.set_function(self._buffer_depth)
             self.pipeline.start(self.supervisor, self.dsn)
 
         self.accepting = True
@@ -121,7 +131,7 @@ class Service:
         )
 
     async def stop(self) -> None:
-        """Readiness fails first; in-flight commits finish; the worker drains; then the pool closes."""
+        """Readiness fails first; in-flight commits finish; the worker drains; the pool closes."""
         self.stopping = True
         self.accepting = False
         grace = self.settings.shutdown_grace_s
@@ -129,8 +139,12 @@ class Service:
             try:
                 await asyncio.wait_for(self.committer.drain(), grace)
             except TimeoutError:
-                log_event("commit_drain_timeout", "group commits still running at shutdown",
-                          reason="shutdown_grace", level=logging.WARNING)
+                log_event(
+                    "commit_drain_timeout",
+                    "group commits still running at shutdown",
+                    reason="shutdown_grace",
+                    level=logging.WARNING,
+                )
         if self.pipeline is not None:
             await self.pipeline.stop(self.supervisor)
         await self.supervisor.cancel_all()
@@ -157,6 +171,6 @@ class Service:
                 async with self.pool.acquire() as conn:
                     if not await schema_is_current(conn):
                         return False, "schema not current"
-        except (*DB_ERRORS, TimeoutError) as exc:
+        except DB_ERRORS as exc:
             return False, f"database unreachable: {type(exc).__name__}"
         return True, "ready"

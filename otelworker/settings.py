@@ -35,19 +35,19 @@ def _aliases(field_name: str) -> AliasChoices:
     return AliasChoices(f"OTEL_{key}", key, field_name)
 
 
-class Role(str, enum.Enum):
+class Role(enum.StrEnum):
     ALL = "all"
     INGRESS = "ingress"
     WORKER = "worker"
 
 
-class OverflowPolicy(str, enum.Enum):
+class OverflowPolicy(enum.StrEnum):
     REJECT = "reject"
     DROP = "drop"
     SAMPLE = "sample"
 
 
-class Compression(str, enum.Enum):
+class Compression(enum.StrEnum):
     GZIP = "gzip"
     ZSTD = "zstd"
     NONE = "none"
@@ -67,7 +67,7 @@ class Settings(BaseSettings):
 
     # --- service -------------------------------------------------------------
     role: Role = Role.ALL
-    host: str = "0.0.0.0"  # noqa: S104 - a server binds all interfaces by default
+    host: str = "0.0.0.0"
     port: int = Field(4318, ge=1, le=65535)
     log_level: str = Field("INFO", pattern=r"(?i)^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
     log_aggregation_window_s: float = Field(1.0, ge=0.0, le=60.0)

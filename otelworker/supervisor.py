@@ -55,18 +55,18 @@ class Supervisor:
             task=task.get_name(),
         )
 
-    async def cancel(self, task: asyncio.Task[Any], timeout: float = 10.0) -> None:
+    async def cancel(self, task: asyncio.Task[Any], grace_s: float = 10.0) -> None:
         """Stop one task on purpose and wait (bounded) for it to finish."""
         if task.done():
             return
         self._stopping.add(task)
         task.cancel()
-        await asyncio.wait({task}, timeout=timeout)
+        await asyncio.wait({task}, timeout=grace_s)
 
-    async def cancel_all(self, timeout: float = 10.0) -> None:
+    async def cancel_all(self, grace_s: float = 10.0) -> None:
         tasks = [t for t in self.tasks if not t.done()]
         for task in tasks:
             self._stopping.add(task)
             task.cancel()
         if tasks:
-            await asyncio.wait(tasks, timeout=timeout)
+            await asyncio.wait(tasks, timeout=grace_s)

@@ -1,4 +1,4 @@
-"""Flushing one batch: decode, merge, compress, upload, then index and dequeue in one transaction."""
+"""Flush a batch: decode, merge, compress, upload; then index and dequeue in one transaction."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import zstandard
 
@@ -118,7 +119,7 @@ class Exporter:
         ids = [item.id for item in prepared.good]
         batch_id = uuid.uuid4()
         key = object_key(self.prefix, signal, batch_id, datetime.now(UTC), self.compression)
-        context = {
+        context: dict[str, Any] = {
             "signal": signal,
             "batch_id": str(batch_id),
             "items": len(ids),
@@ -163,11 +164,16 @@ class Exporter:
         self.metrics.batch_items.labels(signal).observe(len(ids))
         self.metrics.batch_records.labels(signal).inc(prepared.record_count)
         self.metrics.batch_bytes.labels(signal).inc(len(prepared.body))
-        log_event("batch_flushed", "batch uploaded and indexed", level=logging.DEBUG,
-                  object_key=key, **context)
+        log_event(
+            "batch_flushed",
+            "batch uploaded and indexed",
+            level=logging.DEBUG,
+            object_key=key,
+            **context,
+        )
 
     async def _fail(
-        self, signal: str, ids: list[int], reason: str, error: str, context: dict[str, object]
+        self, signal: str, ids: list[int], reason: str, error: str, context: dict[str, Any]
     ) -> None:
         self.metrics.batch_failures.labels(signal, reason).inc()
         log_event(

@@ -80,7 +80,7 @@ class Pipeline:
                 continue
             try:
                 await self.queue.renew(ids, self.settings.lease_timeout_s, self.token)
-            except Exception as exc:  # noqa: BLE001 - an outage; the next round retries
+            except Exception as exc:
                 log_event(
                     "lease_renew_failed",
                     "could not renew leases",
@@ -118,7 +118,7 @@ class Pipeline:
         if left:
             try:
                 await self.queue.release(left, self.token)
-            except Exception as exc:  # noqa: BLE001 - the leases expire instead
+            except Exception as exc:
                 log_event(
                     "claims_release_failed",
                     "could not release claims; they return when their lease expires",

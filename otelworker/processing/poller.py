@@ -107,7 +107,7 @@ class Poller:
                 conn = await asyncpg.connect(dsn, timeout=10)
                 await conn.add_listener(CHANNEL, on_notify)
                 closed = asyncio.Event()
-                conn.add_termination_listener(lambda *_: closed.set())
+                conn.add_termination_listener(lambda *_, ev=closed: ev.set())
                 self.wake.set()  # catch up on what was staged while not listening
                 await closed.wait()
             except DB_ERRORS:

@@ -40,7 +40,9 @@ class StoredObject:
 class ObjectStore(Protocol):
     """What the pipeline needs of an object store."""
 
-    async def put(self, key: str, body: bytes, content_type: str, content_encoding: str | None) -> None: ...
+    async def put(
+        self, key: str, body: bytes, content_type: str, content_encoding: str | None
+    ) -> None: ...
 
     async def get(self, key: str) -> bytes: ...
 

@@ -32,7 +32,9 @@ class LocalObjectStore:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
 
-    async def put(self, key: str, body: bytes, content_type: str, content_encoding: str | None) -> None:
+    async def put(
+        self, key: str, body: bytes, content_type: str, content_encoding: str | None
+    ) -> None:
         try:
             await asyncio.to_thread(self._write, key, body)
         except OSError as exc:
@@ -50,7 +52,7 @@ class LocalObjectStore:
         except OSError as exc:
             raise ObjectStoreError(f"delete {key}: {exc}") from exc
 
-    async def list(self, prefix: str) -> AsyncIterator[StoredObject]:  # type: ignore[override]
+    async def list(self, prefix: str) -> AsyncIterator[StoredObject]:
         base = self.root
         if not base.exists():
             return

@@ -74,7 +74,9 @@ class S3ObjectStore:
             if code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                 raise _error("create_bucket", self.bucket, exc) from exc
 
-    async def put(self, key: str, body: bytes, content_type: str, content_encoding: str | None) -> None:
+    async def put(
+        self, key: str, body: bytes, content_type: str, content_encoding: str | None
+    ) -> None:
         kwargs: dict[str, Any] = {
             "Bucket": self.bucket,
             "Key": key,
@@ -109,7 +111,7 @@ class S3ObjectStore:
         except Exception as exc:
             raise _error("delete", key, exc) from exc
 
-    async def list(self, prefix: str) -> AsyncIterator[StoredObject]:  # type: ignore[override]
+    async def list(self, prefix: str) -> AsyncIterator[StoredObject]:
         paginator = self._client.get_paginator("list_objects_v2")
         try:
             async for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):

@@ -65,9 +65,7 @@ class QueuePort(Protocol):
 
     async def renew(self, ids: Sequence[int], lease_s: float, token: uuid.UUID) -> None: ...
 
-    async def complete(
-        self, manifest: Manifest, ids: Sequence[int], token: uuid.UUID
-    ) -> bool: ...
+    async def complete(self, manifest: Manifest, ids: Sequence[int], token: uuid.UUID) -> bool: ...
 
     async def fail(
         self, ids: Sequence[int], token: uuid.UUID, error: str, policy: RetryPolicy

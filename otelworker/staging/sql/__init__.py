@@ -1,4 +1,4 @@
-"""SQL lives in .sql files: ``queries.sql`` under ``-- name: NAME --`` headers, migrations numbered."""
+"""SQL lives in .sql files: ``queries.sql`` under ``-- name: NAME --`` headers; migrations."""
 
 from __future__ import annotations
 
