@@ -12,6 +12,7 @@ import asyncio
 import logging
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -87,12 +88,15 @@ class AggregatedEvents:
     flood of refusals costs one line a second per pair, and no occurrence goes uncounted.
     """
 
-    def __init__(self, window_s: float = 1.0) -> None:
+    def __init__(
+        self, window_s: float = 1.0, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.window_s = window_s
+        self._clock = clock
         self._windows: dict[tuple[str, str], _Window] = {}
 
     def emit(self, event: str, reason: str, message: str, **context: Any) -> None:
-        now = time.monotonic()
+        now = self._clock()
         key = (event, reason)
         window = self._windows.get(key)
         if self.window_s <= 0:
@@ -123,7 +127,7 @@ class AggregatedEvents:
             del self._windows[key]
 
     def flush(self) -> None:
-        now = time.monotonic()
+        now = self._clock()
         for key, window in list(self._windows.items()):
             if now - window.opened >= self.window_s:
                 self._close(key, window, now)
@@ -138,7 +142,7 @@ class AggregatedEvents:
             self.flush_all()
 
     def flush_all(self) -> None:
-        now = time.monotonic()
+        now = self._clock()
         for key, window in list(self._windows.items()):
             if window.suppressed:
                 self._close(key, window, now)

@@ -179,9 +179,8 @@ async def export(request: Request) -> Response:
     payload = message.SerializeToString() if encoding.json else data
     started = time.monotonic()
     try:
-        await asyncio.wait_for(
-            service.committer.stage(signal, payload, records), settings.staging_commit_timeout_s
-        )
+        async with asyncio.timeout(settings.staging_commit_timeout_s):
+            await service.committer.stage(signal, payload, records)
     except (StagingUnavailable, TimeoutError) as exc:
         return answer.error(
             503,

@@ -85,11 +85,16 @@ class Batcher:
         task.add_done_callback(self.flushing.discard)
 
     async def _run_flush(self, signal: str, items: list[Claimed]) -> None:
+        finished = False
         try:
             await self._flush(signal, items)
+            finished = True
         except asyncio.CancelledError:
+            # Cancelled mid-flush (shutdown past its grace): the items stay held, so the
+            # pipeline releases their claims to pending instead of waiting for the lease.
             raise
         except Exception as exc:  # a bug, not an outage: keep the worker alive, rows come back
+            finished = True
             log_event(
                 "flush_crashed",
                 "unexpected error while flushing; items return after their lease",
@@ -100,7 +105,8 @@ class Batcher:
                 items=len(items),
             )
         finally:
-            self.buffer.done(item.id for item in items)
+            if finished:
+                self.buffer.done(item.id for item in items)
             self._slots.release()
 
     async def flush_all(self) -> None:

@@ -53,16 +53,20 @@ class Poller:
             buffer_depth=self.buffer.depth,
             buffer_capacity=self.buffer.capacity,
         )
+        reason = "shutdown"  # cancelled while paused: the pause ends, polling does not resume
         try:
             await self.buffer.wait_for_room()
+            reason = "buffer_room"
         finally:
             paused_s = time.monotonic() - started
             self.paused = False
             self.metrics.paused_seconds.inc(paused_s)
             log_event(
                 "processing_resumed",
-                "processing buffer has room; polling resumed",
-                reason="buffer_room",
+                "processing buffer has room; polling resumed"
+                if reason == "buffer_room"
+                else "polling stopped while paused",
+                reason=reason,
                 paused_s=round(paused_s, 3),
                 buffer_depth=self.buffer.depth,
             )

@@ -1,0 +1,418 @@
+"""Failures: S3 down and back, a slow object store, poison payloads, dead rows, orphans."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import re
+import sys
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+from tests.support.objects import (
+    KEY_LAYOUT,
+    S3Access,
+    Store,
+    Telemetry,
+    migrate,
+    queue_rows,
+    queue_status,
+    read_exported,
+    span_request,
+    stage_rows,
+    wait_drained,
+    wait_for,
+)
+from tests.support.server import running_service
+
+pytestmark = pytest.mark.integration
+
+FAST = {
+    "poll_interval_ms": 50,
+    "batch_flush_interval_ms": 50,
+    "batch_max_size": 10,
+    "lease_timeout_s": 10,
+    "shutdown_grace_s": 5,
+    "log_aggregation_window_s": 0,
+    "s3_timeout_s": 5,
+}
+CLASS_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def s3_settings(s3_server: Any, bucket: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "s3_endpoint_url": s3_server.endpoint_url,
+        "s3_bucket": bucket,
+        "s3_access_key_id": s3_server.access_key_id,
+        "s3_secret_access_key": s3_server.secret_access_key,
+        "s3_region": getattr(s3_server, "region", None) or "us-east-1",
+        "s3_force_path_style": True,
+        "s3_create_bucket": True,
+        **extra,
+    }
+
+
+def proxied_s3(tcp_proxy: Any, s3_server: Any) -> tuple[Any, str]:
+    """A proxy in front of the S3 server and the endpoint URL through it."""
+    parts = urlsplit(s3_server.endpoint_url)
+    proxy = tcp_proxy(parts.hostname, parts.port)
+    return proxy, proxy.url_for(s3_server.endpoint_url)
+
+
+def events(caplog: pytest.LogCaptureFixture, name: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if getattr(r, "event", None) == name]
+
+
+def cli_env(
+    database_url: str, s3_server: Any | None = None, bucket: str | None = None
+) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("OTEL_", "S3_", "DATABASE_URL", "LOCAL_OBJECT_DIR"))
+    }
+    env["DATABASE_URL"] = database_url
+    if s3_server is not None and bucket is not None:
+        env.update(
+            S3_ENDPOINT_URL=s3_server.endpoint_url,
+            S3_BUCKET=bucket,
+            S3_ACCESS_KEY_ID=s3_server.access_key_id,
+            S3_SECRET_ACCESS_KEY=s3_server.secret_access_key,
+            S3_REGION=getattr(s3_server, "region", None) or "us-east-1",
+            S3_FORCE_PATH_STYLE="true",
+        )
+    return env
+
+
+async def cli(env: dict[str, str], cwd: Path, *args: str) -> str:
+    """Run ``python -m otelworker ARGS`` without blocking the loop (the service runs in it)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "otelworker",
+        *args,
+        env=env,
+        cwd=cwd,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0, (args, proc.returncode, out.decode(), err.decode())
+    return out.decode()
+
+
+# --- S3 down, then back ------------------------------------------------------------------
+
+
+async def test_s3_outage_fails_rows_with_backoff_then_everything_drains(
+    database_url: str,
+    s3_server: Any,
+    s3_bucket: str,
+    tcp_proxy: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="otelworker")
+    proxy, endpoint = proxied_s3(tcp_proxy, s3_server)
+    backoff_max_ms = 500
+    async with running_service(
+        database_url=database_url,
+        **s3_settings(s3_server, s3_bucket, s3_endpoint_url=endpoint),
+        **FAST,
+        retry_backoff_initial_ms=50,
+        retry_backoff_max_ms=backoff_max_ms,
+        max_attempts=1000,
+    ) as svc:
+        proxy.refuse()
+        telemetry = Telemetry(svc.url, service_name="outage")
+        sent = await asyncio.to_thread(telemetry.send_all, 30, 20, 20)
+        # The ingress does not depend on S3: every request is acknowledged.
+        assert sum(len(v) for v in sent.refused.values()) == 0
+
+        def failing_with_backoff(rows: list[dict[str, Any]]) -> bool:
+            return (
+                len(rows) == sent.requests
+                and all(r["attempts"] >= 1 for r in rows)
+                and any(r["attempts"] >= 3 for r in rows)  # retried again and again
+                and any(r["status"] == "failed" and r["available_at"] > r["db_now"] for r in rows)
+            )
+
+        rows = await wait_for(
+            lambda: queue_rows(database_url),
+            failing_with_backoff,
+            within_s=60,
+            what="rows to fail with backoff",
+        )
+        failed = [r for r in rows if r["status"] == "failed"]
+        assert failed
+        assert {r["status"] for r in rows} <= {"failed", "processing", "pending"}
+        reasons = {r.reason for r in events(caplog, "batch_persist_failed")}
+        assert reasons, "batch_persist_failed not logged"
+        assert all(CLASS_NAME.match(reason) for reason in reasons), reasons
+        for row in failed:
+            assert row["attempts"] > 0
+            assert row["lease_token"] is None and row["lease_expires_at"] is None
+            assert row["last_error"], row
+            # last_error names the error class that was logged as the reason.
+            assert row["last_error"].split(":")[0] in reasons, (row["last_error"], reasons)
+            # Full jitter under the cap: never further out than RETRY_BACKOFF_MAX_MS.
+            wait_s = (row["available_at"] - row["db_now"]).total_seconds()
+            assert wait_s <= backoff_max_ms / 1000 + 0.05, wait_s
+        logged = events(caplog, "batch_persist_failed")[0]
+        assert logged.levelno == logging.WARNING
+        assert logged.signal in ("traces", "metrics", "logs")
+        assert uuid.UUID(logged.batch_id) and logged.items >= 1 and logged.records >= 1
+
+        proxy.pass_through()
+        status = await wait_drained(database_url, within_s=60)
+        assert status == {}, status
+        exported = await read_exported(database_url, Store(s3=S3Access.of(s3_server, s3_bucket)))
+
+    for signal in ("traces", "metrics", "logs"):
+        assert Counter(exported.ids(signal)) == Counter(sent.acked[signal]), signal
+    assert sum(r["item_count"] for r in exported.manifest) == sent.requests
+    assert await queue_rows(database_url) == []
+
+
+# --- a slow object store: the buffer fills, polling pauses and resumes ---------------------
+
+
+async def test_slow_s3_pauses_polling_and_buffer_stays_within_capacity(
+    database_url: str,
+    s3_server: Any,
+    s3_bucket: str,
+    tcp_proxy: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="otelworker")
+    proxy, endpoint = proxied_s3(tcp_proxy, s3_server)
+    capacity = 4
+    async with running_service(
+        database_url=database_url,
+        **s3_settings(s3_server, s3_bucket, s3_endpoint_url=endpoint),
+        **{
+            **FAST,
+            "processing_queue_max_depth": capacity,
+            "batch_max_size": 2,
+            "batch_flush_interval_ms": 20,
+            "worker_concurrency": 1,
+            "s3_timeout_s": 30,
+        },
+    ) as svc:
+        pipeline = svc.service.pipeline
+        assert pipeline is not None
+        registry = svc.service.metrics.registry
+        depths: list[int] = []
+        gauge: list[float] = []
+
+        async def sample() -> None:
+            while True:
+                depths.append(pipeline.buffer.depth)
+                gauge.append(registry.get_sample_value("otelworker_buffer_items") or 0.0)
+                await asyncio.sleep(0.002)
+
+        sampler = asyncio.create_task(sample())
+        try:
+            proxy.delay(0.2)
+            telemetry = Telemetry(svc.url, service_name="slow")
+            records = telemetry.log_records(24)
+            await asyncio.to_thread(telemetry.send_logs, records, sizes=(1,))
+            assert len(telemetry.sent.acked["logs"]) == 24
+
+            await wait_for(
+                lambda: events(caplog, "processing_paused"),
+                lambda found: len(found) >= 1,
+                within_s=30,
+                what="processing_paused",
+            )
+            await wait_for(
+                lambda: [
+                    r for r in events(caplog, "processing_resumed") if r.reason == "buffer_room"
+                ],
+                lambda found: len(found) >= 1,
+                within_s=60,
+                what="processing_resumed",
+            )
+            proxy.pass_through()
+            await wait_drained(database_url, within_s=60)
+        finally:
+            sampler.cancel()
+        exported = await read_exported(database_url, Store(s3=S3Access.of(s3_server, s3_bucket)))
+        pauses = registry.get_sample_value("otelworker_polling_pauses_total")
+
+    assert depths and max(depths) <= capacity, max(depths)
+    assert max(depths) == capacity  # it did fill up
+    assert max(gauge) <= capacity
+    paused = events(caplog, "processing_paused")
+    resumed = [r for r in events(caplog, "processing_resumed") if r.reason == "buffer_room"]
+    assert all(r.reason == "buffer_full" for r in paused)
+    assert all(r.buffer_capacity == capacity for r in paused)
+    assert resumed and all(r.paused_s > 0 for r in resumed)
+    # Once per pause: paused and its end alternate, never two pauses in a row.
+    order = [
+        r.event
+        for r in caplog.records
+        if getattr(r, "event", None) in ("processing_paused", "processing_resumed")
+    ]
+    assert all(a != b for a, b in itertools.pairwise(order)), order
+    assert order[0] == "processing_paused"
+    assert pauses == len(paused)
+    assert sorted(exported.ids("logs")) == sorted(telemetry.sent.acked["logs"])
+
+
+# --- a poison payload goes dead alone ------------------------------------------------------
+
+
+async def test_poison_payload_goes_dead_alone(
+    database_url: str, s3_server: Any, s3_bucket: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="otelworker")
+    await migrate(database_url)
+    good = [n.to_bytes(8, "big") for n in range(1, 11)]
+    rows = [("traces", span_request([s]), 1) for s in good[:5]]
+    rows.append(("traces", b"\x0a\xff\xff\xff\xffgarbage", 3))
+    rows += [("traces", span_request([s]), 1) for s in good[5:]]
+    ids = await stage_rows(database_url, rows)
+    poison_id = ids[5]
+    async with running_service(
+        database_url=database_url,
+        **s3_settings(s3_server, s3_bucket),
+        **{**FAST, "batch_max_size": 25, "batch_flush_interval_ms": 300},
+    ):
+        status = await wait_drained(database_url, within_s=30)
+        exported = await read_exported(database_url, Store(s3=S3Access.of(s3_server, s3_bucket)))
+
+    assert status == {"dead": 1}
+    (dead,) = await queue_rows(database_url)
+    assert dead["id"] == poison_id
+    assert dead["status"] == "dead"
+    assert dead["attempts"] == 1
+    assert dead["lease_token"] is None
+    assert "invalid traces protobuf" in dead["last_error"]
+    # The rest of its batch was uploaded: one object with the ten good items.
+    assert [r["item_count"] for r in exported.manifest] == [10]
+    assert exported.manifest[0]["record_count"] == 10
+    assert sorted(exported.ids("traces")) == sorted(s.hex() for s in good)
+    buried = [r for r in events(caplog, "items_dead") if r.reason == "undecodable"]
+    assert [r.item_ids for r in buried] == [[poison_id]]
+    assert events(caplog, "batch_persist_failed") == []
+
+
+# --- MAX_ATTEMPTS -> dead; requeue-dead -> pending -> drained -------------------------------
+
+
+async def test_rows_go_dead_after_max_attempts_and_requeue_dead_revives_them(
+    database_url: str,
+    s3_server: Any,
+    s3_bucket: str,
+    tcp_proxy: Any,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="otelworker")
+    proxy, endpoint = proxied_s3(tcp_proxy, s3_server)
+    async with running_service(
+        database_url=database_url,
+        **s3_settings(s3_server, s3_bucket, s3_endpoint_url=endpoint),
+        **FAST,
+        max_attempts=2,
+        retry_backoff_initial_ms=20,
+        retry_backoff_max_ms=100,
+    ) as svc:
+        proxy.refuse()
+        telemetry = Telemetry(svc.url, service_name="dead")
+        await asyncio.to_thread(telemetry.send_spans, telemetry.spans(20), sizes=(4,))
+        await asyncio.to_thread(telemetry.send_logs, telemetry.log_records(6), sizes=(2,))
+        sent = telemetry.sent
+        assert sent.requests == 8 and not sent.refused["traces"] and not sent.refused["logs"]
+
+        status = await wait_for(
+            lambda: queue_status(database_url),
+            lambda s: s == {"dead": 8},
+            within_s=60,
+            what="every row dead",
+        )
+        rows = await queue_rows(database_url)
+        assert all(r["attempts"] == 2 and r["last_error"] for r in rows), rows
+        exhausted = [r for r in events(caplog, "items_dead") if r.reason == "max_attempts"]
+        assert sum(r.count for r in exhausted) == 8
+
+        proxy.pass_through()
+        env = cli_env(database_url)
+        out = await cli(env, tmp_path, "requeue-dead", "--signal", "logs", "--limit", "1")
+        assert "requeued 1 dead item(s)" in out
+        status = await wait_for(
+            lambda: queue_status(database_url),
+            lambda s: s == {"dead": 7},
+            within_s=30,
+            what="the requeued row to drain",
+        )
+        # Dead rows are never claimed on their own, S3 back or not.
+        still_dead = await queue_rows(database_url)
+        assert [r["id"] for r in still_dead] == [
+            r["id"] for r in rows if r["id"] in {d["id"] for d in still_dead}
+        ]
+        assert sorted(r["signal"] for r in still_dead) == ["logs"] * 2 + ["traces"] * 5
+
+        out = await cli(env, tmp_path, "requeue-dead")
+        assert "requeued 7 dead item(s)" in out
+        status = await wait_drained(database_url, within_s=30)
+        assert status == {}
+        exported = await read_exported(database_url, Store(s3=S3Access.of(s3_server, s3_bucket)))
+
+    assert Counter(exported.ids("traces")) == Counter(sent.acked["traces"])
+    assert Counter(exported.ids("logs")) == Counter(sent.acked["logs"])
+
+
+async def test_requeue_dead_with_nothing_dead(database_url: str, tmp_path: Path) -> None:
+    await migrate(database_url)
+    out = await cli(cli_env(database_url), tmp_path, "requeue-dead")
+    assert "requeued 0 dead item(s)" in out
+
+
+# --- gc-orphans --------------------------------------------------------------------------
+
+
+async def test_gc_orphans_removes_only_old_unindexed_objects_under_the_prefix(
+    database_url: str, s3_server: Any, s3_bucket: str, tmp_path: Path
+) -> None:
+    async with running_service(
+        database_url=database_url, **s3_settings(s3_server, s3_bucket), **FAST
+    ) as svc:
+        telemetry = Telemetry(svc.url, service_name="gc")
+        await asyncio.to_thread(telemetry.send_spans, telemetry.spans(12))
+        await wait_drained(database_url)
+    store = Store(s3=S3Access.of(s3_server, s3_bucket))
+    exported = await read_exported(database_url, store)
+    indexed = sorted(exported.keys)
+    assert indexed and store.keys() == indexed
+
+    orphan = f"otel/year=2020/month=01/day=01/hour=00/minute=00/traces_{uuid.uuid4()}.binpb.gz"
+    assert KEY_LAYOUT.match(orphan)
+    outside = "elsewhere/not-ours.binpb.gz"
+    store.put(orphan, b"left behind by an upload whose transaction did not commit")
+    store.put(outside, b"not under S3_PREFIX")
+    everything = sorted([*indexed, orphan, outside])
+    assert store.keys() == everything
+
+    env = cli_env(database_url, s3_server, s3_bucket)
+    out = await cli(env, tmp_path, "gc-orphans", "--older-than-s", "3600")
+    assert "removed 0 orphan object(s)" in out  # too young
+    assert store.keys() == everything
+
+    out = await cli(env, tmp_path, "gc-orphans", "--older-than-s", "0", "--dry-run")
+    assert "would remove 1 orphan object(s)" in out
+    assert store.keys() == everything
+
+    out = await cli(env, tmp_path, "gc-orphans", "--older-than-s", "0")
+    assert "removed 1 orphan object(s)" in out
+    assert store.keys() == sorted([*indexed, outside])
+    # The manifest's objects are intact and still decode.
+    again = await read_exported(database_url, store)
+    assert sorted(again.ids("traces")) == sorted(telemetry.sent.acked["traces"])

@@ -1,0 +1,285 @@
+"""The buffer's room accounting and the poller: claims only free room, pauses once per pause."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+
+import pytest
+
+from otelworker.exceptions import StagingUnavailable
+from otelworker.metrics import Metrics
+from otelworker.processing.buffer import Buffer
+from otelworker.processing.poller import Poller
+from otelworker.staging.queue import Claimed, Manifest, RetryPolicy
+
+HOUR = 3600.0
+
+
+async def until(predicate: Callable[[], bool], within_s: float = 5.0, what: str = "") -> None:
+    deadline = time.monotonic() + within_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within_s}s waiting for {what or predicate}")
+        await asyncio.sleep(0.001)
+
+
+async def settle(rounds: int = 50) -> None:
+    for _ in range(rounds):
+        await asyncio.sleep(0)
+
+
+def item(n: int, signal: str = "traces") -> Claimed:
+    return Claimed(id=n, signal=signal, payload=b"", record_count=1, attempts=0)
+
+
+def finish(buffer: Buffer, n: int) -> list[int]:
+    """Play the batcher: take ``n`` items out of the queue and finish their batch."""
+    ids = [buffer.get_nowait().id for _ in range(n)]
+    buffer.done(ids)
+    return ids
+
+
+def events(caplog: pytest.LogCaptureFixture, name: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if getattr(r, "event", None) == name]
+
+
+class FakeQueue:
+    """A behavioural QueuePort fake: rows are claimed in id order, at most ``limit``."""
+
+    def __init__(self, rows: int = 0) -> None:
+        self.pending: list[Claimed] = [item(n) for n in range(1, rows + 1)]
+        self.claims: list[tuple[int, int]] = []  # (limit asked, rows returned)
+        self.leases: list[float] = []
+        self.tokens: set[uuid.UUID] = set()
+        self.unavailable = False
+        self._next = rows + 1
+        self.buffer: Buffer | None = None
+        self.over_claims: list[tuple[int, int]] = []
+
+    def add(self, n: int) -> None:
+        for _ in range(n):
+            self.pending.append(item(self._next))
+            self._next += 1
+
+    async def claim(self, limit: int, lease_s: float, token: uuid.UUID) -> list[Claimed]:
+        if self.buffer is not None and limit > self.buffer.room:
+            self.over_claims.append((limit, self.buffer.room))
+        if self.unavailable:
+            self.claims.append((limit, -1))
+            raise StagingUnavailable("claim: ConnectionRefusedError")
+        got, self.pending = self.pending[:limit], self.pending[limit:]
+        self.claims.append((limit, len(got)))
+        self.leases.append(lease_s)
+        self.tokens.add(token)
+        return got
+
+    async def renew(self, ids: Sequence[int], lease_s: float, token: uuid.UUID) -> None:
+        return None
+
+    async def complete(self, manifest: Manifest, ids: Sequence[int], token: uuid.UUID) -> bool:
+        return True
+
+    async def fail(
+        self, ids: Sequence[int], token: uuid.UUID, error: str, policy: RetryPolicy
+    ) -> list[tuple[int, str]]:
+        return [(i, "failed") for i in ids]
+
+    async def kill(self, ids: Sequence[int], token: uuid.UUID, error: str) -> None:
+        return None
+
+    async def release(self, ids: Sequence[int], token: uuid.UUID) -> None:
+        return None
+
+
+@contextlib.asynccontextmanager
+async def polling(poller: Poller) -> AsyncIterator[asyncio.Task[None]]:
+    task = asyncio.create_task(poller.run())
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def make(queue: FakeQueue, capacity: int, interval_s: float = HOUR) -> tuple[Buffer, Poller]:
+    buffer = Buffer(capacity)
+    queue.buffer = buffer
+    poller = Poller(
+        queue, buffer, Metrics(), token=uuid.uuid4(), lease_s=7.0, poll_interval_s=interval_s
+    )
+    return buffer, poller
+
+
+# --- the buffer ------------------------------------------------------------------------
+
+
+async def test_buffer_counts_items_until_their_batch_is_done() -> None:
+    buffer = Buffer(3)
+    assert (buffer.depth, buffer.room) == (0, 3)
+    for n in (1, 2, 3):
+        buffer.put(item(n))
+    assert (buffer.depth, buffer.room, buffer.queued()) == (3, 0, 3)
+    with pytest.raises(RuntimeError):
+        buffer.put(item(4))
+
+    # Taking an item into a batch does not free room: it is still in memory.
+    assert (await buffer.get()).id == 1
+    assert buffer.get_nowait().id == 2
+    assert (buffer.depth, buffer.room, buffer.queued()) == (3, 0, 1)
+    with pytest.raises(RuntimeError):
+        buffer.put(item(4))
+
+    buffer.done([1])
+    assert (buffer.depth, buffer.room) == (2, 1)
+    assert sorted(buffer.held_ids()) == [2, 3]
+    buffer.put(item(4))
+    assert buffer.room == 0
+
+    buffer.done([2, 3, 4, 99])  # unknown ids are ignored
+    assert (buffer.depth, buffer.room) == (0, 3)
+
+
+async def test_wait_for_room_blocks_while_full_and_wakes_on_done() -> None:
+    buffer = Buffer(2)
+    await asyncio.wait_for(buffer.wait_for_room(), 1)  # empty: room at once
+    buffer.put(item(1))
+    buffer.put(item(2))
+    waiter = asyncio.create_task(buffer.wait_for_room())
+    await settle()
+    assert not waiter.done()
+    buffer.done([])  # nothing finished: still full
+    await settle()
+    assert not waiter.done()
+    buffer.done([2])
+    await asyncio.wait_for(waiter, 1)
+    assert buffer.room == 1
+
+
+# --- the poller ------------------------------------------------------------------------
+
+
+async def test_poller_claims_only_the_free_room(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="otelworker")
+    queue = FakeQueue(rows=12)
+    buffer, poller = make(queue, capacity=5)
+    async with polling(poller):
+        await until(lambda: poller.paused, what="the first pause")
+        await settle()
+        assert queue.claims == [(5, 5)]
+        assert buffer.depth == 5
+        assert queue.leases == [7.0]
+
+        # Two items finish: the next claim asks for exactly two.
+        assert finish(buffer, 2) == [1, 2]
+        await until(lambda: len(queue.claims) == 2 and poller.paused, what="the second pause")
+        assert queue.claims[1] == (2, 2)
+        assert buffer.depth == 5
+
+        # Everything finishes; the remaining five rows fit; the next poll finds nothing
+        # left and claims no more than the room.
+        finish(buffer, buffer.queued())
+        await until(lambda: not queue.pending and buffer.depth == 5)
+    assert queue.claims[2] == (5, 5)
+    assert queue.over_claims == []
+    assert len(queue.tokens) == 1
+
+
+async def test_pause_is_logged_once_per_pause_with_its_duration(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="otelworker")
+    queue = FakeQueue(rows=100)
+    # A short poll interval: a poller that kept polling while full would log every 10 ms.
+    buffer, poller = make(queue, capacity=4, interval_s=0.01)
+    async with polling(poller):
+        await until(lambda: len(events(caplog, "processing_paused")) == 1)
+        paused_at = time.monotonic()
+        held = 0.1
+        await asyncio.sleep(held)  # the pause lasts at least this long
+        assert len(events(caplog, "processing_paused")) == 1
+        assert events(caplog, "processing_resumed") == []
+        assert len(queue.claims) == 1  # no polling while paused
+
+        finish(buffer, 1)
+        await until(lambda: len(events(caplog, "processing_resumed")) == 1)
+        resumed_after = time.monotonic() - paused_at
+        # Room for one: claimed at once, full again -> a second, separate pause.
+        await until(lambda: len(events(caplog, "processing_paused")) == 2)
+
+    paused = events(caplog, "processing_paused")
+    resumed = events(caplog, "processing_resumed")
+    assert [r.reason for r in paused] == ["buffer_full", "buffer_full"]
+    assert paused[0].levelno == logging.WARNING
+    assert paused[0].buffer_depth == 4 and paused[0].buffer_capacity == 4
+    # The real resume, then (the poller cancelled while paused) the end of the second pause.
+    assert [r.reason for r in resumed] == ["buffer_room", "shutdown"]
+    assert held - 0.002 <= resumed[0].paused_s <= resumed_after + 0.01
+    assert queue.claims[:2] == [(4, 4), (1, 1)]
+    # Paused and resumed alternate: never two pauses without a resume between them.
+    order = [
+        r.event for r in caplog.records if r.event in ("processing_paused", "processing_resumed")
+    ]
+    assert order == [
+        "processing_paused",
+        "processing_resumed",
+        "processing_paused",
+        "processing_resumed",
+    ]
+    assert poller.metrics.registry.get_sample_value("otelworker_polling_pauses_total") == 2
+
+
+async def test_no_pause_log_while_the_buffer_has_room(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="otelworker")
+    queue = FakeQueue(rows=3)
+    buffer, poller = make(queue, capacity=10, interval_s=0.005)
+    async with polling(poller):
+        # Many idle polls: the room is never exhausted, so no pause is logged.
+        await until(lambda: len(queue.claims) >= 20, what="idle polls")
+    assert queue.claims[0] == (10, 3)
+    assert all(limit == 7 for limit, _ in queue.claims[1:])
+    assert events(caplog, "processing_paused") == []
+    assert buffer.depth == 3
+
+
+async def test_idle_poller_wakes_on_notify() -> None:
+    queue = FakeQueue(rows=0)
+    buffer, poller = make(queue, capacity=10, interval_s=HOUR)
+    async with polling(poller):
+        await until(lambda: len(queue.claims) == 1)
+        queue.add(2)
+        await settle()
+        assert len(queue.claims) == 1  # idle for an hour unless woken
+        poller.wake.set()
+        await until(lambda: buffer.depth == 2, what="the claim after a wake-up")
+    assert queue.claims == [(10, 0), (10, 2)]
+
+
+async def test_idle_poller_polls_every_interval() -> None:
+    queue = FakeQueue(rows=0)
+    buffer, poller = make(queue, capacity=10, interval_s=0.02)
+    async with polling(poller):
+        await until(lambda: len(queue.claims) >= 1)
+        queue.add(3)
+        await until(lambda: buffer.depth == 3, what="the next interval's claim")
+
+
+async def test_claim_failure_is_logged_and_polling_continues(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="otelworker")
+    queue = FakeQueue(rows=2)
+    queue.unavailable = True
+    buffer, poller = make(queue, capacity=10, interval_s=0.01)
+    async with polling(poller):
+        await until(lambda: len(events(caplog, "claim_failed")) >= 2)
+        assert buffer.depth == 0
+        queue.unavailable = False
+        await until(lambda: buffer.depth == 2, what="claims after the database is back")
+    failed = events(caplog, "claim_failed")
+    assert failed[0].reason == "ConnectionRefusedError"
