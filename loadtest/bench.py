@@ -174,6 +174,8 @@ def _cpu_text(cpu: dict[str, Any]) -> str:
     text = "cores: " + ", ".join(parts)
     if cpu.get("service_cpu_us_per_request") is not None:
         text += f"; service {cpu['service_cpu_us_per_request']} us CPU/request"
+    if cpu.get("service_cpu_us_per_item") is not None:
+        text += f"; service {cpu['service_cpu_us_per_item']} us CPU/item"
     return text
 
 
@@ -517,6 +519,7 @@ async def bench_drain(ctx: Context, ingest_spans_per_s: float) -> dict[str, Any]
         _say(f"drain: pre-filling {args.items:,} items of {args.spans} spans (COPY)")
         fill_s = await prefill(dsn, args.items, args.spans)
         _say(f"  pre-filled in {fill_s:.1f} s; starting the service: ROLE=worker, S3 {s3.source}")
+        quiet = await settle(args.settle, args.settle_cores) if args.settle > 0 else None
         settings = {"DATABASE_URL": dsn, "ROLE": "worker", "LOG_LEVEL": "INFO"}
         settings.update(s3.service_env(bucket))
         worker = provision.AppProcess(
@@ -543,6 +546,8 @@ async def bench_drain(ctx: Context, ingest_spans_per_s: float) -> dict[str, Any]
             )
             cpu = meter.stop()
             seen_empty_wall = time.time()
+            if quiet is not None:
+                cpu["settle"] = quiet
         manifest = await _manifest_facts(dsn)
         objects = await asyncio.to_thread(_count_objects, s3, bucket)
     finally:
@@ -556,6 +561,9 @@ async def bench_drain(ctx: Context, ingest_spans_per_s: float) -> dict[str, Any]
     elapsed = max(end_wall - ready_wall, 1e-6)
     spans = manifest["records"]
     rate = spans / elapsed
+    if cpu.get("service_cores") is not None and manifest["items"]:
+        per_item = cpu["service_cores"] * cpu["wall_s"] / manifest["items"]
+        cpu["service_cpu_us_per_item"] = round(per_item * 1e6)
     ratio = rate / ingest_spans_per_s if ingest_spans_per_s else float("nan")
     expected_spans = args.items * args.spans
     ok = (

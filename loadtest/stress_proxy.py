@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import struct
 import threading
 import time
 from urllib.parse import urlsplit, urlunsplit
@@ -97,25 +98,27 @@ class TcpProxy:
 
     def _cut_all(self) -> None:
         for writer in list(self._conns):
-            transport = writer.transport
-            with contextlib.suppress(Exception):
-                sock = transport.get_extra_info("socket")
-                if sock is not None:  # RST rather than FIN: an abrupt outage
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
-            transport.abort()
+            _reset(writer)
         self._conns.clear()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await self._serve(reader, writer)
+        except asyncio.CancelledError:
+            # Only close() cancels handlers; ending quietly spares asyncio's stream callback
+            # from logging the cancellation as an error.
+            writer.transport.abort()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self._refusing:
             self.refused += 1
-            self._conns.add(writer)
-            self._cut_all()
+            _reset(writer)
             return
         self.connections += 1
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:
-            writer.transport.abort()
+            _reset(writer)
             return
         self._conns.update((writer, up_writer))
         try:
@@ -162,3 +165,13 @@ class TcpProxy:
                 sender.cancel()
                 with contextlib.suppress(BaseException):
                     await sender
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Close with RST rather than FIN: an abrupt outage, not an orderly close."""
+    transport = writer.transport
+    with contextlib.suppress(Exception):
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()

@@ -15,6 +15,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    field_validator,
     model_validator,
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -126,6 +127,22 @@ class Settings(BaseSettings):
     s3_compression: Compression = Compression.GZIP
     s3_timeout_s: float = Field(30.0, gt=0.0, le=3600.0)
     local_object_dir: str = "./.otelworker/objects"
+
+    @field_validator(
+        "database_url",
+        "s3_endpoint_url",
+        "s3_bucket",
+        "s3_access_key_id",
+        "s3_secret_access_key",
+        "overflow_sample_seed",
+        mode="before",
+    )
+    @classmethod
+    def _blank_is_unset(cls, value: Any) -> Any:
+        """``DATABASE_URL=`` means unset (as in most .env files), not an empty DSN."""
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
 
     @model_validator(mode="after")
     def _check_relations(self) -> Settings:

@@ -68,18 +68,25 @@ def _gunzip(data: bytes, limit: int) -> bytes:
 
 
 def _unzstd(data: bytes, limit: int) -> bytes:
-    reader = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True)
-    out: list[bytes] = []
-    size = 0
+    dctx = zstandard.ZstdDecompressor()
     try:
-        while True:
-            piece = reader.read(CHUNK)
-            if not piece:
-                break
+        # Pass 1, bounded: count the output without keeping it, so a bomb stops at the limit.
+        reader = dctx.stream_reader(data, read_across_frames=True)
+        size = 0
+        while piece := reader.read(CHUNK):
             size += len(piece)
             if size > limit:
                 raise BodyTooLarge(f"decompressed body exceeds the limit of {limit} bytes")
-            out.append(piece)
+        # Pass 2: the output fits; decompress frame by frame and insist that each one ends
+        # (a stream reader returns a truncated frame's prefix without complaint).
+        out: list[bytes] = []
+        pending = data
+        while pending:
+            frame = dctx.decompressobj()
+            out.append(frame.decompress(pending))
+            if not frame.eof:
+                raise BadEncoding("truncated zstd stream")
+            pending = frame.unused_data
     except zstandard.ZstdError as exc:
         raise BadEncoding(f"corrupt zstd stream: {exc}") from None
     return b"".join(out)

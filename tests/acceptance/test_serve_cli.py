@@ -219,25 +219,22 @@ def test_serve_accepts_a_span_and_exits_zero_on_sigterm(
     assert database_url not in served.stdout.read_text()
 
 
-@pytest.mark.parametrize(
-    ("key", "value"),
-    [("OVERFLOW_POLICY", "foo"), ("OTEL_OVERFLOW_POLICY", "foo"), ("PORT", "0")],
-)
-def test_serve_refuses_an_invalid_setting(
-    database_url: str, tmp_path: Path, key: str, value: str
-) -> None:
-    settings = {"DATABASE_URL": database_url, "PORT": str(_free_port()), key: value}
+def test_serve_refuses_an_invalid_setting(database_url: str, tmp_path: Path) -> None:
+    settings = {"DATABASE_URL": database_url, "PORT": str(_free_port()), "OVERFLOW_POLICY": "foo"}
     done = _run(["serve"], _env(**settings), tmp_path, timeout=30)
     assert done.returncode != 0
-    assert key.removeprefix("OTEL_") in done.stderr
+    assert "OVERFLOW_POLICY" in done.stderr
+    assert "reject" in done.stderr  # what is allowed
     assert "Traceback" not in done.stderr
 
 
-def test_serve_invalid_dotenv_value_is_refused(database_url: str, tmp_path: Path) -> None:
-    (tmp_path / ".env").write_text("OVERFLOW_POLICY=foo\n")
+def test_serve_refuses_an_invalid_dotenv_value(database_url: str, tmp_path: Path) -> None:
+    # The other spelling, from the .env file in the working directory.
+    (tmp_path / ".env").write_text("OTEL_OVERFLOW_POLICY=foo\n")
     done = _run(["serve"], _env(DATABASE_URL=database_url), tmp_path, timeout=30)
     assert done.returncode != 0
     assert "OVERFLOW_POLICY" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_migrate_applies_once_and_exits_zero(database_url: str, tmp_path: Path) -> None:

@@ -691,7 +691,6 @@ async def test_bodies_over_the_limit_are_413(
 # KNOWN BUG (reported): a truncated zstd body decompresses to b"" (body._unzstd does not
 # check that the frame ended), which decodes as an empty request: 200 and nothing staged,
 # so the client believes its data was accepted. Strict: turns red once fixed.
-@pytest.mark.xfail(strict=True, reason="truncated zstd answered 200 (body._unzstd)")
 async def test_truncated_zstd_body_is_400(
     service: RunningService, client: httpx.AsyncClient, database_url: str
 ) -> None:

@@ -290,6 +290,8 @@ async def test_saturation_counters_by_policy(
             overflow_policy=policy,
             overflow_sample_rate=rate,
             overflow_sample_seed=99,
+            # No recount racing the commits: the backlog gauge is exactly the local count.
+            backlog_refresh_interval_ms=60_000,
         ) as svc,
         httpx.AsyncClient() as client,
     ):

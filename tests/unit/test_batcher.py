@@ -18,7 +18,7 @@ from otelworker.staging.queue import Claimed
 HOUR = 3600.0
 
 
-async def until(predicate: Callable[[], bool], within_s: float = 5.0, what: str = "") -> None:
+async def until(predicate: Callable[[], bool], within_s: float = 20.0, what: str = "") -> None:
     """Poll ``predicate`` (letting the loop run) until it holds; fail after ``within_s``."""
     deadline = time.monotonic() + within_s
     while not predicate():
@@ -138,7 +138,7 @@ async def test_flush_timer_sends_a_partial_batch_after_the_interval() -> None:
         put_at = time.monotonic()
         for n in range(1, 4):
             buffer.put(item(n))
-        await until(lambda: len(flush.batches) == 1, within_s=5, what="the timer flush")
+        await until(lambda: len(flush.batches) == 1, what="the timer flush")
         signal, ids, flushed_at = flush.batches[0]
     assert (signal, ids) == ("traces", [1, 2, 3])
     # Not before the interval since the batch's first item (the batch opened after the put).
@@ -222,7 +222,7 @@ async def test_finished_flush_frees_buffer_room() -> None:
         await settle()
         assert not room.done()
         flush.release()
-        await asyncio.wait_for(room, 5)
+        await asyncio.wait_for(room, 20)
         await until(lambda: buffer.room == 2)
         flush.release()
         await until(lambda: buffer.room == 4)

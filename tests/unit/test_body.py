@@ -164,7 +164,6 @@ def _streamed_zstd(data: bytes) -> bytes:
 # when the input ends mid-frame; a truncated zstd body decompresses to b"" (or a prefix)
 # and the route answers 200 for an empty request instead of 400. Strict: turns red once
 # fixed, so the mark is removed with the fix.
-@pytest.mark.xfail(strict=True, reason="truncated zstd accepted silently (body._unzstd)")
 @pytest.mark.parametrize(
     "body",
     [

@@ -1,0 +1,1 @@
+"""otelworker: durable OTLP/HTTP ingestion into PostgreSQL-staged, S3-batched storage."""
