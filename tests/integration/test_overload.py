@@ -232,7 +232,8 @@ async def test_rate_limit_lets_the_burst_through_then_429_with_retry_after(
         elapsed = time.monotonic() - started
         codes = [a.status_code for a in answers]
         passed = codes.count(200)
-        assert burst <= passed <= burst + 1, codes  # +1: a refill during the burst
+        # A quick burst sees at most one refill (+1); a very slow machine a few more.
+        assert burst <= passed <= burst + max(1, math.ceil(elapsed * rps)), (codes, elapsed)
         assert set(codes) == {200, 429}
         assert codes[:burst] == [200] * burst
         refused = [a for a in answers if a.status_code == 429] + [garbage, oversized, as_json]
