@@ -36,7 +36,9 @@ class RunningService:
 
 
 @contextlib.asynccontextmanager
-async def running_service(settings: Settings | None = None, **overrides: Any) -> AsyncIterator[RunningService]:
+async def running_service(
+    settings: Settings | None = None, **overrides: Any
+) -> AsyncIterator[RunningService]:
     """Serve ``create_app(settings)`` until the block ends; wait until /readyz answers 200.
 
     Either pass ``settings`` or keyword overrides for :func:`load_settings`.
