@@ -661,7 +661,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--settle",
         type=float,
-        default=30.0,
+        default=20.0,
         help="before each timed run, wait up to this many seconds for the machine to go "
         "quiet (0: do not wait)",
     )

@@ -336,16 +336,42 @@ class AppProcess:
     async def wait_ready_async(self, limit_s: float = 60.0, path: str = "/readyz") -> None:
         await asyncio.to_thread(self.wait_ready, limit_s, path)
 
+    def _tree(self) -> list[Any]:
+        """hypercorn's process and its children (it serves from a spawned worker process)."""
+        import psutil
+
+        if self.proc.poll() is not None:
+            return []  # reaped: the pid may be someone else's now
+        try:
+            parent = psutil.Process(self.proc.pid)
+            return [parent, *parent.children(recursive=True)]
+        except psutil.Error:
+            return []
+
+    def kill(self) -> None:
+        """SIGKILL the whole tree at once. Killing only the parent would orphan hypercorn's
+        worker process, which would go on serving and polling the database."""
+        import psutil
+
+        tree = self._tree()
+        for proc in reversed(tree):
+            with contextlib.suppress(psutil.Error):
+                proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        for proc in tree[1:]:
+            with contextlib.suppress(psutil.Error):
+                proc.wait(10)
+
     def stop(self, timeout: float = 30.0) -> int:
-        """SIGTERM (the service's graceful stop), then SIGKILL after ``timeout``."""
+        """SIGTERM (the service's graceful stop), then SIGKILL to the tree after ``timeout``."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
+                self.kill()
+        if not self._log.closed:
+            self._log.close()
         return self.proc.returncode
 
     def log_lines(self) -> list[str]:

@@ -115,18 +115,20 @@ class Pipeline:
         if self._renewer is not None:
             await supervisor.cancel(self._renewer)
         left = self.buffer.held_ids()
+        try:
+            # Always, even with nothing held: a claim cut off by the poller's cancellation
+            # may have committed rows that never reached the buffer.
+            await self.queue.release(left, self.token)
+        except Exception as exc:
+            log_event(
+                "claims_release_failed",
+                "could not release claims; they return when their lease expires",
+                reason=type(exc).__name__,
+                level=logging.WARNING,
+                items=len(left),
+            )
+            return
         if left:
-            try:
-                await self.queue.release(left, self.token)
-            except Exception as exc:
-                log_event(
-                    "claims_release_failed",
-                    "could not release claims; they return when their lease expires",
-                    reason=type(exc).__name__,
-                    level=logging.WARNING,
-                    items=len(left),
-                )
-                return
             log_event(
                 "claims_released",
                 "unflushed claims released to pending",

@@ -176,7 +176,8 @@ class StagingQueue:
         await self._execute("kill_claimed", list(ids), token, error[:2000])
 
     async def release(self, ids: Sequence[int], token: uuid.UUID) -> None:
-        await self._execute("release_claimed", list(ids), token)
+        """Give back every claim of ``token`` (``ids``, the ones held in memory, included)."""
+        await self._execute("release_claimed", token)
 
     # --- admin ----------------------------------------------------------------------
     async def requeue_dead(self, signal: str | None, limit: int) -> int:

@@ -90,10 +90,12 @@ SET attempts = attempts + 1, status = 'dead', lease_expires_at = NULL,
 WHERE id = ANY($1::bigint[]) AND lease_token = $2 AND status = 'processing';
 
 -- name: release_claimed --
--- Shutdown: unflushed claims go back to pending at once, attempts unchanged.
+-- Shutdown: every row this process still has claimed goes back to pending at once,
+-- attempts unchanged. By token, not by id, so a claim that committed while its query was
+-- being cancelled (its rows never reached the buffer) is released too.
 UPDATE ingestion_queue
 SET status = 'pending', available_at = now(), lease_expires_at = NULL, lease_token = NULL
-WHERE id = ANY($1::bigint[]) AND lease_token = $2 AND status = 'processing';
+WHERE lease_token = $1 AND status = 'processing';
 
 -- name: requeue_dead --
 WITH picked AS (
