@@ -13,6 +13,7 @@ import math
 import random
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from otelworker.exceptions import StagingUnavailable
 from otelworker.logs import log_event
@@ -65,35 +66,77 @@ class TokenBucket:
         return self._tokens
 
 
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A PostgreSQL snapshot (``pg_current_snapshot()``): which transactions it sees."""
+
+    xmin: int
+    xmax: int
+    in_progress: frozenset[int]
+
+    @classmethod
+    def parse(cls, text: str) -> Snapshot:
+        xmin, xmax, xip = text.split(":")
+        return cls(int(xmin), int(xmax), frozenset(int(x) for x in xip.split(",") if x))
+
+    def sees(self, xid: int) -> bool:
+        if xid < self.xmin:
+            return True
+        return xid < self.xmax and xid not in self.in_progress
+
+
+Count = Callable[[], Awaitable[int | tuple[int, str]]]
+
+
 class BacklogTracker:
     """The staged-not-exported item count without a COUNT(*) per request.
 
-    ``value`` is the last counted figure plus the items staged here since. A refresh
-    task recounts every ``refresh_interval_s``. How far the cap can be overshot: by the
-    items other ingress replicas stage within one interval, plus the requests already
-    past the check and waiting on their group commit (at most the concurrent requests).
+    ``value`` is the last counted figure plus the items this process staged that the count
+    did not see. A refresh task recounts every ``refresh_interval_s``. Each local commit is
+    recorded with its transaction id and compared with the snapshot of the count, so a
+    commit that lands while a count runs is counted exactly once, never twice and never
+    not at all.
+
+    How far the cap can be overshot: by the requests already past the check and waiting on
+    their group commit (at most the concurrent requests less one), plus what other ingress
+    replicas stage within one refresh interval.
     """
 
-    def __init__(self, count: Callable[[], Awaitable[int]], refresh_interval_s: float) -> None:
+    def __init__(self, count: Count, refresh_interval_s: float) -> None:
         self._count = count
         self.refresh_interval_s = refresh_interval_s
         self._counted = 0
-        self._since = 0
+        self._recent: list[tuple[int | None, int]] = []  # (xid, items) not in the count
+        self._snapshot: Snapshot | None = None
         self.known = False
 
     @property
     def value(self) -> int:
-        return self._counted + self._since
+        return self._counted + sum(items for _, items in self._recent)
 
-    def add(self, items: int) -> None:
-        self._since += items
+    def add(self, items: int, xid: int | None = None) -> None:
+        if xid is not None and self._snapshot is not None and self._snapshot.sees(xid):
+            return  # the last count already saw this commit
+        self._recent.append((xid, items))
 
     async def refresh(self) -> None:
-        since_before = self._since
-        counted = await self._count()
-        # Items staged while the count ran may or may not be in it; keep them (overcount).
+        before = len(self._recent)
+        result = await self._count()
+        counted, snapshot = (
+            (result[0], Snapshot.parse(result[1])) if isinstance(result, tuple) else (result, None)
+        )
+        kept: list[tuple[int | None, int]] = []
+        for index, (xid, items) in enumerate(self._recent):
+            if xid is not None and snapshot is not None:
+                if not snapshot.sees(xid):
+                    kept.append((xid, items))
+            elif index >= before:
+                # No transaction id to compare: staged while the count ran, maybe not in
+                # it; keep it (overcount rather than undercount).
+                kept.append((xid, items))
         self._counted = counted
-        self._since -= since_before
+        self._recent = kept
+        self._snapshot = snapshot
         self.known = True
 
     async def run(self) -> None:

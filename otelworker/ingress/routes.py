@@ -180,7 +180,7 @@ async def export(request: Request) -> Response:
     started = time.monotonic()
     try:
         async with asyncio.timeout(settings.staging_commit_timeout_s):
-            await service.committer.stage(signal, payload, records)
+            xid = await service.committer.stage(signal, payload, records)
     except (StagingUnavailable, TimeoutError) as exc:
         return answer.error(
             503,
@@ -193,7 +193,7 @@ async def export(request: Request) -> Response:
         )
     service.metrics.stage_duration.observe(time.monotonic() - started)
     if service.backlog is not None:
-        service.backlog.add(1)
+        service.backlog.add(1, xid)
     service.metrics.records_accepted.labels(signal).inc(records)
     service.metrics.request_bytes.labels(signal).inc(len(payload))
     return answer.respond(200, otlp.success(signal, encoding))

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from otelworker.exceptions import StagingUnavailable
 from otelworker.logs import log_event
 
-StageMany = Callable[[list[str], list[bytes], list[int]], Awaitable[None]]
+StageMany = Callable[[list[str], list[bytes], list[int]], Awaitable[int | None]]
 
 
 @dataclass(slots=True)
@@ -26,10 +26,10 @@ class _Entry:
     signal: str
     payload: bytes
     records: int
-    done: asyncio.Future[None]
+    done: asyncio.Future[int | None]
 
 
-def _retrieve(future: asyncio.Future[None]) -> None:
+def _retrieve(future: asyncio.Future[int | None]) -> None:
     # The request may be gone (client disconnect); its outcome is still observed here.
     if not future.cancelled():
         future.exception()
@@ -51,8 +51,9 @@ class GroupCommitter:
     def waiting(self) -> int:
         return len(self._waiting)
 
-    async def stage(self, signal: str, payload: bytes, records: int) -> None:
-        """Return once the payload is committed; raise StagingUnavailable if it was not."""
+    async def stage(self, signal: str, payload: bytes, records: int) -> int | None:
+        """Return once the payload is committed (with the commit's transaction id, where the
+        store gives one); raise StagingUnavailable if it was not."""
         if self._closed:
             raise StagingUnavailable("shutting down")
         entry = _Entry(signal, payload, records, asyncio.get_running_loop().create_future())
@@ -61,7 +62,7 @@ class GroupCommitter:
         self._idle.clear()
         self._wake.set()
         # A client that goes away does not cancel the commit of what it sent.
-        await asyncio.shield(entry.done)
+        return await asyncio.shield(entry.done)
 
     def _take(self) -> list[_Entry]:
         batch: list[_Entry] = []
@@ -93,7 +94,7 @@ class GroupCommitter:
 
     async def _commit(self, batch: list[_Entry]) -> None:
         try:
-            await self._stage_many(
+            xid = await self._stage_many(
                 [e.signal for e in batch], [e.payload for e in batch], [e.records for e in batch]
             )
         except asyncio.CancelledError:
@@ -115,7 +116,7 @@ class GroupCommitter:
         else:
             for entry in batch:
                 if not entry.done.done():
-                    entry.done.set_result(None)
+                    entry.done.set_result(xid)
 
     async def drain(self) -> None:
         """Refuse new payloads and wait until every waiting one is committed or failed."""

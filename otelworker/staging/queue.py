@@ -101,18 +101,20 @@ class StagingQueue:
     # --- ingress ----------------------------------------------------------------
     async def stage_many(
         self, signals: list[str], payloads: list[bytes], record_counts: list[int]
-    ) -> None:
-        """Insert the rows in one transaction and wake idle pollers once."""
+    ) -> int:
+        """Insert the rows in one transaction, wake idle pollers once; return the xid."""
         try:
             async with self.pool.acquire() as conn, conn.transaction():
                 await conn.execute(query("stage_many"), signals, payloads, record_counts)
-                await conn.execute(query("notify_staged"))
+                xid = await conn.fetchval(query("notify_staged"), column=1)
         except DB_ERRORS as exc:
             raise StagingUnavailable(f"stage: {type(exc).__name__}") from exc
+        return int(xid)
 
-    async def backlog(self) -> int:
+    async def backlog(self) -> tuple[int, str]:
+        """Items staged and not exported, with the snapshot the count saw."""
         rows = await self._fetch("backlog")
-        return int(rows[0][0])
+        return int(rows[0][0]), str(rows[0][1])
 
     # --- processing ----------------------------------------------------------------
     async def claim(self, limit: int, lease_s: float, token: uuid.UUID) -> list[Claimed]:

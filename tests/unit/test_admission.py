@@ -13,7 +13,13 @@ import random
 import pytest
 
 from otelworker.exceptions import StagingUnavailable
-from otelworker.ingress.admission import BacklogTracker, OverflowGate, TokenBucket, Verdict
+from otelworker.ingress.admission import (
+    BacklogTracker,
+    OverflowGate,
+    Snapshot,
+    TokenBucket,
+    Verdict,
+)
 from otelworker.settings import OverflowPolicy
 
 
@@ -181,6 +187,48 @@ async def test_backlog_keeps_adds_made_while_the_count_runs() -> None:
     await refreshing
     # Never undercount: the 2 staged during the count are kept on top of it.
     assert tracker.value == 12
+
+
+class SnapshotCounter:
+    """A count source that also reports the snapshot it saw, as the real query does."""
+
+    def __init__(self, value: int, snapshot: str) -> None:
+        self.value = value
+        self.snapshot = snapshot
+        self.gate: asyncio.Event | None = None
+
+    async def __call__(self) -> tuple[int, str]:
+        observed = (self.value, self.snapshot)
+        if self.gate is not None:
+            await self.gate.wait()
+        return observed
+
+
+async def test_backlog_counts_a_commit_landing_during_the_count_exactly_once() -> None:
+    # xid 100 committed before the count; 105 committed during it and the count saw it
+    # (snapshot 101:107 with 106 in progress); 106 committed during it, not seen.
+    counter = SnapshotCounter(10, "101:107:106")
+    counter.gate = asyncio.Event()
+    tracker = BacklogTracker(counter, refresh_interval_s=60)
+    tracker.add(1, xid=100)
+    refreshing = asyncio.create_task(tracker.refresh())
+    await asyncio.sleep(0)
+    tracker.add(1, xid=105)
+    tracker.add(1, xid=106)
+    counter.gate.set()
+    await refreshing
+    assert tracker.value == 11  # 10 counted (100 and 105 in it) + 106
+    # A commit acknowledged after the count was processed but seen by it: not twice.
+    tracker.add(1, xid=104)
+    assert tracker.value == 11
+    tracker.add(1, xid=107)  # after the snapshot: counts at once
+    assert tracker.value == 12
+
+
+def test_snapshot_visibility() -> None:
+    snap = Snapshot.parse("10:20:12,15")
+    assert snap.sees(9) and snap.sees(11) and snap.sees(19)
+    assert not snap.sees(12) and not snap.sees(15) and not snap.sees(20) and not snap.sees(25)
 
 
 async def test_backlog_run_recounts_periodically_and_survives_failures(

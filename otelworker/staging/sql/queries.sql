@@ -26,11 +26,15 @@ INSERT INTO ingestion_queue (signal, payload, record_count)
 SELECT * FROM unnest($1::text[], $2::bytea[], $3::integer[]);
 
 -- name: notify_staged --
-SELECT pg_notify('otelworker_staged', '');
+-- One wake-up per group commit; also returns the transaction id, which the backlog
+-- figure compares with its count's snapshot so a commit is never counted twice.
+SELECT pg_notify('otelworker_staged', ''), pg_current_xact_id()::text;
 
 -- name: backlog --
 -- Items staged and not yet exported: pending, processing and failed (dead rows excluded).
-SELECT count(*) FROM ingestion_queue WHERE status IN ('pending', 'processing', 'failed');
+-- With the snapshot the count saw, so commits made while it ran are told apart.
+SELECT count(*), pg_current_snapshot()::text
+FROM ingestion_queue WHERE status IN ('pending', 'processing', 'failed');
 
 -- name: claim --
 -- Claim up to $1 available rows: pending, failed whose backoff has passed, or
