@@ -45,6 +45,14 @@ class Service:
         self.accepting = False
         self.stopping = False
 
+    async def _stage_many(
+        self, signals: list[str], payloads: list[bytes], record_counts: list[int]
+    ) -> int:
+        assert self.queue is not None
+        xid = await self.queue.stage_many(signals, payloads, record_counts)
+        self.metrics.group_commit_size.observe(len(signals))
+        return xid
+
     def _backlog_value(self) -> float:
         return float(self.backlog.value) if self.backlog is not None else 0.0
 
@@ -88,7 +96,7 @@ class Service:
 
         if s.runs_ingress:
             self.committer = GroupCommitter(
-                self.queue.stage_many,
+                self._stage_many,
                 max_items=s.group_commit_max_items,
                 max_bytes=s.group_commit_max_bytes,
             )

@@ -125,6 +125,7 @@ class Settings(BaseSettings):
     s3_force_path_style: bool = False
     s3_create_bucket: bool = False
     s3_compression: Compression = Compression.GZIP
+    s3_compression_level: int | None = Field(None, ge=1, le=22)
     s3_timeout_s: float = Field(30.0, gt=0.0, le=3600.0)
     local_object_dir: str = "./.otelworker/objects"
 
@@ -157,6 +158,15 @@ class Settings(BaseSettings):
                 f"({self.retry_backoff_initial_ms} > {self.retry_backoff_max_ms})"
             )
         return self
+
+    @property
+    def compression_level(self) -> int:
+        """S3_COMPRESSION_LEVEL, or the fast default: gzip 1, zstd 3."""
+        if self.s3_compression_level is not None:
+            if self.s3_compression is Compression.GZIP:
+                return min(self.s3_compression_level, 9)
+            return self.s3_compression_level
+        return 1 if self.s3_compression is Compression.GZIP else 3
 
     @property
     def dsn(self) -> str | None:

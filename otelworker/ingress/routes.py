@@ -43,11 +43,20 @@ def _encoding(request: Request) -> otlp.Encoding | None:
 class _Answer:
     """Builds a request's responses and counts them."""
 
-    def __init__(self, service: Service, signal: str, encoding: otlp.Encoding, request_id: str):
+    def __init__(self, service: Service, signal: str, encoding: otlp.Encoding, request: Request):
         self.service = service
         self.signal = signal
         self.encoding = encoding
-        self.request_id = request_id
+        self._request = request
+        self._request_id: str | None = None
+
+    @property
+    def request_id(self) -> str:
+        """The client's X-Request-Id, else a fresh one; made only when something is logged."""
+        if self._request_id is None:
+            given = self._request.headers.get("x-request-id", "")
+            self._request_id = given[:64] or uuid.uuid4().hex[:16]
+        return self._request_id
 
     def respond(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> Response:
         self.service.metrics.requests.labels(self.signal, str(status)).inc()
@@ -83,12 +92,11 @@ class _Answer:
 
 
 async def export(request: Request) -> Response:
-    signal = request.url.path.rsplit("/", 1)[-1]
+    signal = request.scope["path"].rsplit("/", 1)[-1]
     service = _service(request)
-    request_id = request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
     encoding = _encoding(request)
     if request.method != "POST":
-        answer = _Answer(service, signal, encoding or otlp.PROTOBUF, request_id)
+        answer = _Answer(service, signal, encoding or otlp.PROTOBUF, request)
         return answer.error(
             405,
             otlp.CODE_UNIMPLEMENTED,
@@ -97,14 +105,14 @@ async def export(request: Request) -> Response:
             headers={"Allow": "POST"},
         )
     if encoding is None:
-        answer = _Answer(service, signal, otlp.PROTOBUF, request_id)
+        answer = _Answer(service, signal, otlp.PROTOBUF, request)
         return answer.error(
             415,
             otlp.CODE_INVALID_ARGUMENT,
             "unsupported Content-Type; use application/x-protobuf or application/json",
             reason="unsupported_media_type",
         )
-    answer = _Answer(service, signal, encoding, request_id)
+    answer = _Answer(service, signal, encoding, request)
     settings = service.settings
 
     # 1. Rate limit, before the body is read.
@@ -168,7 +176,7 @@ async def export(request: Request) -> Response:
             status=202,
             policy=settings.overflow_policy.value,
             records=records,
-            request_id=request_id,
+            request_id=answer.request_id,
         )
         return answer.respond(202, otlp.partial_success(signal, encoding, records, text))
 

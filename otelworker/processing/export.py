@@ -25,11 +25,11 @@ from otelworker.staging.queue import Claimed, Manifest, QueuePort, RetryPolicy
 CONTENT_ENCODING = {Compression.GZIP: "gzip", Compression.ZSTD: "zstd", Compression.NONE: None}
 
 
-def compress(data: bytes, compression: Compression) -> bytes:
+def compress(data: bytes, compression: Compression, level: int | None = None) -> bytes:
     if compression is Compression.GZIP:
-        return gzip.compress(data, compresslevel=6, mtime=0)
+        return gzip.compress(data, compresslevel=level or 1, mtime=0)
     if compression is Compression.ZSTD:
-        return zstandard.ZstdCompressor(level=3).compress(data)
+        return zstandard.ZstdCompressor(level=level or 3).compress(data)
     return data
 
 
@@ -51,7 +51,9 @@ def _ns_to_dt(ns: int) -> datetime:
     return datetime.fromtimestamp(ns / 1e9, UTC)
 
 
-def prepare(signal: str, items: Sequence[Claimed], compression: Compression) -> Prepared:
+def prepare(
+    signal: str, items: Sequence[Claimed], compression: Compression, level: int | None = None
+) -> Prepared:
     """CPU work, run in a thread: isolate undecodable payloads, merge and compress the rest.
 
     Concatenated serialized Export*ServiceRequests are the serialization of the one
@@ -81,7 +83,7 @@ def prepare(signal: str, items: Sequence[Claimed], compression: Compression) -> 
     return Prepared(
         good=good,
         poison=poison,
-        body=compress(raw, compression) if good else b"",
+        body=compress(raw, compression, level) if good else b"",
         raw_bytes=len(raw),
         record_count=records,
         min_time=_ns_to_dt(low) if low is not None else None,
@@ -101,6 +103,7 @@ class Exporter:
         prefix: str,
         compression: Compression,
         retry: RetryPolicy,
+        compression_level: int | None = None,
     ) -> None:
         self.queue = queue
         self.store = store
@@ -108,10 +111,13 @@ class Exporter:
         self.token = token
         self.prefix = prefix
         self.compression = compression
+        self.compression_level = compression_level
         self.retry = retry
 
     async def flush(self, signal: str, items: Sequence[Claimed]) -> None:
-        prepared = await asyncio.to_thread(prepare, signal, items, self.compression)
+        prepared = await asyncio.to_thread(
+            prepare, signal, items, self.compression, self.compression_level
+        )
         if prepared.poison:
             await self._bury(signal, prepared.poison)
         if not prepared.good:

@@ -36,6 +36,7 @@ class Pipeline:
             token=self.token,
             prefix=settings.s3_prefix,
             compression=settings.s3_compression,
+            compression_level=settings.compression_level,
             retry=RetryPolicy(
                 settings.max_attempts,
                 settings.retry_backoff_initial_ms,

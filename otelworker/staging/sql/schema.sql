@@ -14,6 +14,8 @@ CREATE TABLE ingestion_queue (
     last_error       text
 );
 
+ALTER TABLE ingestion_queue ALTER COLUMN payload SET STORAGE EXTERNAL;
+
 CREATE INDEX ingestion_queue_claimable_idx
     ON ingestion_queue (id)
     WHERE status IN ('pending', 'failed', 'processing');
