@@ -74,7 +74,10 @@ class ServiceProcess:
         if self.popen.poll() is None:
             self.popen.send_signal(signal.SIGTERM)
         try:
-            return self.popen.wait(timeout)
+            code = self.popen.wait(timeout)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.popen.pid, signal.SIGKILL)  # nothing may outlive the service
+            return code
         except subprocess.TimeoutExpired:
             self.kill()
             raise TimeoutError(
@@ -84,9 +87,13 @@ class ServiceProcess:
             _live.discard(self)
 
     def kill(self) -> None:
-        """SIGKILL (a crash) and reap; no-op if it has exited."""
-        if self.popen.poll() is None:
-            self.popen.kill()
+        """SIGKILL (a crash) of hypercorn and its worker process, and reap.
+
+        hypercorn serves from a spawned worker process: killing only the parent would
+        leave that worker running under init, still polling its database.
+        """
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
         self.popen.wait()
         _live.discard(self)
 
@@ -129,7 +136,13 @@ def run_service(env: dict[str, str], *, port: int | None = None) -> ServiceProce
     argv = [sys.executable, "-m", "hypercorn", "otelworker.app:app", "--bind", f"127.0.0.1:{port}"]
     with open(workdir / "service.log", "wb") as log:
         popen = subprocess.Popen(
-            argv, env=full_env, cwd=workdir, stdin=subprocess.DEVNULL, stdout=log, stderr=log
+            argv,
+            env=full_env,
+            cwd=workdir,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,  # its own process group: kill() reaches the worker too
         )
     proc = ServiceProcess(popen, port, workdir)
     _live.add(proc)
