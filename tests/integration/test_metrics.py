@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,11 +15,9 @@ import httpx
 import pytest
 from google.protobuf import json_format
 from google.rpc import status_pb2
-from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
-from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support import payloads
 from tests.support.server import RunningService, running_service
 
 pytestmark = pytest.mark.integration
@@ -34,40 +31,15 @@ LOW_CARDINALITY_LABELS = {"signal", "code", "reason", "le"}
 
 
 def traces(spans: int) -> bytes:
-    request = trace_service_pb2.ExportTraceServiceRequest()
-    resource = request.resource_spans.add()
-    resource.resource.attributes.add(key="service.name").value.string_value = "metrics-test"
-    scope = resource.scope_spans.add()
-    now = time.time_ns()
-    for i in range(spans):
-        span = scope.spans.add()
-        span.trace_id = os.urandom(16)
-        span.span_id = os.urandom(8)
-        span.name = f"op-{i}"
-        span.start_time_unix_nano = now
-        span.end_time_unix_nano = now + 1_000
-    return request.SerializeToString()
+    return payloads.traces(spans, "metrics-test").SerializeToString()
 
 
 def metric_points(points: int) -> bytes:
-    request = metrics_service_pb2.ExportMetricsServiceRequest()
-    metric = request.resource_metrics.add().scope_metrics.add().metrics.add()
-    metric.name = "requests.in_flight"
-    for i in range(points):
-        point = metric.gauge.data_points.add()
-        point.time_unix_nano = time.time_ns()
-        point.as_int = i
-    return request.SerializeToString()
+    return payloads.metrics(points, "metrics-test").SerializeToString()
 
 
 def log_records_json(records: int) -> bytes:
-    request = logs_service_pb2.ExportLogsServiceRequest()
-    scope = request.resource_logs.add().scope_logs.add()
-    for i in range(records):
-        record = scope.log_records.add()
-        record.time_unix_nano = time.time_ns()
-        record.body.string_value = f"line {i}"
-    return json_format.MessageToJson(request).encode()
+    return json_format.MessageToJson(payloads.logs(records, "metrics-test")).encode()
 
 
 # --- scraping -------------------------------------------------------------------------

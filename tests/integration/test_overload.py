@@ -34,6 +34,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from otelworker.exceptions import ConfigError
 from otelworker.logs import JSONFormatter
 from otelworker.settings import load_settings
+from tests.support.payloads import logs, metrics, traces
 from tests.support.server import RunningService, running_service
 
 pytestmark = pytest.mark.integration
@@ -46,49 +47,6 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 # --- payloads -------------------------------------------------------------------------
-
-
-def traces(spans: int) -> trace_service_pb2.ExportTraceServiceRequest:
-    request = trace_service_pb2.ExportTraceServiceRequest()
-    resource = request.resource_spans.add()
-    resource.resource.attributes.add(key="service.name").value.string_value = "overload-test"
-    scope = resource.scope_spans.add()
-    now = time.time_ns()
-    for i in range(spans):
-        span = scope.spans.add()
-        span.trace_id = os.urandom(16)
-        span.span_id = os.urandom(8)
-        span.name = f"op-{i}"
-        span.start_time_unix_nano = now
-        span.end_time_unix_nano = now + 1_000_000
-    return request
-
-
-def metrics(points: int) -> metrics_service_pb2.ExportMetricsServiceRequest:
-    request = metrics_service_pb2.ExportMetricsServiceRequest()
-    resource = request.resource_metrics.add()
-    resource.resource.attributes.add(key="service.name").value.string_value = "overload-test"
-    metric = resource.scope_metrics.add().metrics.add()
-    metric.name = "queue.depth"
-    now = time.time_ns()
-    for i in range(points):
-        point = metric.gauge.data_points.add()
-        point.time_unix_nano = now + i
-        point.as_int = i
-    return request
-
-
-def logs(records: int) -> logs_service_pb2.ExportLogsServiceRequest:
-    request = logs_service_pb2.ExportLogsServiceRequest()
-    resource = request.resource_logs.add()
-    resource.resource.attributes.add(key="service.name").value.string_value = "overload-test"
-    scope = resource.scope_logs.add()
-    now = time.time_ns()
-    for i in range(records):
-        record = scope.log_records.add()
-        record.time_unix_nano = now + i
-        record.body.string_value = f"line {i}"
-    return request
 
 
 BUILDERS: dict[str, Callable[[int], Any]] = {"traces": traces, "metrics": metrics, "logs": logs}

@@ -1,0 +1,61 @@
+"""Hand-built OTLP requests for the tests: n records each, fresh ids."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+
+SERVICE = "otelworker-test"
+
+
+def traces(
+    spans: int, service: str = "otelworker-test"
+) -> trace_service_pb2.ExportTraceServiceRequest:
+    request = trace_service_pb2.ExportTraceServiceRequest()
+    resource = request.resource_spans.add()
+    resource.resource.attributes.add(key="service.name").value.string_value = service
+    scope = resource.scope_spans.add()
+    now = time.time_ns()
+    for i in range(spans):
+        span = scope.spans.add()
+        span.trace_id = os.urandom(16)
+        span.span_id = os.urandom(8)
+        span.name = f"op-{i}"
+        span.start_time_unix_nano = now
+        span.end_time_unix_nano = now + 1_000_000
+    return request
+
+
+def metrics(
+    points: int, service: str = "otelworker-test"
+) -> metrics_service_pb2.ExportMetricsServiceRequest:
+    request = metrics_service_pb2.ExportMetricsServiceRequest()
+    resource = request.resource_metrics.add()
+    resource.resource.attributes.add(key="service.name").value.string_value = service
+    metric = resource.scope_metrics.add().metrics.add()
+    metric.name = "queue.depth"
+    now = time.time_ns()
+    for i in range(points):
+        point = metric.gauge.data_points.add()
+        point.time_unix_nano = now + i
+        point.as_int = i
+    return request
+
+
+def logs(
+    records: int, service: str = "otelworker-test"
+) -> logs_service_pb2.ExportLogsServiceRequest:
+    request = logs_service_pb2.ExportLogsServiceRequest()
+    resource = request.resource_logs.add()
+    resource.resource.attributes.add(key="service.name").value.string_value = service
+    scope = resource.scope_logs.add()
+    now = time.time_ns()
+    for i in range(records):
+        record = scope.log_records.add()
+        record.time_unix_nano = now + i
+        record.body.string_value = f"line {i}"
+    return request
