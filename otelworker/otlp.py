@@ -44,7 +44,6 @@ _REJECTED_FIELD = {
 _HEX_KEYS = frozenset(
     {"traceId", "spanId", "parentSpanId", "trace_id", "span_id", "parent_span_id"}
 )
-_METRIC_KINDS = ("gauge", "sum", "histogram", "exponential_histogram", "summary")
 
 
 def decode(signal: str, data: bytes) -> Any:
@@ -195,7 +194,6 @@ CODE_INVALID_ARGUMENT = 3
 CODE_RESOURCE_EXHAUSTED = 8
 CODE_UNIMPLEMENTED = 12
 CODE_UNAVAILABLE = 14
-CODE_INTERNAL = 13
 
 
 def status_body(code: int, message: str, encoding: Encoding) -> bytes:
