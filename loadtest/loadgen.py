@@ -102,7 +102,7 @@ class _Response:
         self.close = close
 
 
-async def _read_response(reader: asyncio.StreamReader) -> _Response:
+async def read_response(reader: asyncio.StreamReader) -> _Response:
     head = await reader.readuntil(b"\r\n\r\n")
     status = int(head[9:12])
     lower = head.lower()
@@ -164,7 +164,7 @@ class _Run:
                     writer.write(request)
                     async with asyncio.timeout(timeout):
                         await writer.drain()
-                        response = await _read_response(reader)
+                        response = await read_response(reader)
                 except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError) as exc:
                     name = type(exc).__name__
                     self.errors[name] = self.errors.get(name, 0) + 1

@@ -26,6 +26,7 @@ from collections import Counter
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from loadtest.loadgen import read_response
 from loadtest.stress_records import SIGNALS, Template
 
 CONTENT_TYPES = {"json": "application/json"}
@@ -79,23 +80,8 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 async def _read_status(reader: asyncio.StreamReader) -> tuple[int, bool]:
-    head = await reader.readuntil(b"\r\n\r\n")
-    status = int(head[9:12])
-    lower = head.lower()
-    close = b"\r\nconnection: close" in lower
-    at = lower.find(b"\r\ncontent-length:")
-    if at >= 0:
-        end = lower.index(b"\r\n", at + 2)
-        length = int(lower[at + 17 : end])
-        if length:
-            await reader.readexactly(length)
-    elif b"\r\ntransfer-encoding: chunked" in lower:
-        while True:
-            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
-            await reader.readexactly(size + 2)
-            if size == 0:
-                break
-    return status, close
+    response = await read_response(reader)
+    return response.status, response.close
 
 
 class Load:

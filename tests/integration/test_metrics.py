@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import gzip
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -18,6 +15,7 @@ from google.rpc import status_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import payloads
+from tests.support.objects import until
 from tests.support.server import RunningService, running_service
 
 pytestmark = pytest.mark.integration
@@ -85,19 +83,6 @@ async def post(
     return await client.post(
         svc.endpoint(signal), content=content, headers=headers or PROTOBUF, timeout=30
     )
-
-
-async def until(predicate: Callable[[], Any], within_s: float = 20.0, what: str = "") -> Any:
-    deadline = time.monotonic() + within_s
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within_s}s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def queue_rows(database_url: str) -> dict[str, int]:

@@ -34,6 +34,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from otelworker.exceptions import ConfigError
 from otelworker.logs import JSONFormatter
 from otelworker.settings import load_settings
+from tests.support.objects import until
 from tests.support.payloads import logs, metrics, traces
 from tests.support.server import RunningService, running_service
 
@@ -141,19 +142,6 @@ def retry_after(response: httpx.Response) -> int:
     seconds = int(value)
     assert seconds >= 1
     return seconds
-
-
-async def until(predicate: Callable[[], Any], within_s: float = 20.0, what: str = "") -> Any:
-    deadline = time.monotonic() + within_s
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within_s}s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 @pytest.fixture

@@ -365,6 +365,11 @@ async def wait_for(
         await asyncio.sleep(interval)
 
 
+async def until(predicate: Callable[[], Any], within_s: float = 20.0, what: str = "") -> Any:
+    """Await ``predicate()`` until it is truthy; return that value."""
+    return await wait_for(predicate, bool, within_s=within_s, interval=0.05, what=what)
+
+
 async def wait_drained(dsn: str, within_s: float = 60.0) -> dict[str, int]:
     """Until no row is pending, processing or failed (dead rows may stay)."""
     return await wait_for(
