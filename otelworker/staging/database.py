@@ -24,6 +24,17 @@ DB_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Pool reset hook: skip asyncpg's reset query on release.
+
+    asyncpg still rolls back an open transaction and drops listeners on release; its
+    default reset query (unlock advisory locks, close cursors, UNLISTEN, RESET ALL) would
+    add a round trip to every group commit, and this code never leaves any of that on a
+    pooled connection: advisory locks are transaction-scoped, cursors live inside
+    transactions, LISTEN runs on a connection of its own and nothing SETs session state.
+    """
+
+
 async def create_pool(
     dsn: str,
     *,
@@ -44,6 +55,7 @@ async def create_pool(
                 timeout=connect_timeout_s,
                 command_timeout=max(connect_timeout_s * 6, 30.0),
                 max_inactive_connection_lifetime=300.0,
+                reset=_keep_session,
             )
             return pool
         except DB_ERRORS as exc:

@@ -13,7 +13,7 @@ import zstandard
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
 from otelworker.metrics import Metrics
-from otelworker.processing.export import Exporter
+from otelworker.processing.export import Exporter, compress
 from otelworker.settings import Compression
 from otelworker.sinks.base import object_key
 from otelworker.sinks.local import LocalObjectStore
@@ -185,3 +185,13 @@ async def test_exporter_writes_under_layout_at_utc_now(
     assert manifest.raw_bytes == sum(len(i.payload) for i in items)
     assert manifest.min_time == datetime(2023, 11, 14, 22, 13, 20, tzinfo=UTC)
     assert manifest.max_time == manifest.min_time + timedelta(milliseconds=500)
+
+
+@pytest.mark.parametrize("level", [None, 1, 3, 4, 9])
+def test_gzip_levels_write_standard_gzip(level: int | None) -> None:
+    # Levels 1-3 go through ISA-L, higher ones through zlib; both are plain gzip to a reader.
+    raw = b"".join(_traces_payload(i.to_bytes(8, "big")) for i in range(1, 200))
+    body = compress(raw, Compression.GZIP, level)
+    assert body[:2] == b"\x1f\x8b"
+    assert gzip.decompress(body) == raw
+    assert len(body) < len(raw) // 2

@@ -496,6 +496,31 @@ def test_time_range_and_service_names() -> None:
     assert otlp.time_range("traces", trace_service_pb2.ExportTraceServiceRequest()) is None
 
 
+def test_time_range_skips_unset_timestamps() -> None:
+    traces = trace_service_pb2.ExportTraceServiceRequest()
+    spans = traces.resource_spans.add().scope_spans.add().spans
+    spans.add(start_time_unix_nano=0, end_time_unix_nano=0)
+    spans.add(start_time_unix_nano=300, end_time_unix_nano=0)  # unfinished: its start ends it
+    spans.add(start_time_unix_nano=200, end_time_unix_nano=250)
+    assert otlp.time_range("traces", traces) == (200, 300)
+
+    logs = logs_service_pb2.ExportLogsServiceRequest()
+    records = logs.resource_logs.add().scope_logs.add().log_records
+    records.add(time_unix_nano=0, observed_time_unix_nano=0)
+    records.add(time_unix_nano=0, observed_time_unix_nano=70)  # observed time stands in
+    records.add(time_unix_nano=50)
+    assert otlp.time_range("logs", logs) == (50, 70)
+
+    metrics = metrics_service_pb2.ExportMetricsServiceRequest()
+    metric = metrics.resource_metrics.add().scope_metrics.add().metrics.add(name="m")
+    metric.gauge.data_points.add(time_unix_nano=9)
+    metric.gauge.data_points.add(time_unix_nano=4)
+    metric.gauge.data_points.add(time_unix_nano=0)
+    metrics.resource_metrics[0].scope_metrics[0].metrics.add(name="empty")
+    assert otlp.time_range("metrics", metrics) == (4, 9)
+    assert otlp.time_range("logs", logs_service_pb2.ExportLogsServiceRequest()) is None
+
+
 # --- responses ----------------------------------------------------------------------------------
 
 

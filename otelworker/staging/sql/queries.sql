@@ -21,13 +21,14 @@ INSERT INTO otelworker_migrations (version, name) VALUES ($1, $2);
 SELECT coalesce(max(version), 0) FROM otelworker_migrations;
 
 -- name: stage_many --
--- One multi-row insert per group commit.
-INSERT INTO ingestion_queue (signal, payload, record_count)
-SELECT * FROM unnest($1::text[], $2::bytea[], $3::integer[]);
-
--- name: notify_staged --
--- One wake-up per group commit; also returns the transaction id, which the backlog
+-- One multi-row insert per group commit, in one statement and so one round trip: its
+-- own transaction, committed before the reply. The statement also sends one wake-up to
+-- idle pollers (delivered at commit) and returns the transaction id, which the backlog
 -- figure compares with its count's snapshot so a commit is never counted twice.
+WITH staged AS (
+    INSERT INTO ingestion_queue (signal, payload, record_count)
+    SELECT * FROM unnest($1::text[], $2::bytea[], $3::integer[])
+)
 SELECT pg_notify('otelworker_staged', ''), pg_current_xact_id()::text;
 
 -- name: backlog --
