@@ -11,14 +11,16 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from otelworker.logs import log_event
 from otelworker.processing.buffer import Buffer
 from otelworker.staging.queue import Claimed
 
-Flush = Callable[[str, Sequence[Claimed]], Awaitable[None]]
+# A flush takes ownership of the batch's list: it may empty it once the payloads are no
+# longer needed, so that they are not kept alive until the flush returns.
+Flush = Callable[[str, list[Claimed]], Awaitable[None]]
 
 
 @dataclass
@@ -85,6 +87,8 @@ class Batcher:
         task.add_done_callback(self.flushing.discard)
 
     async def _run_flush(self, signal: str, items: list[Claimed]) -> None:
+        ids = [item.id for item in items]
+        count = len(ids)
         finished = False
         try:
             await self._flush(signal, items)
@@ -102,11 +106,11 @@ class Batcher:
                 level=logging.ERROR,
                 exc_info=exc,
                 signal=signal,
-                items=len(items),
+                items=count,
             )
         finally:
             if finished:
-                self.buffer.done(item.id for item in items)
+                self.buffer.done(ids)
             self._slots.release()
 
     async def flush_all(self) -> None:

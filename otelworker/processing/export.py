@@ -7,7 +7,7 @@ import gzip
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -43,10 +43,10 @@ def compress(data: bytes, compression: Compression, level: int | None = None) ->
 
 @dataclass(slots=True)
 class Prepared:
-    """A batch's decoded facts and its object body."""
+    """A batch's decoded facts and its object body (no reference to the payloads)."""
 
-    good: list[Claimed]
-    poison: list[tuple[Claimed, str]]
+    good: list[int]
+    poison: list[tuple[int, str]]
     body: bytes
     raw_bytes: int
     record_count: int
@@ -69,7 +69,7 @@ def prepare(
     wire), so the merge is a join of the staged bytes.
     """
     good: list[Claimed] = []
-    poison: list[tuple[Claimed, str]] = []
+    poison: list[tuple[int, str]] = []
     names: set[str] = set()
     low: int | None = None
     high: int | None = None
@@ -78,7 +78,7 @@ def prepare(
         try:
             message = otlp.decode(signal, item.payload)
         except BadPayload as exc:
-            poison.append((item, str(exc)))
+            poison.append((item.id, str(exc)))
             continue
         good.append(item)
         records += item.record_count
@@ -89,7 +89,7 @@ def prepare(
             high = span[1] if high is None else max(high, span[1])
     raw = b"".join(item.payload for item in good)
     return Prepared(
-        good=good,
+        good=[item.id for item in good],
         poison=poison,
         body=compress(raw, compression, level) if good else b"",
         raw_bytes=len(raw),
@@ -112,6 +112,7 @@ class Exporter:
         compression: Compression,
         retry: RetryPolicy,
         compression_level: int | None = None,
+        on_uploaded: Callable[[list[int]], None] | None = None,
     ) -> None:
         self.queue = queue
         self.store = store
@@ -121,8 +122,12 @@ class Exporter:
         self.compression = compression
         self.compression_level = compression_level
         self.retry = retry
+        # Told the ids of a batch whose object is stored (the buffer frees their room).
+        self.on_uploaded = on_uploaded
 
-    async def flush(self, signal: str, items: Sequence[Claimed]) -> None:
+    async def flush(self, signal: str, items: list[Claimed]) -> None:
+        """Flush one batch. Takes ownership of ``items``: the list is emptied once the
+        object is uploaded, so the payloads are not kept while the index commits."""
         prepared = await asyncio.to_thread(
             prepare, signal, items, self.compression, self.compression_level
         )
@@ -130,7 +135,7 @@ class Exporter:
             await self._bury(signal, prepared.poison)
         if not prepared.good:
             return
-        ids = [item.id for item in prepared.good]
+        ids = prepared.good
         batch_id = uuid.uuid4()
         key = object_key(self.prefix, signal, batch_id, datetime.now(UTC), self.compression)
         context: dict[str, Any] = {
@@ -146,6 +151,9 @@ class Exporter:
                 key, prepared.body, "application/x-protobuf", CONTENT_ENCODING[self.compression]
             )
             self.metrics.upload_duration.observe(time.monotonic() - started)
+            items.clear()
+            if self.on_uploaded is not None:
+                self.on_uploaded(ids)
             manifest = Manifest(
                 batch_id=batch_id,
                 signal=signal,
@@ -222,10 +230,10 @@ class Exporter:
                 count=len(dead),
             )
 
-    async def _bury(self, signal: str, poison: list[tuple[Claimed, str]]) -> None:
-        for item, error in poison:
+    async def _bury(self, signal: str, poison: list[tuple[int, str]]) -> None:
+        for item_id, error in poison:
             try:
-                await self.queue.kill([item.id], self.token, error)
+                await self.queue.kill([item_id], self.token, error)
             except StagingUnavailable:
                 continue  # still claimed; retried after its lease
             self.metrics.items_dead.labels(signal, "undecodable").inc()
@@ -235,7 +243,7 @@ class Exporter:
                 reason="undecodable",
                 level=logging.ERROR,
                 signal=signal,
-                item_ids=[item.id],
+                item_ids=[item_id],
                 count=1,
             )
 

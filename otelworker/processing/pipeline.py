@@ -42,6 +42,7 @@ class Pipeline:
                 settings.retry_backoff_initial_ms,
                 settings.retry_backoff_max_ms,
             ),
+            on_uploaded=self.buffer.uploaded,
         )
         self.poller = Poller(
             queue,

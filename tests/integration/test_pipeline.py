@@ -227,7 +227,10 @@ async def test_full_batches_flush_at_once_and_shutdown_flushes_the_open_one(
 async def test_buffer_and_batches_stay_within_their_limits(
     database_url: str, s3_server: Any, s3_bucket: str
 ) -> None:
-    """A backlog larger than the buffer: claims never exceed PROCESSING_QUEUE_MAX_DEPTH."""
+    """A backlog larger than the buffer: payloads held never exceed PROCESSING_QUEUE_MAX_DEPTH.
+
+    An item frees its room once its object is stored and stays claimed until its index
+    commit, so claims may exceed the buffer by at most the batches in flight."""
     await migrate(database_url)
     await stage_rows(
         database_url,
@@ -237,14 +240,21 @@ async def test_buffer_and_batches_stay_within_their_limits(
     async with running_service(
         database_url=database_url,
         **s3_settings(s3_server, s3_bucket),
-        **{**FAST, "processing_queue_max_depth": capacity, "batch_max_size": 4},
+        **{
+            **FAST,
+            "processing_queue_max_depth": capacity,
+            "batch_max_size": 4,
+            "worker_concurrency": 2,
+        },
     ) as svc:
         pipeline = svc.service.pipeline
         assert pipeline is not None
         processing: list[int] = []
+        depths: list[int] = []
 
         async def sample() -> None:
             while True:
+                depths.append(pipeline.buffer.depth)
                 rows = await queue_rows(database_url)
                 processing.append(sum(1 for r in rows if r["status"] == "processing"))
                 await asyncio.sleep(0.01)
@@ -256,8 +266,10 @@ async def test_buffer_and_batches_stay_within_their_limits(
             sampler.cancel()
         exported = await read_exported(database_url, Store(s3=S3Access.of(s3_server, s3_bucket)))
 
-    # A single worker never holds more claims than its buffer.
-    assert processing and max(processing) <= capacity
+    # A single worker never holds more payloads than its buffer, nor more claims than its
+    # buffer plus the batches still committing their index.
+    assert depths and max(depths) <= capacity
+    assert processing and max(processing) <= capacity + 2 * 4
     assert max(processing) > 0
     assert all(r["item_count"] <= 4 for r in exported.manifest)
     assert sum(r["item_count"] for r in exported.manifest) == 200

@@ -145,6 +145,31 @@ async def test_buffer_counts_items_until_their_batch_is_done() -> None:
     assert (buffer.depth, buffer.room) == (0, 3)
 
 
+async def test_uploaded_items_free_room_but_stay_claimed_until_done() -> None:
+    buffer = Buffer(2)
+    buffer.put(item(1))
+    buffer.put(item(2))
+    assert [buffer.get_nowait().id, buffer.get_nowait().id] == [1, 2]  # into a batch
+    waiter = asyncio.create_task(buffer.wait_for_room())
+    await settle()
+    assert not waiter.done()
+
+    # The object holding item 1 is stored: its payload is gone, its claim is not.
+    buffer.uploaded([1, 99])  # unknown ids are ignored
+    await asyncio.wait_for(waiter, 20)
+    assert (buffer.depth, buffer.room) == (1, 1)
+    assert sorted(buffer.held_ids()) == [1, 2]  # still renewed, still released at shutdown
+    buffer.put(item(3))
+    assert buffer.room == 0
+
+    buffer.done([1])  # the index committed
+    assert sorted(buffer.held_ids()) == [2, 3]
+    assert (buffer.depth, buffer.room) == (2, 0)
+    buffer.uploaded([2])
+    buffer.done([2, 3])
+    assert (buffer.depth, buffer.room, buffer.held_ids()) == (0, 2, [])
+
+
 async def test_wait_for_room_blocks_while_full_and_wakes_on_done() -> None:
     buffer = Buffer(2)
     await asyncio.wait_for(buffer.wait_for_room(), 20)  # empty: room at once

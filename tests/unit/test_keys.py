@@ -130,6 +130,7 @@ async def test_exporter_writes_under_layout_at_utc_now(
 ) -> None:
     store = LocalObjectStore(str(tmp_path))
     queue = RecordingQueue()
+    uploaded: list[list[int]] = []
     exporter = Exporter(
         queue,
         store,
@@ -138,11 +139,16 @@ async def test_exporter_writes_under_layout_at_utc_now(
         prefix="otel/",
         compression=compression,
         retry=RetryPolicy(3, 10, 100),
+        on_uploaded=uploaded.append,
     )
     items = [Claimed(i, "traces", _traces_payload(i.to_bytes(8, "big")), 1, 0) for i in range(1, 4)]
+    batch = list(items)
     before = datetime.now(UTC).replace(second=0, microsecond=0)
-    await exporter.flush("traces", items)
+    await exporter.flush("traces", batch)
     after = datetime.now(UTC)
+    # Once the object is stored the flush lets go of the payloads and says which ids.
+    assert batch == []
+    assert uploaded == [[1, 2, 3]]
 
     assert len(queue.manifests) == 1
     manifest = queue.manifests[0]
