@@ -291,6 +291,41 @@ async def test_group_commit_coalesces_concurrent_requests(pool: asyncpg.Pool) ->
         await asyncio.gather(*workers, return_exceptions=True)
 
 
+async def test_a_cancelled_request_is_still_committed(pool: asyncpg.Pool) -> None:
+    """A client that goes away, or a commit timeout, cancels only the request's wait."""
+    queue = StagingQueue(pool)
+    started = asyncio.Event()
+    release = asyncio.Event()
+
+    async def held_stage_many(signals: list[str], payloads: list[bytes], counts: list[int]) -> int:
+        started.set()
+        await release.wait()
+        return await queue.stage_many(signals, payloads, counts)
+
+    committer = GroupCommitter(held_stage_many, max_items=64, max_bytes=1 << 20)
+    worker = asyncio.create_task(committer.run())
+    try:
+        in_flight = asyncio.create_task(committer.stage("logs", b"in-flight", 1))
+        await asyncio.wait_for(started.wait(), 20)  # its commit has begun
+        waiting = asyncio.create_task(committer.stage("logs", b"waiting", 1))
+        kept = asyncio.create_task(committer.stage("logs", b"kept", 1))
+        await asyncio.sleep(0)  # both queued behind the commit in flight
+        in_flight.cancel()
+        waiting.cancel()
+        release.set()
+        assert isinstance(await kept, int)
+        for task in (in_flight, waiting):
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        await asyncio.wait_for(committer.drain(), 20)
+        async with pool.acquire() as conn:
+            rows = await conn.fetch("SELECT payload FROM ingestion_queue")
+        assert sorted(bytes(r[0]) for r in rows) == [b"in-flight", b"kept", b"waiting"]
+    finally:
+        worker.cancel()
+        await asyncio.gather(worker, return_exceptions=True)
+
+
 async def test_group_commit_failure_fails_every_waiting_request(
     database_url: str, tcp_proxy: Any
 ) -> None:
