@@ -88,7 +88,6 @@ class Batcher:
 
     async def _run_flush(self, signal: str, items: list[Claimed]) -> None:
         ids = [item.id for item in items]
-        count = len(ids)
         finished = False
         try:
             await self._flush(signal, items)
@@ -106,7 +105,7 @@ class Batcher:
                 level=logging.ERROR,
                 exc_info=exc,
                 signal=signal,
-                items=count,
+                items=len(ids),
             )
         finally:
             if finished:
