@@ -56,22 +56,43 @@ def decode(signal: str, data: bytes) -> Any:
     return message
 
 
-def _hex_to_base64(node: Any) -> Any:
-    if isinstance(node, dict):
-        out = {}
-        for key, value in node.items():
-            if key in _HEX_KEYS and isinstance(value, str):
-                try:
-                    value = base64.b64encode(bytes.fromhex(value)).decode()
-                except ValueError:
-                    raise BadPayload(f"{key} is not a hex string") from None
-            else:
-                value = _hex_to_base64(value)
-            out[key] = value
-        return out
-    if isinstance(node, list):
-        return [_hex_to_base64(v) for v in node]
-    return node
+# How deep messages may nest: the protobuf runtime's own limit (upb's, as C++ protobuf's),
+# so that whatever the door accepts, the flush decodes again. That is 31 levels of kvlist
+# values in an attribute, or 47 levels of array values.
+MAX_NESTING = 100
+
+
+def _prepare_json(tree: dict[str, Any]) -> None:
+    """Hex ids to base64, in place, and the nesting limit: one walk, no recursion.
+
+    Every JSON object in an OTLP request is a message, so objects nested past
+    :data:`MAX_NESTING` would make a message the protobuf runtime cannot decode; with an
+    array at most between two of them, no valid request nests deeper than twice that.
+    """
+    too_deep = f"JSON nested deeper than {MAX_NESTING} message levels (the protobuf limit)"
+    stack: list[tuple[Any, int, int]] = [(tree, 1, 1)]
+    while stack:
+        node, objects, depth = stack.pop()
+        if objects > MAX_NESTING or depth > 2 * MAX_NESTING:
+            raise BadPayload(too_deep)
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if isinstance(value, str):
+                    if key in _HEX_KEYS:
+                        try:
+                            node[key] = base64.b64encode(bytes.fromhex(value)).decode()
+                        except ValueError:
+                            raise BadPayload(f"{key} is not a hex string") from None
+                elif isinstance(value, dict):
+                    stack.append((value, objects + 1, depth + 1))
+                elif isinstance(value, list):
+                    stack.append((value, objects, depth + 1))
+        else:
+            for value in node:
+                if isinstance(value, dict):
+                    stack.append((value, objects + 1, depth + 1))
+                elif isinstance(value, list):
+                    stack.append((value, objects, depth + 1))
 
 
 def decode_json(signal: str, data: bytes) -> Any:
@@ -82,11 +103,15 @@ def decode_json(signal: str, data: bytes) -> Any:
         raise BadPayload(f"invalid JSON: {exc}") from None
     if not isinstance(tree, dict):
         raise BadPayload("the JSON body must be an object")
+    _prepare_json(tree)
     message = REQUEST_TYPES[signal]()
     try:
-        json_format.ParseDict(_hex_to_base64(tree), message, ignore_unknown_fields=True)
+        json_format.ParseDict(tree, message, ignore_unknown_fields=True)
     except (json_format.ParseError, binascii.Error, ValueError, TypeError) as exc:
         raise BadPayload(f"invalid OTLP/JSON {signal} request: {exc}") from None
+    except RecursionError:
+        # Not expected within MAX_NESTING; a client's input must never cost a 500.
+        raise BadPayload(f"OTLP/JSON {signal} request nested too deeply") from None
     return message
 
 
@@ -200,6 +225,7 @@ def partial_success(signal: str, encoding: Encoding, rejected: int, message: str
 CODE_INVALID_ARGUMENT = 3
 CODE_RESOURCE_EXHAUSTED = 8
 CODE_UNIMPLEMENTED = 12
+CODE_INTERNAL = 13
 CODE_UNAVAILABLE = 14
 
 

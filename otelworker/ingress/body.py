@@ -1,20 +1,31 @@
-"""Reading request bodies in bounded chunks and decompressing them within a limit.
+"""Request bodies: bounded reads, bounded decompression, and the end of a refused body.
 
 Neither the body as received nor the body after decompression may pass
-``MAX_REQUEST_BODY_BYTES``; a gzip bomb is cut off at the limit and never expands in
-memory beyond it.
+``MAX_REQUEST_BODY_BYTES``; a compression bomb is cut off at the limit and never expands
+in memory beyond it, in any codec.
+
+A refusal made before the body is read whole must still leave the connection usable:
+:class:`RefusedBeforeBody` reads (and discards) the rest of a small body before it
+answers, and answers a large one with ``Connection: close`` while it keeps reading for a
+moment, so the client gets a clean end instead of a reset or a stalled keep-alive.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
+import cramjam
 import zstandard
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from otelworker.exceptions import OtelWorkerError
 
 CHUNK = 64 * 1024
+MiB = 1024 * 1024
 
 
 class BodyTooLarge(OtelWorkerError):
@@ -22,10 +33,11 @@ class BodyTooLarge(OtelWorkerError):
 
 
 class BadEncoding(OtelWorkerError):
-    """The Content-Encoding is unknown or the compressed stream is corrupt."""
+    """The compressed stream is corrupt or truncated."""
 
 
-ENCODINGS = ("identity", "gzip", "zstd")
+class UnsupportedEncoding(OtelWorkerError):
+    """The Content-Encoding names a coding this service does not decode (415)."""
 
 
 async def read_limited(stream: AsyncIterator[bytes], limit: int, declared: int | None) -> bytes:
@@ -42,29 +54,63 @@ async def read_limited(stream: AsyncIterator[bytes], limit: int, declared: int |
     return b"".join(parts)
 
 
-def _gunzip(data: bytes, limit: int) -> bytes:
+# --- codecs ---------------------------------------------------------------------------------
+
+
+def _too_large(limit: int) -> BodyTooLarge:
+    return BodyTooLarge(f"decompressed body exceeds the limit of {limit} bytes")
+
+
+def _inflate(data: bytes, limit: int, wbits: int, name: str) -> bytes:
+    """zlib's inflate in bounded steps; gzip (``wbits=31``) may hold several members."""
     out: list[bytes] = []
     size = 0
     pending = data
     while pending:
-        inflater = zlib.decompressobj(wbits=31)
+        inflater = zlib.decompressobj(wbits=wbits)
         while True:
             try:
                 piece = inflater.decompress(pending, limit + 1 - size)
             except zlib.error as exc:
-                raise BadEncoding(f"corrupt gzip stream: {exc}") from None
+                raise BadEncoding(f"corrupt {name} stream: {exc}") from None
             size += len(piece)
             if size > limit:
-                raise BodyTooLarge(f"decompressed body exceeds the limit of {limit} bytes")
+                raise _too_large(limit)
             out.append(piece)
             pending = inflater.unconsumed_tail
             if inflater.eof or not pending:
                 break
         if not inflater.eof:
-            raise BadEncoding("truncated gzip stream")
+            raise BadEncoding(f"truncated {name} stream")
+        if wbits != 31:
+            if inflater.unused_data:
+                raise BadEncoding(f"trailing bytes after the {name} stream")
+            break
         # A gzip file may hold several members back to back.
         pending = inflater.unused_data
     return b"".join(out)
+
+
+def _gunzip(data: bytes, limit: int) -> bytes:
+    return _inflate(data, limit, 31, "gzip")
+
+
+def _is_zlib_header(data: bytes) -> bool:
+    """RFC 1950: CM 8 (deflate), a window of at most 32 KiB, and the header check bits."""
+    return (
+        len(data) >= 2
+        and data[0] & 0x0F == 8
+        and data[0] >> 4 <= 7
+        and ((data[0] << 8) | data[1]) % 31 == 0
+    )
+
+
+def _deflate(data: bytes, limit: int) -> bytes:
+    """``deflate`` and ``zlib``: zlib-wrapped (RFC 9110 §8.4.1.2), or raw deflate, which
+    some clients send under either name; the zlib header tells them apart."""
+    if _is_zlib_header(data):
+        return _inflate(data, limit, 15, "deflate")
+    return _inflate(data, limit, -15, "deflate")
 
 
 def _unzstd(data: bytes, limit: int) -> bytes:
@@ -76,7 +122,7 @@ def _unzstd(data: bytes, limit: int) -> bytes:
         while piece := reader.read(CHUNK):
             size += len(piece)
             if size > limit:
-                raise BodyTooLarge(f"decompressed body exceeds the limit of {limit} bytes")
+                raise _too_large(limit)
         # Pass 2: the output fits; decompress frame by frame and insist that each one ends
         # (a stream reader returns a truncated frame's prefix without complaint).
         out: list[bytes] = []
@@ -92,14 +138,205 @@ def _unzstd(data: bytes, limit: int) -> bytes:
     return b"".join(out)
 
 
-def decompress(data: bytes, content_encoding: str, limit: int) -> bytes:
-    encoding = content_encoding.strip().lower()
-    if encoding in ("", "identity"):
-        return data
-    if encoding in ("gzip", "x-gzip"):
-        return _gunzip(data, limit)
-    if encoding == "zstd":
-        return _unzstd(data, limit)
-    raise BadEncoding(
-        f"unsupported Content-Encoding {content_encoding!r}; use gzip, zstd or identity"
-    )
+# cramjam's one-shot decoders write into a buffer we size; a full one says so in this text
+# (Rust's io::ErrorKind::WriteZero; a truncated input is "failed to fill whole buffer").
+_FULL_BUFFER = "failed to write whole buffer"
+
+
+def _into_bounded(
+    decode: Callable[[bytes, bytearray], int], data: bytes, limit: int, name: str
+) -> bytes:
+    """Decode into a buffer that grows 4x from a guess, never past ``limit + 1`` bytes.
+
+    The memory of a bomb stays within the limit; the work stays within a few passes over
+    at most the limit's worth of output.
+    """
+    size = min(limit + 1, max(CHUNK, 8 * len(data)))
+    while True:
+        buffer = bytearray(size)
+        try:
+            written = decode(data, buffer)
+        except (cramjam.DecompressionError, OSError) as exc:
+            if _FULL_BUFFER not in str(exc):
+                raise BadEncoding(f"corrupt {name} stream: {exc}") from None
+            if size > limit:
+                raise _too_large(limit) from None
+            size = min(limit + 1, size * 4)
+            continue
+        if written > limit:
+            raise _too_large(limit)
+        return bytes(memoryview(buffer)[:written])
+
+
+_SNAPPY_FRAMED_MAGIC = b"\xff\x06\x00\x00sNaPpY"
+
+
+def _snappy_block_length(data: bytes) -> int:
+    """The uncompressed length a snappy block declares in its leading varint."""
+    length = 0
+    for i, byte in enumerate(data[:5]):
+        length |= (byte & 0x7F) << (7 * i)
+        if not byte & 0x80:
+            return length
+    raise BadEncoding("corrupt snappy block: bad length header")
+
+
+def _snappy_block(data: bytes, limit: int) -> bytes:
+    """The block format declares its length up front: a bomb is refused before any work."""
+    if not data:
+        return b""
+    length = _snappy_block_length(data)
+    if length > limit:
+        raise _too_large(limit)
+    buffer = bytearray(length)
+    try:
+        written = cramjam.snappy.decompress_raw_into(data, buffer)
+    except (cramjam.DecompressionError, OSError) as exc:
+        raise BadEncoding(f"corrupt snappy block: {exc}") from None
+    if written != length:
+        raise BadEncoding("corrupt snappy block: shorter than its declared length")
+    return bytes(buffer)
+
+
+def _snappy_framed(data: bytes, limit: int) -> bytes:
+    if not data:
+        return b""
+    if not data.startswith(_SNAPPY_FRAMED_MAGIC):
+        raise BadEncoding("corrupt snappy stream: no x-snappy-framed stream identifier")
+    return _into_bounded(cramjam.snappy.decompress_into, data, limit, "snappy")
+
+
+def _snappy(data: bytes, limit: int) -> bytes:
+    """The block format the Collector sends; a framed stream is told by its identifier."""
+    if data.startswith(_SNAPPY_FRAMED_MAGIC):
+        return _snappy_framed(data, limit)
+    return _snappy_block(data, limit)
+
+
+def _lz4(data: bytes, limit: int) -> bytes:
+    return _into_bounded(cramjam.lz4.decompress_into, data, limit, "lz4")
+
+
+Decoder = Callable[[bytes, int], bytes]
+
+# Content-Encoding names (case-insensitive) and their decoders; `identity` decodes nothing.
+DECODERS: dict[str, Decoder] = {
+    "gzip": _gunzip,
+    "x-gzip": _gunzip,
+    "zstd": _unzstd,
+    "deflate": _deflate,
+    "zlib": _deflate,
+    "snappy": _snappy,
+    "x-snappy-framed": _snappy_framed,
+    "lz4": _lz4,
+}
+SUPPORTED = ("identity", *DECODERS)
+# More codings than this in one header is no client's real need, only a cost.
+MAX_CODINGS = 4
+
+
+def codings(content_encoding: str) -> list[Decoder]:
+    """The decoders to undo ``Content-Encoding``, in order: the last coding applied first.
+
+    RFC 9110 §8.4: the header lists the codings in the order they were applied, so they
+    come off in reverse. ``identity`` (and empty list members) are no coding. An unknown
+    coding raises :class:`UnsupportedEncoding` (415), naming what is supported.
+    """
+    names = [n.strip().lower() for n in content_encoding.split(",")]
+    names = [n for n in names if n and n != "identity"]
+    unknown = [n for n in names if n not in DECODERS]
+    if unknown:
+        raise UnsupportedEncoding(
+            f"unsupported Content-Encoding {unknown[0][:40]!r}; supported: {', '.join(SUPPORTED)}"
+        )
+    if len(names) > MAX_CODINGS:
+        raise UnsupportedEncoding(
+            f"Content-Encoding lists {len(names)} codings; at most {MAX_CODINGS} are decoded"
+        )
+    return [DECODERS[n] for n in reversed(names)]
+
+
+def decompress(data: bytes, content_encoding: str | list[Decoder], limit: int) -> bytes:
+    """Undo every coding of ``Content-Encoding`` (a header value, or :func:`codings`)."""
+    decoders = codings(content_encoding) if isinstance(content_encoding, str) else content_encoding
+    for decode in decoders:
+        data = decode(data, limit)
+    return data
+
+
+# --- refusals before the body is read -----------------------------------------------------
+
+# Reading and dropping up to this much of a refused body is cheaper than the client's new
+# connection (a TCP and often a TLS handshake); beyond it, or a body slower than the
+# deadline, the answer closes the connection instead.
+DRAIN_MAX_BYTES = 1 * MiB
+DRAIN_DEADLINE_S = 5.0
+# After `Connection: close`, the body is still read (and dropped) this long, so that the
+# close does not reset a client still sending (a "lingering close", as nginx does).
+LINGER_S = 2.0
+
+
+class RefusedBeforeBody(Response):
+    """An ASGI answer for a refusal made before the request body was read whole.
+
+    ``close=False``: drain the rest of the body (at most :data:`DRAIN_MAX_BYTES` and
+    :data:`DRAIN_DEADLINE_S`), then answer with the connection kept alive. A body larger
+    or slower than that, a declared Content-Length over the drain bound, or ``close=True``
+    (a 413 by size, a 503 while stopping): answer at once with ``Connection: close``, then
+    keep reading for at most :data:`LINGER_S` before the server closes. Either way the
+    next request on the connection is never stalled behind an unread body.
+    """
+
+    def __init__(
+        self, response: Response, *, declared: int | None, limit: int, close: bool = False
+    ) -> None:
+        self.status_code = response.status_code
+        self.body = response.body
+        self.raw_headers = response.raw_headers
+        self.background = None
+        self.limit = limit
+        self.drain_max = min(limit, DRAIN_MAX_BYTES)
+        self.close = close or (declared is not None and declared > self.drain_max)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        ended = False
+        if not self.close:
+            ended = await _discard_body(receive, self.drain_max, DRAIN_DEADLINE_S)
+            self.close = not ended
+        # HTTP/2 and later end a stream by themselves; `Connection` is not allowed there.
+        if self.close and scope.get("http_version", "1.1") in ("1.0", "1.1"):
+            self.headers["connection"] = "close"
+        await send(
+            {
+                "type": "http.response.start",
+                "status": self.status_code,
+                "headers": self.raw_headers,
+            }
+        )
+        await send({"type": "http.response.body", "body": self.body, "more_body": not ended})
+        if not ended:
+            # The client has the whole answer (Content-Length); read on briefly, then end.
+            await _discard_body(receive, self.limit, LINGER_S)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _discard_body(receive: Receive, max_bytes: int, deadline_s: float) -> bool:
+    """Read and drop the body; True when it ended (or the client left) within the bounds."""
+    seen = 0
+    stop_at = time.monotonic() + deadline_s
+    while True:
+        remaining = stop_at - time.monotonic()
+        if remaining <= 0:
+            return False
+        try:
+            async with asyncio.timeout(remaining):
+                message = await receive()
+        except TimeoutError:
+            return False
+        if message["type"] == "http.disconnect":
+            return True
+        seen += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return True
+        if seen > max_bytes:
+            return False

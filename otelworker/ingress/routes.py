@@ -1,26 +1,39 @@
 """The OTLP/HTTP endpoints (POST /v1/traces, /v1/metrics, /v1/logs) and the probes.
 
-Order of work per request, cheapest refusal first: content type, rate limit (before the
-body is read), staging saturation (before it is decompressed and decoded), body size,
-decompression, decoding, then the group commit. A 200 is sent only after the commit.
+Order of work per request, cheapest refusal first: content type and encoding, rate limit
+(before the body is read), staging saturation (before it is decompressed and decoded),
+body size, decompression, decoding, then the group commit. A 200 is sent only after the
+commit. A refusal made before the body is read whole is answered through
+:class:`~otelworker.ingress.body.RefusedBeforeBody`, which keeps the connection usable.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from otelworker import otlp
 from otelworker.exceptions import BadPayload, StagingUnavailable
 from otelworker.ingress.admission import Verdict
-from otelworker.ingress.body import BadEncoding, BodyTooLarge, decompress, read_limited
+from otelworker.ingress.body import (
+    BadEncoding,
+    BodyTooLarge,
+    RefusedBeforeBody,
+    UnsupportedEncoding,
+    codings,
+    decompress,
+    read_limited,
+)
+from otelworker.logs import log_event
 from otelworker.service import Service
 
 SHED_MESSAGE = "staging queue saturated; records shed by overflow policy {policy} (not stored)"
@@ -91,71 +104,145 @@ class _Answer:
         return self.respond(status, otlp.status_body(code, message, self.encoding), headers)
 
 
+def _declared_length(request: Request) -> int | None:
+    declared = request.headers.get("content-length")
+    return int(declared) if declared and declared.isdigit() else None
+
+
+class _NoAnswer(Response):
+    """For a client that went away: nothing to send (the server ends the stream)."""
+
+    def __init__(self) -> None:
+        super().__init__(b"")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        return None
+
+
 async def export(request: Request) -> Response:
     signal = request.scope["path"].rsplit("/", 1)[-1]
     service = _service(request)
+    try:
+        return await _export(request, signal, service)
+    except ClientDisconnect:
+        # The client went away while its body was being read: nothing staged, no answer.
+        service.metrics.requests_refused.labels(signal, "client_disconnected").inc()
+        service.events.emit(
+            "client_disconnected",
+            "client_disconnected",
+            "client closed the connection before its request body was read whole",
+            signal=signal,
+        )
+        return _NoAnswer()
+    except Exception as exc:
+        # A bug of ours, never the client's: one event with the traceback, a Status body.
+        encoding = _encoding(request) or otlp.PROTOBUF
+        log_event(
+            "internal_error",
+            "unexpected error while handling an export request",
+            reason=type(exc).__name__,
+            level=logging.ERROR,
+            exc_info=exc,
+            signal=signal,
+        )
+        service.metrics.requests.labels(signal, "500").inc()
+        return Response(
+            otlp.status_body(otlp.CODE_INTERNAL, "internal error; retry later", encoding),
+            500,
+            media_type=encoding.content_type,
+        )
+
+
+async def _export(request: Request, signal: str, service: Service) -> Response:
     encoding = _encoding(request)
+    settings = service.settings
+    limit = settings.max_request_body_bytes
+    declared = _declared_length(request)
+
+    def before_body(response: Response, *, close: bool = False) -> Response:
+        return RefusedBeforeBody(response, declared=declared, limit=limit, close=close)
+
     if request.method != "POST":
         answer = _Answer(service, signal, encoding or otlp.PROTOBUF, request)
-        return answer.error(
-            405,
-            otlp.CODE_UNIMPLEMENTED,
-            f"method {request.method} not allowed; OTLP/HTTP uses POST",
-            reason="method_not_allowed",
-            headers={"Allow": "POST"},
+        return before_body(
+            answer.error(
+                405,
+                otlp.CODE_UNIMPLEMENTED,
+                f"method {request.method} not allowed; OTLP/HTTP uses POST",
+                reason="method_not_allowed",
+                headers={"Allow": "POST"},
+            )
         )
     if encoding is None:
         answer = _Answer(service, signal, otlp.PROTOBUF, request)
-        return answer.error(
-            415,
-            otlp.CODE_INVALID_ARGUMENT,
-            "unsupported Content-Type; use application/x-protobuf or application/json",
-            reason="unsupported_media_type",
+        return before_body(
+            answer.error(
+                415,
+                otlp.CODE_INVALID_ARGUMENT,
+                "unsupported Content-Type; use application/x-protobuf or application/json",
+                reason="unsupported_media_type",
+            )
         )
     answer = _Answer(service, signal, encoding, request)
-    settings = service.settings
+    try:
+        decoders = codings(request.headers.get("content-encoding", ""))
+    except UnsupportedEncoding as exc:
+        return before_body(
+            answer.error(415, otlp.CODE_INVALID_ARGUMENT, str(exc), reason="unsupported_encoding")
+        )
 
     # 1. Rate limit, before the body is read.
     limiter = service.limiter
     if limiter is not None and not limiter.try_acquire():
-        return answer.error(
-            429,
-            otlp.CODE_RESOURCE_EXHAUSTED,
-            "rate limit exceeded; retry after the Retry-After delay",
-            reason="rate_limited",
-            headers={"Retry-After": str(limiter.retry_after())},
-            event=("rate_limited", "limit_exceeded"),
+        return before_body(
+            answer.error(
+                429,
+                otlp.CODE_RESOURCE_EXHAUSTED,
+                "rate limit exceeded; retry after the Retry-After delay",
+                reason="rate_limited",
+                headers={"Retry-After": str(limiter.retry_after())},
+                event=("rate_limited", "limit_exceeded"),
+            )
         )
     if not service.accepting or service.committer is None or service.gate is None:
-        return answer.error(
-            503,
-            otlp.CODE_UNAVAILABLE,
-            "service is shutting down or not ready",
-            reason="unavailable",
-            headers={"Retry-After": str(settings.unavailable_retry_after_s)},
+        # Stopping or not ready: the client had better reconnect (to another replica).
+        return before_body(
+            answer.error(
+                503,
+                otlp.CODE_UNAVAILABLE,
+                "service is shutting down or not ready",
+                reason="unavailable",
+                headers={"Retry-After": str(settings.unavailable_retry_after_s)},
+            ),
+            close=True,
         )
 
     # 2. Staging saturation, before the body is decompressed and decoded.
     verdict = service.gate.decide()
     if verdict is Verdict.REJECT:
-        return answer.error(
-            429,
-            otlp.CODE_RESOURCE_EXHAUSTED,
-            "staging queue saturated; retry after the Retry-After delay",
-            reason="queue_full_reject",
-            headers={"Retry-After": str(settings.saturated_retry_after_s)},
-            event=("queue_saturated", "queue_full_reject"),
-            backlog=service.gate.backlog.value,
+        return before_body(
+            answer.error(
+                429,
+                otlp.CODE_RESOURCE_EXHAUSTED,
+                "staging queue saturated; retry after the Retry-After delay",
+                reason="queue_full_reject",
+                headers={"Retry-After": str(settings.saturated_retry_after_s)},
+                event=("queue_saturated", "queue_full_reject"),
+                backlog=service.gate.backlog.value,
+            )
         )
 
     # 3. Body: bounded read, bounded decompression, decode.
-    limit = settings.max_request_body_bytes
-    declared = request.headers.get("content-length")
     try:
-        raw = await read_limited(
-            request.stream(), limit, int(declared) if declared and declared.isdigit() else None
+        raw = await read_limited(request.stream(), limit, declared)
+    except BodyTooLarge as exc:
+        # Refused by its declared or its counted size: not worth reading on.
+        return before_body(
+            answer.error(413, otlp.CODE_INVALID_ARGUMENT, str(exc), reason="too_large"),
+            close=True,
         )
-        data = decompress(raw, request.headers.get("content-encoding", ""), limit)
+    try:
+        data = decompress(raw, decoders, limit)
         message = otlp.decode_json(signal, data) if encoding.json else otlp.decode(signal, data)
     except BodyTooLarge as exc:
         return answer.error(413, otlp.CODE_INVALID_ARGUMENT, str(exc), reason="too_large")

@@ -1,0 +1,497 @@
+"""Hostile and broken clients: deep nesting, early refusals on kept-alive connections,
+clients that leave mid-body. None of them may cost a 500, a stalled connection, a reset or
+a traceback; nothing already accepted may be lost.
+
+The connection tests speak raw HTTP/1.1 over one socket, so that "the same connection" is
+exactly that, and a body can be sent in as many separate writes as a JS exporter would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import logging
+import socket
+import zlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import cramjam
+import httpx
+import pytest
+import zstandard
+from google.protobuf import json_format
+from google.rpc import status_pb2
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+
+from otelworker import otlp
+from tests.support import payloads
+from tests.support.server import RunningService, running_service
+
+pytestmark = pytest.mark.integration
+
+PROTOBUF = "application/x-protobuf"
+JSON = "application/json"
+LIMIT = 256 * 1024
+PROMPT_S = 3.0  # an answer later than this is a stall
+CODECS = {
+    "gzip": gzip.compress,
+    "zstd": lambda b: zstandard.ZstdCompressor().compress(b),
+    "deflate": zlib.compress,
+    "zlib": zlib.compress,
+    "snappy": lambda b: bytes(cramjam.snappy.compress_raw(b)),
+    "x-snappy-framed": lambda b: bytes(cramjam.snappy.compress(b)),
+    "lz4": lambda b: bytes(cramjam.lz4.compress(b)),
+}
+
+
+# --- a raw HTTP/1.1 connection --------------------------------------------------------------
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+class Connection:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def open(cls, svc: RunningService) -> Connection:
+        reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
+        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return cls(reader, writer)
+
+    async def send_head(self, path: str, headers: dict[str, str], method: str = "POST") -> None:
+        lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1"]
+        lines += [f"{k}: {v}" for k, v in headers.items()]
+        self.writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+        await self.writer.drain()
+
+    async def send_chunks(self, body: bytes, writes: int, *, end: bool = True) -> None:
+        """The body as ``writes`` chunks, each in its own write (and TCP segment)."""
+        size = max(1, -(-len(body) // writes))
+        for i in range(0, len(body), size):
+            piece = body[i : i + size]
+            self.writer.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+            await self.writer.drain()
+            await asyncio.sleep(0.002)  # pacing, so the writes are separate segments
+        if end:
+            self.writer.write(b"0\r\n\r\n")
+            await self.writer.drain()
+
+    async def read_answer(self) -> Answer:
+        async with asyncio.timeout(PROMPT_S):
+            head = await self.reader.readuntil(b"\r\n\r\n")
+            status_line, *header_lines = head.decode("latin-1").split("\r\n")
+            headers = {}
+            for line in header_lines:
+                if line:
+                    key, _, value = line.partition(":")
+                    headers[key.strip().lower()] = value.strip()
+            body = await self.reader.readexactly(int(headers.get("content-length", "0")))
+        return Answer(int(status_line.split()[1]), headers, body)
+
+    async def request(self, path: str, body: bytes, headers: dict[str, str]) -> Answer:
+        await self.send_head(path, {**headers, "Content-Length": str(len(body))})
+        self.writer.write(body)
+        await self.writer.drain()
+        return await self.read_answer()
+
+    async def closed_cleanly(self) -> bool:
+        """True when the server ends the connection with a FIN (EOF), not a reset."""
+        try:
+            async with asyncio.timeout(PROMPT_S):
+                return await self.reader.read(65536) == b""
+        except ConnectionResetError:
+            return False
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def valid_trace() -> bytes:
+    return payloads.traces(2).SerializeToString()
+
+
+async def valid_request_is_answered(conn: Connection, expect: int = 200) -> None:
+    answer = await conn.request("/v1/traces", valid_trace(), {"Content-Type": PROTOBUF})
+    assert answer.status == expect, answer
+
+
+def rpc_status(answer: Answer) -> Any:
+    if answer.headers.get("content-type", "").startswith(JSON):
+        return json_format.Parse(answer.body, status_pb2.Status())
+    return status_pb2.Status.FromString(answer.body)
+
+
+async def staged_rows(dsn: str) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return list(await conn.fetch("SELECT signal, payload, record_count FROM ingestion_queue"))
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def svc(database_url: str) -> AsyncIterator[RunningService]:
+    async with running_service(
+        database_url=database_url,
+        role="ingress",
+        max_request_body_bytes=LIMIT,
+        log_aggregation_window_s=0,
+    ) as running:
+        yield running
+
+
+# --- deep nesting ---------------------------------------------------------------------------
+
+
+def nested_arrays(depth: int) -> bytes:
+    return b'{"x":' + b"[" * depth + b"]" * depth + b"}"
+
+
+def nested_objects(depth: int) -> bytes:
+    return b'{"x":' * depth + b"{}" + b"}" * depth
+
+
+def kvlist_json(depth: int) -> bytes:
+    value = '{"stringValue": "leaf"}'
+    for _ in range(depth):
+        value = '{"kvlistValue": {"values": [{"key": "k", "value": ' + value + "}]}}"
+    return _span_with_attribute_json(value)
+
+
+def array_json(depth: int) -> bytes:
+    value = '{"intValue": "1"}'
+    for _ in range(depth):
+        value = '{"arrayValue": {"values": [' + value + "]}}"
+    return _span_with_attribute_json(value)
+
+
+def _span_with_attribute_json(value: str) -> bytes:
+    span = (
+        '{"traceId": "0102030405060708090a0b0c0d0e0f10", "spanId": "0102030405060708",'
+        ' "name": "deep", "startTimeUnixNano": "1700000000000000000",'
+        ' "attributes": [{"key": "a", "value": ' + value + "}]}"
+    )
+    return ('{"resourceSpans": [{"scopeSpans": [{"spans": [' + span + "]}]}]}").encode()
+
+
+def kvlist_protobuf(depth: int) -> bytes:
+    request = payloads.traces(1)
+    value = request.resource_spans[0].scope_spans[0].spans[0].attributes.add(key="a").value
+    for _ in range(depth):
+        value = value.kvlist_value.values.add(key="k").value
+    value.string_value = "leaf"
+    return request.SerializeToString()
+
+
+# The deepest accepted trees: MAX_NESTING (100) message levels; a span's attribute value is
+# at level 6, a kvlist level adds 3 (KeyValueList, KeyValue, AnyValue), an array level 2.
+DEEPEST_KVLIST = (otlp.MAX_NESTING - 6) // 3
+DEEPEST_ARRAY = (otlp.MAX_NESTING - 6) // 2
+
+
+@pytest.mark.parametrize(
+    ("case", "body"),
+    [
+        ("arrays-486", nested_arrays(486)),  # the reported 500
+        ("arrays-1000", nested_arrays(1000)),
+        ("arrays-1024", nested_arrays(1024)),  # past orjson's own limit
+        ("arrays-5000", nested_arrays(5000)),
+        ("objects-101", nested_objects(otlp.MAX_NESTING)),
+        ("objects-970", nested_objects(970)),
+        ("kvlist-too-deep", kvlist_json(DEEPEST_KVLIST + 1)),
+        ("kvlist-250", kvlist_json(250)),
+        ("array-too-deep", array_json(DEEPEST_ARRAY + 1)),
+        ("array-300", array_json(300)),
+    ],
+)
+async def test_json_nested_past_the_limit_is_400_with_a_status(
+    svc: RunningService, database_url: str, case: str, body: bytes
+) -> None:
+    async with httpx.AsyncClient(timeout=10) as client:
+        response = await client.post(
+            svc.endpoint("traces"), content=body, headers={"content-type": JSON}
+        )
+    assert response.status_code == 400, (case, response.text[:200])
+    status = json_format.Parse(response.content, status_pb2.Status())
+    assert status.code == otlp.CODE_INVALID_ARGUMENT
+    assert "nest" in status.message or "JSON" in status.message, status.message
+    assert await staged_rows(database_url) == []
+
+
+@pytest.mark.parametrize(
+    ("case", "body"),
+    [
+        ("kvlist-deepest", kvlist_json(DEEPEST_KVLIST)),
+        ("array-deepest", array_json(DEEPEST_ARRAY)),
+        ("kvlist-10", kvlist_json(10)),
+    ],
+)
+async def test_json_nested_within_the_limit_is_staged_and_decodes_again(
+    svc: RunningService, database_url: str, case: str, body: bytes
+) -> None:
+    async with httpx.AsyncClient(timeout=10) as client:
+        response = await client.post(
+            svc.endpoint("traces"), content=body, headers={"content-type": JSON}
+        )
+    assert response.status_code == 200, (case, response.text[:200])
+    [row] = await staged_rows(database_url)
+    # What the door accepts, the flush decodes: the staged bytes parse again.
+    staged = trace_service_pb2.ExportTraceServiceRequest.FromString(row["payload"])
+    assert row["record_count"] == 1
+    assert staged.resource_spans[0].scope_spans[0].spans[0].name == "deep"
+
+
+@pytest.mark.parametrize("depth", [DEEPEST_KVLIST + 1, 300, 5000])
+async def test_protobuf_nested_past_the_runtime_limit_is_400(
+    svc: RunningService, database_url: str, depth: int
+) -> None:
+    async with httpx.AsyncClient(timeout=10) as client:
+        response = await client.post(
+            svc.endpoint("traces"),
+            content=kvlist_protobuf(depth),
+            headers={"content-type": PROTOBUF},
+        )
+        assert response.status_code == 400
+        assert status_pb2.Status.FromString(response.content).code == otlp.CODE_INVALID_ARGUMENT
+        deepest = await client.post(
+            svc.endpoint("traces"),
+            content=kvlist_protobuf(DEEPEST_KVLIST),
+            headers={"content-type": PROTOBUF},
+        )
+        assert deepest.status_code == 200
+    assert [r["record_count"] for r in await staged_rows(database_url)] == [1]
+
+
+# --- refusals before the body is read, on a kept-alive connection -----------------------------
+
+
+async def test_early_415_on_a_chunked_body_keeps_the_connection_serving(
+    svc: RunningService, database_url: str
+) -> None:
+    conn = await Connection.open(svc)
+    try:
+        for _ in range(3):  # the reported stall came on the second request
+            await conn.send_head(
+                "/v1/traces", {"Content-Type": "text/plain", "Transfer-Encoding": "chunked"}
+            )
+            await conn.send_chunks(valid_trace() * 20, writes=16)
+            answer = await conn.read_answer()
+            assert answer.status == 415
+            assert answer.headers.get("connection") != "close"
+            assert rpc_status(answer).message
+            await valid_request_is_answered(conn)
+    finally:
+        conn.close()
+    assert len(await staged_rows(database_url)) == 3
+
+
+async def test_early_415_for_an_unsupported_encoding_names_the_supported_ones(
+    svc: RunningService,
+) -> None:
+    conn = await Connection.open(svc)
+    try:
+        await conn.send_head(
+            "/v1/traces",
+            {"Content-Type": PROTOBUF, "Content-Encoding": "br", "Transfer-Encoding": "chunked"},
+        )
+        await conn.send_chunks(valid_trace() * 10, writes=12)
+        answer = await conn.read_answer()
+        assert answer.status == 415
+        message = rpc_status(answer).message
+        assert "'br'" in message and "gzip" in message and "zstd" in message
+        await valid_request_is_answered(conn)
+    finally:
+        conn.close()
+
+
+async def test_early_429_from_the_rate_limit_keeps_the_connection_serving(
+    database_url: str,
+) -> None:
+    async with running_service(
+        database_url=database_url,
+        role="ingress",
+        enable_rate_limiting=True,
+        rate_limit_rps=0.001,
+        rate_limit_burst=1,
+    ) as svc:
+        conn = await Connection.open(svc)
+        try:
+            await valid_request_is_answered(conn)  # the one token
+            for _ in range(3):
+                await conn.send_head(
+                    "/v1/traces", {"Content-Type": PROTOBUF, "Transfer-Encoding": "chunked"}
+                )
+                await conn.send_chunks(valid_trace() * 30, writes=20)
+                answer = await conn.read_answer()
+                assert answer.status == 429
+                assert int(answer.headers["retry-after"]) >= 1
+                assert answer.headers.get("connection") != "close"
+            # Still this connection, still answered at once (429 again: no token yet).
+            await valid_request_is_answered(conn, expect=429)
+        finally:
+            conn.close()
+        assert len(await staged_rows(database_url)) == 1
+
+
+async def test_early_429_from_saturation_keeps_the_connection_serving(
+    database_url: str,
+) -> None:
+    async with running_service(
+        database_url=database_url,
+        role="ingress",
+        staging_max_backlog=1,
+        backlog_refresh_interval_ms=60_000,
+    ) as svc:
+        conn = await Connection.open(svc)
+        try:
+            await valid_request_is_answered(conn)  # fills the backlog
+            await conn.send_head(
+                "/v1/logs", {"Content-Type": PROTOBUF, "Transfer-Encoding": "chunked"}
+            )
+            await conn.send_chunks(payloads.logs(50).SerializeToString(), writes=15)
+            answer = await conn.read_answer()
+            assert answer.status == 429
+            assert "saturated" in rpc_status(answer).message
+            await valid_request_is_answered(conn, expect=429)
+        finally:
+            conn.close()
+
+
+async def test_413_by_content_length_closes_cleanly_with_connection_close(
+    svc: RunningService, database_url: str
+) -> None:
+    conn = await Connection.open(svc)
+    try:
+        await conn.send_head(
+            "/v1/traces", {"Content-Type": PROTOBUF, "Content-Length": str(LIMIT * 4)}
+        )
+        conn.writer.write(b"\x00" * 64 * 1024)  # the client is still sending
+        await conn.writer.drain()
+        answer = await conn.read_answer()
+        assert answer.status == 413
+        assert answer.headers["connection"] == "close"
+        assert "exceeds the limit" in rpc_status(answer).message
+        conn.writer.write(b"\x00" * 64 * 1024)
+        await conn.writer.drain()
+        assert await conn.closed_cleanly()
+    finally:
+        conn.close()
+    # A fresh connection is served.
+    conn = await Connection.open(svc)
+    try:
+        await valid_request_is_answered(conn)
+    finally:
+        conn.close()
+    assert len(await staged_rows(database_url)) == 1
+
+
+async def test_413_mid_chunked_body_closes_cleanly(svc: RunningService) -> None:
+    conn = await Connection.open(svc)
+    try:
+        await conn.send_head(
+            "/v1/traces", {"Content-Type": PROTOBUF, "Transfer-Encoding": "chunked"}
+        )
+        await conn.send_chunks(b"\x0a" * (LIMIT + 4096), writes=40, end=False)
+        answer = await conn.read_answer()
+        assert answer.status == 413
+        assert answer.headers["connection"] == "close"
+        assert await conn.closed_cleanly()
+    finally:
+        conn.close()
+
+
+async def test_small_early_refusal_with_content_length_keeps_alive(svc: RunningService) -> None:
+    conn = await Connection.open(svc)
+    try:
+        for method in ("PUT", "POST"):
+            body = valid_trace()
+            headers = {"Content-Type": "text/plain" if method == "POST" else PROTOBUF}
+            await conn.send_head(
+                "/v1/metrics", {**headers, "Content-Length": str(len(body))}, method
+            )
+            for i in range(0, len(body), 50):  # in pieces, after the refusal may have started
+                conn.writer.write(body[i : i + 50])
+                await conn.writer.drain()
+            answer = await conn.read_answer()
+            assert answer.status == (405 if method == "PUT" else 415)
+            assert answer.headers.get("connection") != "close"
+        await valid_request_is_answered(conn)
+    finally:
+        conn.close()
+
+
+# --- a client that leaves mid-body -------------------------------------------------------------
+
+
+async def test_client_gone_mid_body_is_one_event_no_traceback_nothing_staged(
+    svc: RunningService, database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    conn = await Connection.open(svc)
+    await conn.send_head("/v1/traces", {"Content-Type": PROTOBUF, "Content-Length": "100000"})
+    conn.writer.write(valid_trace()[:40])
+    await conn.writer.drain()
+    await asyncio.sleep(0.05)  # pacing: the server is reading the body when the client leaves
+    conn.writer.transport.abort()
+
+    metrics = svc.service.metrics
+    refused = metrics.requests_refused.labels("traces", "client_disconnected")
+    deadline = asyncio.get_running_loop().time() + 10
+    while refused._value.get() < 1:
+        assert asyncio.get_running_loop().time() < deadline, "no client_disconnected counted"
+        await asyncio.sleep(0.02)
+
+    events = [r for r in caplog.records if getattr(r, "event", None) == "client_disconnected"]
+    assert len(events) == 1 and events[0].signal == "traces"  # type: ignore[attr-defined]
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    assert await staged_rows(database_url) == []
+    # The service goes on serving.
+    conn = await Connection.open(svc)
+    try:
+        await valid_request_is_answered(conn)
+    finally:
+        conn.close()
+
+
+# --- every codec: a bomb is 413, corrupt is 400, unknown is 415 -------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(CODECS))
+async def test_each_codec_bomb_413_corrupt_400_on_one_connection(
+    svc: RunningService, database_url: str, name: str
+) -> None:
+    encode = CODECS[name]
+    conn = await Connection.open(svc)
+    try:
+        bomb = await conn.request(
+            "/v1/traces",
+            encode(bytes(LIMIT + 1)),
+            {"Content-Type": PROTOBUF, "Content-Encoding": name},
+        )
+        assert bomb.status == 413, bomb
+        assert "exceeds the limit" in rpc_status(bomb).message
+        corrupt = await conn.request(
+            "/v1/traces",
+            encode(valid_trace())[:-4],
+            {"Content-Type": PROTOBUF, "Content-Encoding": name},
+        )
+        assert corrupt.status == 400, corrupt
+        good = await conn.request(
+            "/v1/traces",
+            encode(valid_trace()),
+            {"Content-Type": PROTOBUF, "Content-Encoding": name},
+        )
+        assert good.status == 200, good
+    finally:
+        conn.close()
+    assert [r["record_count"] for r in await staged_rows(database_url)] == [2]
