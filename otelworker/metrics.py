@@ -1,7 +1,7 @@
 """Prometheus metrics: one registry per service instance, served at GET /metrics.
 
 Names follow Prometheus conventions: the ``otelworker_`` prefix, base units, ``_total``
-on counters, and only low-cardinality labels (signal, code, reason).
+on counters, and only low-cardinality labels (transport, signal, code, reason).
 """
 
 from __future__ import annotations
@@ -15,32 +15,33 @@ class Metrics:
         r = self.registry
         self.requests = Counter(
             "otelworker_requests",
-            "OTLP export requests answered, by signal and HTTP status code.",
-            ["signal", "code"],
+            "OTLP export requests answered, by transport, signal and status code (the HTTP"
+            " status, or the gRPC code name).",
+            ["transport", "signal", "code"],
             registry=r,
         )
         self.records_accepted = Counter(
             "otelworker_records_accepted",
             "Records (spans, data points, log records) staged and acknowledged.",
-            ["signal"],
+            ["transport", "signal"],
             registry=r,
         )
         self.requests_refused = Counter(
             "otelworker_requests_refused",
             "Requests refused or shed, by reason.",
-            ["signal", "reason"],
+            ["transport", "signal", "reason"],
             registry=r,
         )
         self.records_refused = Counter(
             "otelworker_records_refused",
             "Records refused or shed, by reason (where the body was decoded).",
-            ["signal", "reason"],
+            ["transport", "signal", "reason"],
             registry=r,
         )
         self.request_bytes = Counter(
             "otelworker_request_bytes",
             "Bytes of decompressed OTLP payload staged.",
-            ["signal"],
+            ["transport", "signal"],
             registry=r,
         )
         self.stage_duration = Histogram(

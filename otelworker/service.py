@@ -10,6 +10,7 @@ import asyncpg
 
 from otelworker.exceptions import ConfigError
 from otelworker.ingress.admission import BacklogTracker, OverflowGate, TokenBucket
+from otelworker.ingress.intake import Intake
 from otelworker.logs import AggregatedEvents, log_event
 from otelworker.metrics import Metrics
 from otelworker.processing.pipeline import Pipeline
@@ -44,6 +45,7 @@ class Service:
         self.dsn: str | None = None
         self.accepting = False
         self.stopping = False
+        self.intake = Intake(self)
 
     async def _stage_many(
         self, signals: list[str], payloads: list[bytes], record_counts: list[int]

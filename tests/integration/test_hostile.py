@@ -445,7 +445,7 @@ async def test_client_gone_mid_body_is_one_event_no_traceback_nothing_staged(
     conn.writer.transport.abort()
 
     metrics = svc.service.metrics
-    refused = metrics.requests_refused.labels("traces", "client_disconnected")
+    refused = metrics.requests_refused.labels("http", "traces", "client_disconnected")
     deadline = asyncio.get_running_loop().time() + 10
     while refused._value.get() < 1:
         assert asyncio.get_running_loop().time() < deadline, "no client_disconnected counted"

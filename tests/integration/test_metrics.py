@@ -22,7 +22,7 @@ pytestmark = pytest.mark.integration
 
 PROTOBUF = {"content-type": "application/x-protobuf"}
 JSON = {"content-type": "application/json"}
-LOW_CARDINALITY_LABELS = {"signal", "code", "reason", "le"}
+LOW_CARDINALITY_LABELS = {"transport", "signal", "code", "reason", "le"}
 
 
 # --- payloads -------------------------------------------------------------------------
