@@ -19,6 +19,9 @@ async def _serve(settings: Settings) -> None:
 
     from otelworker.app import create_app
 
+    if settings.grpc_enabled is None:
+        # `serve` speaks both OTLP transports unless GRPC_ENABLED=false.
+        settings = settings.model_copy(update={"grpc_enabled": True})
     app = create_app(settings)
     config = Config()
     config.bind = [f"{settings.host}:{settings.port}"]
@@ -42,9 +45,11 @@ async def _serve(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
     host = "localhost" if settings.host in ("0.0.0.0", "::") else settings.host
+    grpc = f"OTLP/gRPC to {host}:{settings.grpc_port}; " if settings.grpc_enabled else ""
     print(
         f"otelworker: send OTLP/HTTP to http://{host}:{settings.port} "
-        f"(/v1/traces, /v1/metrics, /v1/logs); probes at /healthz, /readyz; metrics at /metrics",
+        f"(/v1/traces, /v1/metrics, /v1/logs); {grpc}"
+        "probes at /healthz, /readyz; metrics at /metrics",
         file=sys.stderr,
         flush=True,
     )
@@ -129,7 +134,10 @@ async def gc_orphans(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="otelworker", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("serve", help="run the service (HOST:PORT, default 0.0.0.0:4318)")
+    sub.add_parser(
+        "serve",
+        help="run the service (OTLP/HTTP on HOST:PORT 0.0.0.0:4318, OTLP/gRPC on GRPC_PORT 4317)",
+    )
     sub.add_parser("migrate", help="apply database migrations and exit")
     requeue = sub.add_parser("requeue-dead", help="make dead items pending again")
     requeue.add_argument("--signal", choices=["traces", "metrics", "logs"])

@@ -10,6 +10,7 @@ import asyncpg
 
 from otelworker.exceptions import ConfigError
 from otelworker.ingress.admission import BacklogTracker, OverflowGate, TokenBucket
+from otelworker.ingress.grpc_server import OtlpGrpc
 from otelworker.ingress.intake import Intake
 from otelworker.logs import AggregatedEvents, log_event
 from otelworker.metrics import Metrics
@@ -46,6 +47,7 @@ class Service:
         self.accepting = False
         self.stopping = False
         self.intake = Intake(self)
+        self.grpc: OtlpGrpc | None = None
 
     async def _stage_many(
         self, signals: list[str], payloads: list[bytes], record_counts: list[int]
@@ -124,6 +126,16 @@ class Service:
             )
             self.metrics.staging_backlog.set_function(self._backlog_value)
             self.metrics.staging_backlog_limit.set(s.staging_max_backlog)
+            if s.grpc_enabled:
+                self.grpc = OtlpGrpc(self)
+                port = await self.grpc.start(s.host, s.grpc_port)
+                log_event(
+                    "grpc_listening",
+                    "OTLP/gRPC listening",
+                    reason="startup",
+                    host=s.host,
+                    port=port,
+                )
 
         if s.runs_worker:
             self.store = await open_store(s)
@@ -145,6 +157,9 @@ class Service:
         self.stopping = True
         self.accepting = False
         grace = self.settings.shutdown_grace_s
+        if self.grpc is not None:
+            # New RPCs are refused; those in flight finish with their commits.
+            await self.grpc.stop(grace)
         if self.committer is not None:
             try:
                 await asyncio.wait_for(self.committer.drain(), grace)
@@ -174,6 +189,8 @@ class Service:
             return False, "shutting down" if self.stopping else "starting"
         if not self.supervisor.healthy:
             return False, f"task died: {', '.join(self.supervisor.failed)}"
+        if self.grpc is not None and self.grpc.server is None:
+            return False, "gRPC server not serving"
         if self.pool is None:
             return False, "no database pool"
         try:

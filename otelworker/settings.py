@@ -70,6 +70,10 @@ class Settings(BaseSettings):
     role: Role = Role.ALL
     host: str = "0.0.0.0"
     port: int = Field(4318, ge=1, le=65535)
+    # OTLP/gRPC: on under `python -m otelworker serve` unless false; off under a bare
+    # `hypercorn otelworker.app:app` unless true (see docs/configuration.md).
+    grpc_enabled: bool | None = None
+    grpc_port: int = Field(4317, ge=0, le=65535)
     log_level: str = Field("INFO", pattern=r"(?i)^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
     log_aggregation_window_s: float = Field(1.0, ge=0.0, le=60.0)
     shutdown_grace_s: float = Field(10.0, ge=0.0, le=600.0)

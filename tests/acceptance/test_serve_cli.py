@@ -144,6 +144,7 @@ def serve(tmp_path: Path) -> Iterator[Any]:
     started: list[subprocess.Popen[bytes]] = []
 
     def start(**settings: str) -> Served:
+        settings.setdefault("GRPC_PORT", str(_free_port()))
         stdout = tmp_path / f"stdout-{len(started)}.log"
         stderr = tmp_path / f"stderr-{len(started)}.log"
         with stdout.open("wb") as out, stderr.open("wb") as err:
@@ -250,3 +251,69 @@ def test_migrate_applies_once_and_exits_zero(database_url: str, tmp_path: Path) 
     again = _run(["migrate"], env, tmp_path)
     assert again.returncode == 0, again.stderr
     assert fetchval(database_url, "SELECT count(*) FROM otelworker_migrations") == versions
+
+
+def test_sigterm_during_grpc_load_loses_no_acknowledged_record(
+    serve: Any, database_url: str, tmp_path: Path
+) -> None:
+    import threading
+
+    import grpc
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+
+    from tests.support.objects import span_request
+
+    port, grpc_port = _free_port(), _free_port()
+    served = serve(
+        DATABASE_URL=database_url,
+        PORT=str(port),
+        GRPC_PORT=str(grpc_port),
+        HOST="127.0.0.1",
+        SHUTDOWN_GRACE_S=str(GRACE_S),
+        LOCAL_OBJECT_DIR=str(tmp_path / "objects"),
+        EMBEDDED_DB_DIR=str(tmp_path / "never-used"),
+    )
+    served.wait_ready()
+    acknowledged: list[str] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def load(worker: int) -> None:
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            stub = trace_service_pb2_grpc.TraceServiceStub(channel)
+            for n in range(100_000):
+                if stop.is_set():
+                    return
+                ids = [bytes([worker, 0]) + (n * 4 + i).to_bytes(6, "big") for i in range(4)]
+                request = trace_service_pb2.ExportTraceServiceRequest.FromString(
+                    span_request(ids, service_name="grpc-sigterm")
+                )
+                try:
+                    stub.Export(request, timeout=GRACE_S + 5)
+                except grpc.RpcError:
+                    if served.proc.poll() is not None:
+                        return
+                    continue  # refused while stopping: not acknowledged, try again
+                with lock:
+                    acknowledged.extend(i.hex() for i in ids)
+
+    threads = [threading.Thread(target=load, args=(w,), daemon=True) for w in range(4)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 30
+    while len(acknowledged) < 400:  # load is flowing
+        assert time.monotonic() < deadline, "no gRPC load acknowledged"
+        time.sleep(0.05)
+    served.proc.send_signal(signal.SIGTERM)
+    code = served.proc.wait(timeout=GRACE_S + 15)
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=GRACE_S + 10)
+    assert code == 0, served.stderr.read_text()[-2000:]
+
+    accounted = asyncio.run(_span_ids_accounted(database_url, tmp_path / "objects"))
+    assert len(accounted) == len(set(accounted))
+    missing = set(acknowledged) - set(accounted)
+    assert not missing, f"{len(missing)} acknowledged spans lost of {len(acknowledged)}"
+    events = [e.get("event") for e in served.events()]
+    assert "grpc_listening" in events and "service_stopped" in events

@@ -1,0 +1,151 @@
+"""OTLP/gRPC: the TraceService, MetricsService and LogsService Export RPCs.
+
+A thin adapter over the same intake as HTTP (:mod:`otelworker.ingress.intake`): grpc
+receives the message (gzip-decompressed, at most ``MAX_REQUEST_BODY_BYTES``), the intake
+admits, decodes and stages it, and the answer comes after the commit. The handlers take
+and return raw bytes, so a malformed message is the intake's INVALID_ARGUMENT (not grpc's
+INTERNAL) and the staged payload is the bytes received, never re-serialized.
+
+Status codes per the OTLP specification: throttled -> RESOURCE_EXHAUSTED with RetryInfo;
+database unavailable or stopping -> UNAVAILABLE with RetryInfo; malformed ->
+INVALID_ARGUMENT; too large -> RESOURCE_EXHAUSTED without RetryInfo (grpc's own answer);
+shed by the overflow policy -> OK with ``partial_success``. RetryInfo travels both as a
+``google.rpc.Status`` detail in ``grpc-status-details-bin`` (what the Collector and Go
+clients read) and as ``google.rpc.retryinfo-bin`` (what the Python SDK reads).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+from otelworker import otlp
+from otelworker.exceptions import ConfigError
+from otelworker.ingress.intake import Refused, RequestId
+from otelworker.logs import log_event
+
+if TYPE_CHECKING:
+    from otelworker.service import Service
+
+GRPC = "grpc"
+SERVICES = {
+    "traces": "opentelemetry.proto.collector.trace.v1.TraceService",
+    "metrics": "opentelemetry.proto.collector.metrics.v1.MetricsService",
+    "logs": "opentelemetry.proto.collector.logs.v1.LogsService",
+}
+_SUCCESS: dict[str, bytes] = {s: otlp.success(s, otlp.PROTOBUF) for s in otlp.SIGNALS}
+
+
+def _trailers(refusal: Refused, code: grpc.StatusCode) -> tuple[tuple[str, bytes], ...]:
+    if refusal.retry_after is None or not refusal.kind.retryable:
+        return ()
+    info = error_details_pb2.RetryInfo(
+        retry_delay=duration_pb2.Duration(seconds=refusal.retry_after)
+    )
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    status = status_pb2.Status(code=code.value[0], message=refusal.message, details=[detail])
+    return (
+        ("grpc-status-details-bin", status.SerializeToString()),
+        ("google.rpc.retryinfo-bin", info.SerializeToString()),
+    )
+
+
+def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> RequestId:
+    def given() -> str:
+        for key, value in context.invocation_metadata() or ():
+            if key == "x-request-id" and isinstance(value, str):
+                return value
+        return ""
+
+    return RequestId(given)
+
+
+class OtlpGrpc:
+    """The three Export RPCs on one grpc.aio server, in the service's event loop."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self.server: grpc.aio.Server | None = None
+        self.port: int | None = None
+
+    def _handler(
+        self, signal: str
+    ) -> Callable[[bytes, grpc.aio.ServicerContext[Any, Any]], Awaitable[bytes]]:
+        async def export(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+            return await self._export(signal, request, context)
+
+        return export
+
+    async def _export(
+        self, signal: str, request: bytes, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> bytes:
+        intake = self.service.intake
+        request_id = _request_id(context)
+        try:
+            verdict = intake.admit()
+            _, records = intake.decode(signal, request, json=False)
+            accepted = await intake.stage(
+                signal, GRPC, request, records, verdict, request_id, shed_status="OK"
+            )
+        except Refused as refusal:
+            code = grpc.StatusCode[refusal.kind.grpc_code]
+            intake.refused(signal, GRPC, refusal, code.name, request_id)
+            intake.answered(signal, GRPC, code.name)
+            await context.abort(code, refusal.message, trailing_metadata=_trailers(refusal, code))
+            raise AssertionError("abort() returned") from None  # pragma: no cover
+        except Exception as exc:
+            log_event(
+                "internal_error",
+                "unexpected error while handling an export request",
+                reason=type(exc).__name__,
+                level=logging.ERROR,
+                exc_info=exc,
+                signal=signal,
+                transport=GRPC,
+            )
+            intake.answered(signal, GRPC, "INTERNAL")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error; retry later")
+            raise AssertionError("abort() returned") from None  # pragma: no cover
+        intake.answered(signal, GRPC, "OK")
+        if accepted.shed is not None:
+            return otlp.partial_success(signal, otlp.PROTOBUF, accepted.records, accepted.shed)
+        return _SUCCESS[signal]
+
+    async def start(self, host: str, port: int) -> int:
+        limit = self.service.settings.max_request_body_bytes
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", 4 * 1024 * 1024),
+            ]
+        )
+        server.add_generic_rpc_handlers(
+            [
+                grpc.method_handlers_generic_handler(
+                    name, {"Export": grpc.unary_unary_rpc_method_handler(self._handler(signal))}
+                )
+                for signal, name in SERVICES.items()
+            ]
+        )
+        try:
+            bound: int = server.add_insecure_port(f"{host}:{port}")
+        except RuntimeError as exc:
+            raise ConfigError(f"GRPC_PORT: cannot listen on {host}:{port}: {exc}") from None
+        if not bound:
+            raise ConfigError(f"GRPC_PORT: cannot listen on {host}:{port}")
+        await server.start()
+        self.server = server
+        self.port = bound
+        return bound
+
+    async def stop(self, grace: float) -> None:
+        """Refuse new RPCs; let those in flight finish (their commits) for ``grace`` s."""
+        if self.server is not None:
+            await self.server.stop(grace)
+            self.server = None
