@@ -90,6 +90,8 @@ async def _with_pool(settings: Settings, action: str, args: argparse.Namespace) 
             finally:
                 await store.close()
             print(f"{'would remove' if args.dry_run else 'removed'} {removed} orphan object(s)")
+            if args.textfile:
+                _write_orphans_textfile(args.textfile, removed, args.dry_run)
             return 0
         raise AssertionError(action)
     finally:
@@ -131,6 +133,28 @@ async def gc_orphans(
     return removed
 
 
+def _write_orphans_textfile(path: str, found: int, dry_run: bool) -> None:
+    """The run's outcome for node_exporter's textfile collector (written atomically)."""
+    import time
+
+    from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
+
+    registry = CollectorRegistry()
+    Gauge(
+        "otelworker_gc_orphans_found",
+        "Orphan objects (under S3_PREFIX, named by no manifest row) the last gc-orphans run"
+        " found (and removed unless dry_run).",
+        ["dry_run"],
+        registry=registry,
+    ).labels(str(dry_run).lower()).set(found)
+    Gauge(
+        "otelworker_gc_orphans_last_run_timestamp_seconds",
+        "When the last gc-orphans run finished (unix time).",
+        registry=registry,
+    ).set(time.time())
+    write_to_textfile(path, registry)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="otelworker", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -150,6 +174,12 @@ def main(argv: list[str] | None = None) -> int:
         help="only objects older than this many seconds (default 3600)",
     )
     gc.add_argument("--dry-run", action="store_true")
+    gc.add_argument(
+        "--textfile",
+        metavar="PATH",
+        help="also write the outcome as Prometheus metrics to PATH (a *.prom file for"
+        " node_exporter's textfile collector)",
+    )
     args = parser.parse_args(argv)
 
     try:

@@ -6,13 +6,21 @@ on counters, and only low-cardinality labels (transport, signal, code, reason).
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        # process_resident_memory_bytes, process_cpu_seconds_total, open fds, ...
+        ProcessCollector(registry=r)
+        self.ready = Gauge(
+            "otelworker_ready",
+            "1 while the process is ready (its last /readyz check passed and it is not"
+            " stopping), else 0.",
+            registry=r,
+        )
         self.requests = Counter(
             "otelworker_requests",
             "OTLP export requests answered, by transport, signal and status code (the HTTP"
@@ -60,6 +68,18 @@ class Metrics:
             "otelworker_staging_backlog_items",
             "Items staged and not yet exported (pending, processing, failed), as admission"
             " sees it.",
+            registry=r,
+        )
+        self.staging_oldest_age = Gauge(
+            "otelworker_staging_oldest_age_seconds",
+            "Age of the oldest item staged and not yet exported (0 when none), as of the"
+            " last backlog count. Ingress processes only.",
+            registry=r,
+        )
+        self.staging_dead = Gauge(
+            "otelworker_staging_dead_items",
+            "Dead rows in ingestion_queue (attempts exhausted or undecodable), as of the"
+            " last backlog count. Ingress processes only.",
             registry=r,
         )
         self.staging_backlog_limit = Gauge(

@@ -48,6 +48,8 @@ class Service:
         self.stopping = False
         self.intake = Intake(self)
         self.grpc: OtlpGrpc | None = None
+        self._last_ready = False
+        self.metrics.ready.set_function(self._ready)
 
     async def _stage_many(
         self, signals: list[str], payloads: list[bytes], record_counts: list[int]
@@ -59,6 +61,16 @@ class Service:
 
     def _backlog_value(self) -> float:
         return float(self.backlog.value) if self.backlog is not None else 0.0
+
+    def _oldest_age(self) -> float:
+        return self.backlog.oldest_age_s if self.backlog is not None else 0.0
+
+    def _dead_items(self) -> float:
+        return float(self.backlog.dead) if self.backlog is not None else 0.0
+
+    def _ready(self) -> float:
+        ok = self.accepting and not self.stopping and self.supervisor.healthy
+        return 1.0 if ok and self._last_ready else 0.0
 
     def _buffer_depth(self) -> float:
         return float(self.pipeline.buffer.depth) if self.pipeline is not None else 0.0
@@ -125,6 +137,8 @@ class Service:
                 s.overflow_sample_seed,
             )
             self.metrics.staging_backlog.set_function(self._backlog_value)
+            self.metrics.staging_oldest_age.set_function(self._oldest_age)
+            self.metrics.staging_dead.set_function(self._dead_items)
             self.metrics.staging_backlog_limit.set(s.staging_max_backlog)
             if s.grpc_enabled:
                 self.grpc = OtlpGrpc(self)
@@ -144,6 +158,7 @@ class Service:
             self.pipeline.start(self.supervisor, self.dsn)
 
         self.accepting = True
+        self._last_ready = True  # started: the database answered, the schema is current
         log_event(
             "service_started",
             "otelworker started",
@@ -185,6 +200,11 @@ class Service:
         log_event("service_stopped", "otelworker stopped", reason="shutdown")
 
     async def readiness(self) -> tuple[bool, str]:
+        ok, reason = await self._readiness()
+        self._last_ready = ok
+        return ok, reason
+
+    async def _readiness(self) -> tuple[bool, str]:
         if self.stopping or not self.accepting:
             return False, "shutting down" if self.stopping else "starting"
         if not self.supervisor.healthy:

@@ -14,6 +14,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from otelworker.exceptions import StagingUnavailable
 from otelworker.logs import log_event
@@ -85,7 +86,8 @@ class Snapshot:
         return xid < self.xmax and xid not in self.in_progress
 
 
-Count = Callable[[], Awaitable[int | tuple[int, str]]]
+# A count: the items, or (items, snapshot text, ...) such as the queue's BacklogCount.
+Count = Callable[[], Awaitable[int | tuple[Any, ...]]]
 
 
 class BacklogTracker:
@@ -109,6 +111,17 @@ class BacklogTracker:
         self._recent: list[tuple[int | None, int]] = []  # (xid, items) not in the count
         self._snapshot: Snapshot | None = None
         self.known = False
+        # From counts that carry them (the queue's): dead rows, the oldest item's age.
+        self.dead = 0
+        self._oldest_age_s = 0.0
+        self._counted_at = time.monotonic()
+
+    @property
+    def oldest_age_s(self) -> float:
+        """Age of the oldest item not yet exported, as of the last count, aged since."""
+        if not self._oldest_age_s:
+            return 0.0
+        return self._oldest_age_s + time.monotonic() - self._counted_at
 
     @property
     def value(self) -> int:
@@ -138,6 +151,9 @@ class BacklogTracker:
         self._recent = kept
         self._snapshot = snapshot
         self.known = True
+        self.dead = int(getattr(result, "dead", 0))
+        self._oldest_age_s = float(getattr(result, "oldest_age_s", 0.0))
+        self._counted_at = time.monotonic()
 
     async def run(self) -> None:
         while True:

@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import asyncpg
 
@@ -76,6 +76,16 @@ class QueuePort(Protocol):
     async def release(self, ids: Sequence[int], token: uuid.UUID) -> None: ...
 
 
+class BacklogCount(NamedTuple):
+    """One count of the queue: the backlog (pending, processing, failed), the snapshot it
+    saw, the dead rows, and the age in seconds of the oldest item not yet exported."""
+
+    items: int
+    snapshot: str
+    dead: int
+    oldest_age_s: float
+
+
 class StagingQueue:
     """The asyncpg adapter of :class:`QueuePort`, plus the ingress and admin operations."""
 
@@ -116,10 +126,11 @@ class StagingQueue:
             raise StagingUnavailable(f"stage: {type(exc).__name__}") from exc
         return int(xid)
 
-    async def backlog(self) -> tuple[int, str]:
-        """Items staged and not exported, with the snapshot the count saw."""
+    async def backlog(self) -> BacklogCount:
+        """Items staged and not exported, with the snapshot the count saw (and more)."""
         rows = await self._fetch("backlog")
-        return int(rows[0][0]), str(rows[0][1])
+        items, snapshot, dead, oldest_age_s = rows[0]
+        return BacklogCount(int(items), str(snapshot), int(dead), float(oldest_age_s))
 
     # --- processing ----------------------------------------------------------------
     async def claim(self, limit: int, lease_s: float, token: uuid.UUID) -> list[Claimed]:

@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.objects import (
     KEY_LAYOUT,
@@ -27,6 +28,7 @@ from tests.support.objects import (
     read_exported,
     span_request,
     stage_rows,
+    until,
     wait_drained,
     wait_for,
 )
@@ -407,9 +409,65 @@ async def test_gc_orphans_removes_only_old_unindexed_objects_under_the_prefix(
     assert "removed 0 orphan object(s)" in out  # too young
     assert store.keys() == everything
 
-    out = await cli(env, tmp_path, "gc-orphans", "--older-than-s", "0")
+    textfile = tmp_path / "otelworker_gc.prom"
+    out = await cli(env, tmp_path, "gc-orphans", "--older-than-s", "0", "--textfile", str(textfile))
     assert "removed 1 orphan object(s)" in out
+    # For node_exporter's textfile collector: the alert on orphans reads this.
+    families = {f.name: f for f in text_string_to_metric_families(textfile.read_text())}
+    [found] = families["otelworker_gc_orphans_found"].samples
+    assert found.value == 1 and found.labels == {"dry_run": "false"}
+    assert families["otelworker_gc_orphans_last_run_timestamp_seconds"].samples[0].value > 0
     assert store.keys() == sorted([*indexed, outside])
     # The manifest's objects are intact and still decode.
     again = await read_exported(database_url, store)
     assert sorted(again.ids("traces")) == sorted(telemetry.sent.acked["traces"])
+
+
+# --- the operator's signals: oldest staged item, dead rows -----------------------------------
+
+
+async def test_oldest_age_rises_while_s3_is_down_and_falls_to_zero_after_the_drain(
+    database_url: str, s3_server: Any, s3_bucket: str, tcp_proxy: Any
+) -> None:
+    proxy, endpoint = proxied_s3(tcp_proxy, s3_server)
+    async with running_service(
+        database_url=database_url,
+        **s3_settings(s3_server, s3_bucket, s3_endpoint_url=endpoint),
+        **FAST,
+        retry_backoff_initial_ms=50,
+        retry_backoff_max_ms=300,
+        max_attempts=1000,
+        backlog_refresh_interval_ms=100,
+    ) as svc:
+        registry = svc.service.metrics.registry
+
+        def gauge(name: str) -> float:
+            return float(registry.get_sample_value(f"otelworker_{name}") or 0.0)
+
+        assert gauge("staging_oldest_age_seconds") == 0.0
+        proxy.refuse()
+        telemetry = Telemetry(svc.url, service_name="oldest-age")
+        sent = await asyncio.to_thread(telemetry.send_all, 3, 3, 3)
+        assert sum(len(v) for v in sent.refused.values()) == 0
+
+        # It rises while nothing can be exported: past 1 s, then further.
+        first = await until(
+            lambda: (age := gauge("staging_oldest_age_seconds")) > 1.0 and age,
+            within_s=DEADLINE_S,
+            what="the oldest age to pass 1 s",
+        )
+        await until(
+            lambda: gauge("staging_oldest_age_seconds") > first + 0.5,
+            within_s=DEADLINE_S,
+            what="the oldest age to keep rising",
+        )
+        assert gauge("staging_dead_items") == 0.0
+        assert gauge("ready") == 1.0  # S3 is not a readiness dependency
+
+        proxy.pass_through()
+        await wait_drained(database_url, within_s=DEADLINE_S)
+        await until(
+            lambda: gauge("staging_oldest_age_seconds") == 0.0,
+            within_s=DEADLINE_S,
+            what="the oldest age to fall to 0 after the drain",
+        )

@@ -135,8 +135,10 @@ async def test_metrics_is_prometheus_text_with_conventional_names(
             assert name in got.families, f"missing metric family {name}"
             assert got.families[name].type == kind, name
             assert got.families[name].documentation, f"{name} has no HELP"
+        # The process collector's standard families (RSS, CPU, fds) beside our own.
+        assert got.value("process_resident_memory_bytes") > 0
         for family in got.families.values():
-            assert family.name.startswith("otelworker_")
+            assert family.name.startswith(("otelworker_", "process_")), family.name
             for sample in family.samples:
                 assert set(sample.labels) <= LOW_CARDINALITY_LABELS, sample
                 if family.type == "counter":

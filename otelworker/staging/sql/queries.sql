@@ -33,9 +33,14 @@ SELECT pg_notify('otelworker_staged', ''), pg_current_xact_id()::text;
 
 -- name: backlog --
 -- Items staged and not yet exported: pending, processing and failed (dead rows excluded).
--- With the snapshot the count saw, so commits made while it ran are told apart.
-SELECT count(*), pg_current_snapshot()::text
-FROM ingestion_queue WHERE status IN ('pending', 'processing', 'failed');
+-- With the snapshot the count saw, so commits made while it ran are told apart; and, in
+-- the same scan, the dead rows and the age in seconds of the oldest item not yet exported.
+SELECT count(*) FILTER (WHERE status <> 'dead'),
+       pg_current_snapshot()::text,
+       count(*) FILTER (WHERE status = 'dead'),
+       coalesce(extract(epoch FROM now() - min(received_at) FILTER (WHERE status <> 'dead')),
+                0)::float8
+FROM ingestion_queue;
 
 -- name: claim --
 -- Claim up to $1 available rows: pending, failed whose backoff has passed, or
