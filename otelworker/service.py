@@ -115,6 +115,7 @@ class Service:
                 self._stage_many,
                 max_items=s.group_commit_max_items,
                 max_bytes=s.group_commit_max_bytes,
+                timeout_s=s.staging_commit_timeout_s,
             )
             for n in range(s.group_commit_workers):
                 self.supervisor.spawn(self.committer.run(), f"group-commit-{n}")

@@ -5,6 +5,12 @@ everything waiting (up to GROUP_COMMIT_MAX_ITEMS / _MAX_BYTES), insert it in one
 transaction and resolve the futures after the commit. While one commit is in flight
 the next batch gathers, so the batch size follows the load with no added delay.
 A failed commit fails every request in it: none of them is acknowledged.
+
+A 503 means "not stored": a request whose entry no committer has taken within
+``timeout_s`` is withdrawn (it will never be inserted) and fails at once; one already in
+a commit is answered by that commit's outcome, which is bounded by the commit's own
+timeout. Only a commit that times out itself leaves the outcome unknown (as a lost
+connection would), and its requests are answered 503 too.
 """
 
 from __future__ import annotations
@@ -21,12 +27,14 @@ from otelworker.logs import log_event
 StageMany = Callable[[list[str], list[bytes], list[int]], Awaitable[int | None]]
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Entry:
     signal: str
     payload: bytes
     records: int
     done: asyncio.Future[int | None]
+    taken: bool = False  # in a commit: only the commit's outcome answers it now
+    withdrawn: bool = False  # timed out before any commit took it: never inserted
 
 
 def _retrieve(future: asyncio.Future[int | None]) -> None:
@@ -36,10 +44,20 @@ def _retrieve(future: asyncio.Future[int | None]) -> None:
 
 
 class GroupCommitter:
-    def __init__(self, stage_many: StageMany, *, max_items: int, max_bytes: int) -> None:
+    def __init__(
+        self,
+        stage_many: StageMany,
+        *,
+        max_items: int,
+        max_bytes: int,
+        timeout_s: float = 10.0,
+        commit_timeout_s: float | None = None,
+    ) -> None:
         self._stage_many = stage_many
         self.max_items = max_items
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
+        self.commit_timeout_s = commit_timeout_s if commit_timeout_s is not None else timeout_s
         self._waiting: deque[_Entry] = deque()
         self._wake = asyncio.Event()
         self._in_flight = 0
@@ -56,23 +74,45 @@ class GroupCommitter:
         store gives one); raise StagingUnavailable if it was not."""
         if self._closed:
             raise StagingUnavailable("shutting down")
-        entry = _Entry(signal, payload, records, asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        entry = _Entry(signal, payload, records, loop.create_future())
         entry.done.add_done_callback(_retrieve)
         self._waiting.append(entry)
         self._idle.clear()
         self._wake.set()
-        # A client that goes away (or a commit timeout) cancels only this future: the
-        # entry stays queued or in its batch and is committed all the same. No shield,
-        # which would cost every request one more pass of the event loop.
-        return await entry.done
+        # The request's one timeout: a timer, not a cancellation, so the entry's fate is
+        # decided here (withdrawn, or left to its commit) and never by a cancelled await.
+        timer = loop.call_later(self.timeout_s, self._expire, entry)
+        try:
+            # A client that goes away cancels only this future: the entry stays queued or
+            # in its batch and is committed all the same. No shield, which would cost
+            # every request one more pass of the event loop.
+            return await entry.done
+        finally:
+            timer.cancel()
+
+    @staticmethod
+    def _expire(entry: _Entry) -> None:
+        if entry.taken or entry.done.done():
+            return  # in a commit: its outcome answers (bounded by the commit's timeout)
+        # Still waiting: withdrawn, so _take skips it and it is never inserted.
+        entry.withdrawn = True
+        entry.done.set_exception(
+            StagingUnavailable("commit timeout: withdrawn before any commit took it")
+        )
 
     def _take(self) -> list[_Entry]:
         batch: list[_Entry] = []
         size = 0
-        while self._waiting and len(batch) < self.max_items:
-            if batch and size + len(self._waiting[0].payload) > self.max_bytes:
+        waiting = self._waiting
+        while waiting and len(batch) < self.max_items:
+            if waiting[0].withdrawn:
+                waiting.popleft()
+                continue
+            if batch and size + len(waiting[0].payload) > self.max_bytes:
                 break
-            entry = self._waiting.popleft()
+            entry = waiting.popleft()
+            entry.taken = True
             batch.append(entry)
             size += len(entry.payload)
         if not self._waiting:
@@ -85,6 +125,8 @@ class GroupCommitter:
             await self._wake.wait()
             batch = self._take()
             if not batch:
+                if not self._waiting and not self._in_flight:
+                    self._idle.set()
                 continue
             self._in_flight += 1
             try:
@@ -96,29 +138,39 @@ class GroupCommitter:
 
     async def _commit(self, batch: list[_Entry]) -> None:
         try:
-            xid = await self._stage_many(
-                [e.signal for e in batch], [e.payload for e in batch], [e.records for e in batch]
-            )
+            async with asyncio.timeout(self.commit_timeout_s):
+                xid = await self._stage_many(
+                    [e.signal for e in batch],
+                    [e.payload for e in batch],
+                    [e.records for e in batch],
+                )
+        except TimeoutError:
+            # The outcome is unknown (as with a lost connection): answered 503.
+            self._fail(batch, StagingUnavailable("commit timeout: the commit did not answer"))
         except asyncio.CancelledError:
             for entry in batch:
                 if not entry.done.done():
                     entry.done.set_exception(StagingUnavailable("shutting down"))
             raise
         except StagingUnavailable as exc:
-            log_event(
-                "stage_failed",
-                "group commit failed; requests answered 503",
-                reason=str(exc).split(":")[-1].strip(),
-                level=logging.WARNING,
-                requests=len(batch),
-            )
-            for entry in batch:
-                if not entry.done.done():
-                    entry.done.set_exception(exc)
+            self._fail(batch, exc)
         else:
             for entry in batch:
                 if not entry.done.done():
                     entry.done.set_result(xid)
+
+    @staticmethod
+    def _fail(batch: list[_Entry], exc: StagingUnavailable) -> None:
+        log_event(
+            "stage_failed",
+            "group commit failed; requests answered 503",
+            reason=str(exc).split(":")[-1].strip(),
+            level=logging.WARNING,
+            requests=len(batch),
+        )
+        for entry in batch:
+            if not entry.done.done():
+                entry.done.set_exception(exc)
 
     async def drain(self) -> None:
         """Refuse new payloads and wait until every waiting one is committed or failed."""

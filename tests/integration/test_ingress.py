@@ -882,3 +882,52 @@ async def test_probes(service: RunningService, client: httpx.AsyncClient) -> Non
     finally:
         service.service.stopping = False
         service.service.accepting = True
+
+
+async def test_503_means_not_stored_when_commits_are_slower_than_the_timeout(
+    database_url: str, tcp_proxy: Any
+) -> None:
+    # Every chunk to and from the database 0.2 s late, one committer of 4 entries at a
+    # time, a commit timeout of 2 s: the later batches queue past it. Entries a committer
+    # took are answered by their commit (200, stored); those still waiting at the timeout
+    # are withdrawn (503, never stored). Nothing else may happen.
+    parts = urlsplit(database_url)
+    proxy = tcp_proxy(parts.hostname, parts.port or 5432)
+    async with (
+        running_service(
+            database_url=proxy.url_for(database_url),
+            role="ingress",
+            staging_commit_timeout_s=2,
+            group_commit_workers=1,
+            group_commit_max_items=4,
+            backlog_refresh_interval_ms=60_000,
+        ) as svc,
+        httpx.AsyncClient(timeout=30) as client,
+    ):
+
+        async def post(n: int) -> tuple[str, int]:
+            name = f"slow-{n:02d}"
+            body = trace_request(name=name, spans=1).SerializeToString()
+            response = await client.post(
+                svc.endpoint("traces"), content=body, headers={"content-type": PROTOBUF}
+            )
+            return f"{name}-0", response.status_code
+
+        # Warm: the insert is prepared (and its types introspected) before the delay.
+        assert (await post(99))[1] == 200
+        proxy.delay(0.2)
+        answers = await asyncio.gather(*(post(n) for n in range(40)))
+        proxy.pass_through()
+
+    statuses = {status for _, status in answers}
+    assert statuses == {200, 503}, answers  # both outcomes happened
+    rows = await queue_rows(database_url)
+    stored = {
+        s.name
+        for row in rows
+        for rs in otlp.decode("traces", row["payload"]).resource_spans
+        for ss in rs.scope_spans
+        for s in ss.spans
+    }
+    assert {name for name, status in answers if status == 200} | {"slow-99-0"} == stored
+    assert not {name for name, status in answers if status == 503} & stored
