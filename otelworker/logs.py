@@ -75,6 +75,7 @@ def log_event(
 @dataclass
 class _Window:
     opened: float
+    level: int = logging.WARNING
     suppressed: int = 0
     context: dict[str, Any] = field(default_factory=dict)
 
@@ -95,16 +96,18 @@ class AggregatedEvents:
         self._clock = clock
         self._windows: dict[tuple[str, str], _Window] = {}
 
-    def emit(self, event: str, reason: str, message: str, **context: Any) -> None:
+    def emit(
+        self, event: str, reason: str, message: str, *, level: int = logging.WARNING, **context: Any
+    ) -> None:
         now = self._clock()
         key = (event, reason)
         window = self._windows.get(key)
         if self.window_s <= 0:
-            log_event(event, message, reason=reason, level=logging.WARNING, count=1, **context)
+            log_event(event, message, reason=reason, level=level, count=1, **context)
             return
         if window is None:
-            self._windows[key] = _Window(opened=now)
-            log_event(event, message, reason=reason, level=logging.WARNING, count=1, **context)
+            self._windows[key] = _Window(opened=now, level=level)
+            log_event(event, message, reason=reason, level=level, count=1, **context)
             return
         window.suppressed += 1
         window.context = context
@@ -117,12 +120,12 @@ class AggregatedEvents:
                 key[0],
                 f"repeated {window.suppressed} times in {now - window.opened:.1f}s",
                 reason=key[1],
-                level=logging.WARNING,
+                level=window.level,
                 count=window.suppressed,
                 window_s=round(now - window.opened, 3),
                 **window.context,
             )
-            self._windows[key] = _Window(opened=now)
+            self._windows[key] = _Window(opened=now, level=window.level)
         else:
             del self._windows[key]
 

@@ -154,7 +154,7 @@ class Service:
 
         if s.runs_worker:
             self.store = await open_store(s)
-            self.pipeline = Pipeline(s, self.queue, self.store, self.metrics)
+            self.pipeline = Pipeline(s, self.queue, self.store, self.metrics, self.events)
             self.metrics.buffer_depth.set_function(self._buffer_depth)
             self.pipeline.start(self.supervisor, self.dsn)
 

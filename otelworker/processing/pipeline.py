@@ -6,7 +6,7 @@ import asyncio
 import logging
 import uuid
 
-from otelworker.logs import log_event
+from otelworker.logs import AggregatedEvents, log_event
 from otelworker.metrics import Metrics
 from otelworker.processing.batcher import Batcher
 from otelworker.processing.buffer import Buffer
@@ -20,7 +20,12 @@ from otelworker.supervisor import Supervisor
 
 class Pipeline:
     def __init__(
-        self, settings: Settings, queue: QueuePort, store: ObjectStore, metrics: Metrics
+        self,
+        settings: Settings,
+        queue: QueuePort,
+        store: ObjectStore,
+        metrics: Metrics,
+        events: AggregatedEvents | None = None,
     ) -> None:
         self.settings = settings
         self.queue = queue
@@ -51,6 +56,7 @@ class Pipeline:
             token=self.token,
             lease_s=settings.lease_timeout_s,
             poll_interval_s=settings.poll_interval_ms / 1000,
+            events=events,
         )
         self.batcher = Batcher(
             self.buffer,

@@ -12,7 +12,7 @@ from typing import Any
 import asyncpg
 
 from otelworker.exceptions import StagingUnavailable
-from otelworker.logs import log_event
+from otelworker.logs import AggregatedEvents, log_event
 from otelworker.metrics import Metrics
 from otelworker.processing.buffer import Buffer
 from otelworker.staging.database import DB_ERRORS
@@ -31,8 +31,12 @@ class Poller:
         token: uuid.UUID,
         lease_s: float,
         poll_interval_s: float,
+        events: AggregatedEvents | None = None,
     ) -> None:
         self.queue = queue
+        # Under steady backpressure a pause and its end come once per finished batch:
+        # aggregated like the per-request events (the metrics keep the exact counts).
+        self.events = events or AggregatedEvents(0)
         self.buffer = buffer
         self.metrics = metrics
         self.token = token
@@ -45,11 +49,10 @@ class Poller:
         self.paused = True
         started = time.monotonic()
         self.metrics.pauses.inc()
-        log_event(
+        self.events.emit(
             "processing_paused",
+            "buffer_full",
             "processing buffer full; polling paused",
-            reason="buffer_full",
-            level=logging.WARNING,
             buffer_depth=self.buffer.depth,
             buffer_capacity=self.buffer.capacity,
         )
@@ -61,12 +64,13 @@ class Poller:
             paused_s = time.monotonic() - started
             self.paused = False
             self.metrics.paused_seconds.inc(paused_s)
-            log_event(
+            self.events.emit(
                 "processing_resumed",
+                reason,
                 "processing buffer has room; polling resumed"
                 if reason == "buffer_room"
                 else "polling stopped while paused",
-                reason=reason,
+                level=logging.INFO,
                 paused_s=round(paused_s, 3),
                 buffer_depth=self.buffer.depth,
             )

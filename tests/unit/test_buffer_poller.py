@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 import pytest
 
 from otelworker.exceptions import StagingUnavailable
+from otelworker.logs import AggregatedEvents
 from otelworker.metrics import Metrics
 from otelworker.processing.buffer import Buffer
 from otelworker.processing.poller import Poller
@@ -257,6 +258,44 @@ async def test_pause_is_logged_once_per_pause_with_its_duration(
         "processing_resumed",
     ]
     assert poller.metrics.registry.get_sample_value("otelworker_polling_pauses_total") == 2
+
+
+async def test_pauses_under_steady_backpressure_are_aggregated_metrics_exact(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="otelworker")
+    queue = FakeQueue(rows=100)
+    buffer = Buffer(1)
+    queue.buffer = buffer
+    clock = [0.0]
+    aggregated = AggregatedEvents(60.0, clock=lambda: clock[0])
+    poller = Poller(
+        queue,
+        buffer,
+        Metrics(),
+        token=uuid.uuid4(),
+        lease_s=7.0,
+        poll_interval_s=HOUR,
+        events=aggregated,
+    )
+    async with polling(poller):
+        for n in range(1, 21):  # each finished item: one pause ends, the next begins
+            await until(lambda n=n: len(queue.claims) == n and poller.paused, what=f"pause {n}")
+            finish(buffer, 1)
+        await until(lambda: len(queue.claims) == 21 and poller.paused)
+        # Within one window: the first pause and the first resume are logged, the rest
+        # are counted; closing the window logs each pair's count once.
+        assert len(events(caplog, "processing_paused")) == 1
+        assert len(events(caplog, "processing_resumed")) == 1
+        clock[0] = 61.0
+        aggregated.flush()
+    pauses = poller.metrics.registry.get_sample_value("otelworker_polling_pauses_total")
+    assert pauses == 21  # the metric counts every pause
+    paused = events(caplog, "processing_paused")
+    assert sum(r.count for r in paused) == 21
+    resumed = [r for r in events(caplog, "processing_resumed") if r.reason == "buffer_room"]
+    assert sum(r.count for r in resumed) == 20
+    assert len(paused) == 2 and resumed[0].levelno == logging.INFO
 
 
 async def test_no_pause_log_while_the_buffer_has_room(caplog: pytest.LogCaptureFixture) -> None:
