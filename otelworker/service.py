@@ -9,7 +9,12 @@ from typing import Any
 import asyncpg
 
 from otelworker.exceptions import ConfigError
-from otelworker.ingress.admission import BacklogTracker, OverflowGate, TokenBucket
+from otelworker.ingress.admission import (
+    BacklogTracker,
+    InflightBytes,
+    OverflowGate,
+    TokenBucket,
+)
 from otelworker.ingress.grpc_server import OtlpGrpc
 from otelworker.ingress.intake import Intake
 from otelworker.logs import AggregatedEvents, log_event
@@ -34,6 +39,9 @@ class Service:
             TokenBucket(settings.rate_limit_rps, settings.rate_limit_burst)
             if settings.enable_rate_limiting
             else None
+        )
+        self.inflight: InflightBytes | None = (
+            InflightBytes(settings.max_inflight_bytes) if settings.max_inflight_bytes else None
         )
         self.pool: asyncpg.Pool | None = None
         self.queue: StagingQueue | None = None

@@ -89,6 +89,7 @@ class Settings(BaseSettings):
 
     # --- ingress ---------------------------------------------------------------
     max_request_body_bytes: int = Field(16 * MiB, ge=1024, le=1024 * MiB)
+    max_inflight_bytes: int = Field(256 * MiB, ge=0, le=64 * 1024 * MiB)
     group_commit_max_items: int = Field(256, ge=1, le=100_000)
     group_commit_max_bytes: int = Field(32 * MiB, ge=1024, le=4096 * MiB)
     group_commit_workers: int = Field(2, ge=1, le=64)
@@ -110,6 +111,7 @@ class Settings(BaseSettings):
 
     # --- processing ------------------------------------------------------------------
     processing_queue_max_depth: int = Field(100, ge=1, le=1_000_000)
+    processing_queue_max_bytes: int = Field(256 * MiB, ge=1024, le=64 * 1024 * MiB)
     poll_interval_ms: int = Field(500, ge=1, le=600_000)
     lease_timeout_s: float = Field(30.0, ge=1.0, le=86_400.0)
     batch_max_size: int = Field(25, ge=1, le=100_000)

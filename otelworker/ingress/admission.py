@@ -67,6 +67,29 @@ class TokenBucket:
         return self._tokens
 
 
+class InflightBytes:
+    """Request bytes at the door (read or declared, not yet answered), within a limit.
+
+    A request reserves its declared Content-Length before its body is read (or each
+    chunk as it arrives when no length is declared) and releases it when answered; one
+    that would pass MAX_INFLIGHT_BYTES is refused with 429 before it is read whole, so
+    memory at the door stays bounded whatever the number of connections.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.value = 0
+
+    def reserve(self, size: int) -> bool:
+        if self.value + size > self.limit and self.value > 0:
+            return False  # a lone request always fits: MAX_REQUEST_BODY_BYTES bounds it
+        self.value += size
+        return True
+
+    def release(self, size: int) -> None:
+        self.value -= size
+
+
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     """A PostgreSQL snapshot (``pg_current_snapshot()``): which transactions it sees."""

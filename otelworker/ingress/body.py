@@ -40,8 +40,21 @@ class UnsupportedEncoding(OtelWorkerError):
     """The Content-Encoding names a coding this service does not decode (415)."""
 
 
-async def read_limited(stream: AsyncIterator[bytes], limit: int, declared: int | None) -> bytes:
-    """Read the body, refusing it as soon as it passes ``limit`` bytes."""
+class InflightFull(OtelWorkerError):
+    """The bytes in flight at the door would pass MAX_INFLIGHT_BYTES (429)."""
+
+
+async def read_limited(
+    stream: AsyncIterator[bytes],
+    limit: int,
+    declared: int | None,
+    reserve: Callable[[int], bool] | None = None,
+) -> bytes:
+    """Read the body, refusing it as soon as it passes ``limit`` bytes.
+
+    ``reserve``, when given, is asked for each chunk's bytes as it arrives (for a body
+    whose length was not declared and reserved up front); a refusal raises InflightFull.
+    """
     if declared is not None and declared > limit:
         raise BodyTooLarge(f"Content-Length {declared} exceeds the limit of {limit} bytes")
     parts: list[bytes] = []
@@ -50,6 +63,8 @@ async def read_limited(stream: AsyncIterator[bytes], limit: int, declared: int |
         size += len(chunk)
         if size > limit:
             raise BodyTooLarge(f"request body exceeds the limit of {limit} bytes")
+        if reserve is not None and not reserve(len(chunk)):
+            raise InflightFull("request bytes in flight at their limit")
         parts.append(chunk)
     return b"".join(parts)
 

@@ -87,8 +87,14 @@ class OtlpGrpc:
     ) -> bytes:
         intake = self.service.intake
         request_id = _request_id(context)
+        inflight = self.service.inflight
+        reserved = 0
         try:
             verdict = intake.admit()
+            if inflight is not None:
+                if not inflight.reserve(len(request)):
+                    raise intake.inflight_refused()
+                reserved = len(request)
             _, records = intake.decode(signal, request, json=False)
             accepted = await intake.stage(
                 signal, GRPC, request, records, verdict, request_id, shed_status="OK"
@@ -112,6 +118,9 @@ class OtlpGrpc:
             intake.answered(signal, GRPC, "INTERNAL")
             await context.abort(grpc.StatusCode.INTERNAL, "internal error; retry later")
             raise AssertionError("abort() returned") from None  # pragma: no cover
+        finally:
+            if inflight is not None and reserved:
+                inflight.release(reserved)
         intake.answered(signal, GRPC, "OK")
         if accepted.shed is not None:
             return otlp.partial_success(signal, otlp.PROTOBUF, accepted.records, accepted.shed)

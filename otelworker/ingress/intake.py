@@ -136,6 +136,16 @@ class Intake:
             )
         return verdict
 
+    @staticmethod
+    def inflight_refused() -> Refused:
+        return Refused(
+            Kind.THROTTLED,
+            "inflight_bytes",
+            "request bytes in flight at the limit (MAX_INFLIGHT_BYTES); retry after the"
+            " Retry-After delay",
+            retry_after=1,
+        )
+
     # --- decoding -------------------------------------------------------------------------
 
     @staticmethod

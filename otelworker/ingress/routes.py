@@ -10,6 +10,7 @@ commit. A refusal made before the body is read whole is answered through
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import ClientDisconnect, Request
@@ -18,9 +19,12 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from otelworker import otlp
+from otelworker.ingress.admission import Verdict
 from otelworker.ingress.body import (
     BadEncoding,
     BodyTooLarge,
+    Decoder,
+    InflightFull,
     RefusedBeforeBody,
     UnsupportedEncoding,
     codings,
@@ -162,12 +166,49 @@ async def _export(request: Request, signal: str, service: Service) -> Response:
     except Refused as refusal:
         return before_body(refusal)
 
-    # Body: bounded read, bounded decompression, decode.
+    # Bytes in flight at the door: the declared length up front, else chunk by chunk.
+    inflight = service.inflight
+    reserved = 0
+    reserve: Callable[[int], bool] | None = None
+    if inflight is not None:
+        if declared is not None:
+            if not inflight.reserve(declared):
+                return before_body(intake.inflight_refused())
+            reserved = declared
+        else:
+
+            def reserve(size: int) -> bool:
+                nonlocal reserved
+                if not inflight.reserve(size):
+                    return False
+                reserved += size
+                return True
+
     try:
-        raw = await read_limited(request.stream(), limit, declared)
+        return await _receive(request, answer, verdict, decoders, reserve, before_body)
+    finally:
+        if inflight is not None and reserved:
+            inflight.release(reserved)
+
+
+async def _receive(
+    request: Request,
+    answer: _Answer,
+    verdict: Verdict,
+    decoders: list[Decoder],
+    reserve: Callable[[int], bool] | None,
+    before_body: Callable[[Refused], Response],
+) -> Response:
+    """Body: bounded read, bounded decompression, decode; then stage (or shed)."""
+    intake, signal, encoding = answer.intake, answer.signal, answer.encoding
+    limit = intake.settings.max_request_body_bytes
+    try:
+        raw = await read_limited(request.stream(), limit, _declared_length(request), reserve)
     except BodyTooLarge as exc:
         # Refused by its declared or its counted size: not worth reading on.
         return before_body(Refused(Kind.TOO_LARGE, "too_large", str(exc)))
+    except InflightFull:
+        return before_body(intake.inflight_refused())
     try:
         data = decompress(raw, decoders, limit)
         message, records = intake.decode(signal, data, encoding.json)

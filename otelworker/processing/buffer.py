@@ -6,6 +6,10 @@ object is uploaded (or the batch failed or was released), not just the items sti
 queued, so batches being assembled, compressed or uploaded count against the limit too.
 Once its object is uploaded an item holds no payload, only its claim: it frees its room
 then, and stays listed (for lease renewal and release) until its index commit is done.
+
+Room is counted in payload bytes too (PROCESSING_QUEUE_MAX_BYTES): the poller claims only
+as many rows as start within the free bytes, the first always (so one payload larger
+than the budget still moves); the buffer holds at most the limit plus one payload.
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ from otelworker.staging.queue import Claimed
 
 
 class Buffer:
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, max_bytes: int = 1 << 62) -> None:
         self.capacity = capacity
+        self.max_bytes = max_bytes
+        self.bytes = 0
         self._queue: asyncio.Queue[Claimed] = asyncio.Queue(maxsize=capacity)
         self._held: dict[int, Claimed] = {}
         # Uploaded, awaiting the index commit: still claimed, payload no longer held.
@@ -33,15 +39,30 @@ class Buffer:
 
     @property
     def room(self) -> int:
+        """Items that may be claimed now: none while the bytes are used up."""
+        if self.bytes >= self.max_bytes:
+            return 0
         return self.capacity - len(self._held)
 
+    @property
+    def room_bytes(self) -> int:
+        return max(0, self.max_bytes - self.bytes)
+
     def put(self, item: Claimed) -> None:
-        if self.room <= 0:
+        if len(self._held) >= self.capacity:
             raise RuntimeError("buffer is full; the poller claims only its free room")
         self._held[item.id] = item
+        self.bytes += len(item.payload)
         self._queue.put_nowait(item)
         if self.room <= 0:
             self._room.clear()
+
+    def _drop(self, item_id: int) -> bool:
+        item = self._held.pop(item_id, None)
+        if item is None:
+            return False
+        self.bytes -= len(item.payload)
+        return True
 
     async def get(self) -> Claimed:
         return await self._queue.get()
@@ -55,14 +76,14 @@ class Buffer:
     def uploaded(self, ids: Iterable[int]) -> None:
         """Their object is stored: the payloads are dropped, the claims remain until done."""
         for item_id in ids:
-            if self._held.pop(item_id, None) is not None:
+            if self._drop(item_id):
                 self._settling.add(item_id)
         if self.room > 0:
             self._room.set()
 
     def done(self, ids: Iterable[int]) -> None:
         for item_id in ids:
-            self._held.pop(item_id, None)
+            self._drop(item_id)
             self._settling.discard(item_id)
         if self.room > 0:
             self._room.set()

@@ -32,7 +32,9 @@ class Pipeline:
         self.store = store
         self.metrics = metrics
         self.token = uuid.uuid4()
-        self.buffer = Buffer(settings.processing_queue_max_depth)
+        self.buffer = Buffer(
+            settings.processing_queue_max_depth, settings.processing_queue_max_bytes
+        )
         metrics.buffer_capacity.set(settings.processing_queue_max_depth)
         self.exporter = Exporter(
             queue,

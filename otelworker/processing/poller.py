@@ -86,7 +86,9 @@ class Poller:
                 await self._pause_until_room()
             room = self.buffer.room
             try:
-                claimed = await self.queue.claim(room, self.lease_s, self.token)
+                claimed = await self.queue.claim(
+                    room, self.lease_s, self.token, max_bytes=self.buffer.room_bytes
+                )
             except StagingUnavailable as exc:
                 log_event(
                     "claim_failed",
@@ -100,7 +102,7 @@ class Poller:
                 self.buffer.put(item)
                 self.metrics.items_claimed.labels(item.signal).inc()
             self.metrics.buffer_depth.set(self.buffer.depth)
-            if len(claimed) < room:
+            if len(claimed) < room and self.buffer.room > 0:
                 await self._idle()
 
     async def listen(self, dsn: str) -> None:

@@ -61,7 +61,9 @@ class RetryPolicy:
 class QueuePort(Protocol):
     """What the processing pipeline needs of the staging queue."""
 
-    async def claim(self, limit: int, lease_s: float, token: uuid.UUID) -> list[Claimed]: ...
+    async def claim(
+        self, limit: int, lease_s: float, token: uuid.UUID, max_bytes: int = 1 << 62
+    ) -> list[Claimed]: ...
 
     async def renew(self, ids: Sequence[int], lease_s: float, token: uuid.UUID) -> None: ...
 
@@ -133,8 +135,11 @@ class StagingQueue:
         return BacklogCount(int(items), str(snapshot), int(dead), float(oldest_age_s))
 
     # --- processing ----------------------------------------------------------------
-    async def claim(self, limit: int, lease_s: float, token: uuid.UUID) -> list[Claimed]:
-        rows = await self._fetch("claim", limit, lease_s, token)
+    async def claim(
+        self, limit: int, lease_s: float, token: uuid.UUID, max_bytes: int = 1 << 62
+    ) -> list[Claimed]:
+        """Up to ``limit`` rows, as many as start within ``max_bytes`` (the first always)."""
+        rows = await self._fetch("claim", limit, lease_s, token, max_bytes)
         return sorted((Claimed.from_row(r) for r in rows), key=lambda c: c.id)
 
     async def renew(self, ids: Sequence[int], lease_s: float, token: uuid.UUID) -> None:

@@ -495,3 +495,57 @@ async def test_each_codec_bomb_413_corrupt_400_on_one_connection(
     finally:
         conn.close()
     assert [r["record_count"] for r in await staged_rows(database_url)] == [2]
+
+
+# --- bytes in flight at the door ------------------------------------------------------------
+
+
+async def test_bytes_in_flight_past_the_limit_are_429_before_the_body_is_read(
+    database_url: str,
+) -> None:
+    async with running_service(
+        database_url=database_url,
+        role="ingress",
+        max_inflight_bytes=24 * 1024,
+        log_aggregation_window_s=0,
+    ) as svc:
+        body = payloads.traces(300).SerializeToString()
+        assert 12 * 1024 < len(body) <= 24 * 1024
+        slow, other, chunked = [await Connection.open(svc) for _ in range(3)]
+        try:
+            # One request's body arrives slowly: its declared length is held meanwhile.
+            await slow.send_head(
+                "/v1/traces", {"Content-Type": PROTOBUF, "Content-Length": str(len(body))}
+            )
+            slow.writer.write(body[:100])
+            await slow.writer.drain()
+            inflight = svc.service.inflight
+            assert inflight is not None
+            deadline = asyncio.get_running_loop().time() + 10
+            while inflight.value < len(body):
+                assert asyncio.get_running_loop().time() < deadline, "never reserved"
+                await asyncio.sleep(0.01)
+
+            # Another one that would pass the limit: 429 before its body is read.
+            refused = await other.request(
+                "/v1/traces", body, {"Content-Type": PROTOBUF, "Content-Length": str(len(body))}
+            )
+            assert refused.status == 429
+            assert refused.headers["retry-after"] == "1"
+            assert "MAX_INFLIGHT_BYTES" in rpc_status(refused).message
+            # Chunked: refused once its chunks pass the limit.
+            await chunked.send_head(
+                "/v1/traces", {"Content-Type": PROTOBUF, "Transfer-Encoding": "chunked"}
+            )
+            await chunked.send_chunks(body, writes=8)
+            assert (await chunked.read_answer()).status == 429
+
+            slow.writer.write(body[100:])
+            await slow.writer.drain()
+            assert (await slow.read_answer()).status == 200
+            assert inflight.value == 0  # released once answered
+            await valid_request_is_answered(other)  # the same connection, served now
+        finally:
+            for conn in (slow, other, chunked):
+                conn.close()
+    assert [r["record_count"] for r in await staged_rows(database_url)] == [300, 2]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 from urllib.parse import urlsplit
@@ -373,3 +374,20 @@ async def test_group_commit_failure_fails_every_waiting_request(
     finally:
         await conn.close()
     assert payloads == [b"back"]  # none of the failed requests was staged
+
+
+async def test_claim_takes_only_the_rows_that_start_within_the_byte_budget(
+    pool: asyncpg.Pool,
+) -> None:
+    queue = StagingQueue(pool)
+    sizes = [100, 300, 50, 1000, 10]
+    await queue.stage_many(["logs"] * 5, [bytes(n) for n in sizes], [1] * 5)
+    token = uuid.uuid4()
+    # 100 + 300 = 400 < 450 starts the third (ending at 450): three rows.
+    first = await queue.claim(10, 30.0, token, max_bytes=450)
+    assert [len(c.payload) for c in first] == [100, 300, 50]
+    # A budget smaller than the next payload still takes that one row, and only it.
+    second = await queue.claim(10, 30.0, token, max_bytes=1)
+    assert [len(c.payload) for c in second] == [1000]
+    rest = await queue.claim(10, 30.0, token)
+    assert [len(c.payload) for c in rest] == [10]

@@ -67,7 +67,9 @@ class FakeQueue:
             self.pending.append(item(self._next))
             self._next += 1
 
-    async def claim(self, limit: int, lease_s: float, token: uuid.UUID) -> list[Claimed]:
+    async def claim(
+        self, limit: int, lease_s: float, token: uuid.UUID, max_bytes: int = 1 << 62
+    ) -> list[Claimed]:
         if self.buffer is not None and limit > self.buffer.room:
             self.over_claims.append((limit, self.buffer.room))
         if self.unavailable:
@@ -144,6 +146,26 @@ async def test_buffer_counts_items_until_their_batch_is_done() -> None:
 
     buffer.done([2, 3, 4, 99])  # unknown ids are ignored
     assert (buffer.depth, buffer.room) == (0, 3)
+
+
+async def test_room_is_counted_in_bytes_too() -> None:
+    buffer = Buffer(10, max_bytes=1000)
+    assert (buffer.room, buffer.room_bytes) == (10, 1000)
+    big = Claimed(id=1, signal="logs", payload=bytes(600), record_count=1, attempts=0)
+    buffer.put(big)
+    assert (buffer.room, buffer.room_bytes, buffer.bytes) == (9, 400, 600)
+    bigger = Claimed(id=2, signal="logs", payload=bytes(700), record_count=1, attempts=0)
+    buffer.put(bigger)  # started within the budget: held, past it now
+    assert (buffer.room, buffer.room_bytes) == (0, 0)
+    waiter = asyncio.create_task(buffer.wait_for_room())
+    await settle()
+    assert not waiter.done()
+    buffer.get_nowait()
+    buffer.uploaded([1])  # its payload is gone: 700 bytes held
+    await asyncio.wait_for(waiter, 20)
+    assert (buffer.room, buffer.room_bytes, buffer.bytes) == (9, 300, 700)
+    buffer.done([1, 2])
+    assert (buffer.room, buffer.bytes) == (10, 0)
 
 
 async def test_uploaded_items_free_room_but_stay_claimed_until_done() -> None:

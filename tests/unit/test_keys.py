@@ -84,7 +84,9 @@ class RecordingQueue:
     def __init__(self) -> None:
         self.manifests: list[Manifest] = []
 
-    async def claim(self, limit: int, lease_s: float, token: uuid.UUID) -> list[Claimed]:
+    async def claim(
+        self, limit: int, lease_s: float, token: uuid.UUID, max_bytes: int = 1 << 62
+    ) -> list[Claimed]:
         return []
 
     async def renew(self, ids: Sequence[int], lease_s: float, token: uuid.UUID) -> None:

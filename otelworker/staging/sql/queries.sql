@@ -44,21 +44,29 @@ FROM ingestion_queue;
 
 -- name: claim --
 -- Claim up to $1 available rows: pending, failed whose backoff has passed, or
--- processing whose lease has expired (a crashed or stalled worker's).
+-- processing whose lease has expired (a crashed or stalled worker's); and only as many,
+-- in id order, as start within $4 payload bytes (the first always, so a payload larger
+-- than the budget still moves). octet_length reads the out-of-line value's size from its
+-- TOAST pointer, without fetching it.
 WITH candidates AS (
-    SELECT id FROM ingestion_queue
+    SELECT id, octet_length(payload) AS size FROM ingestion_queue
     WHERE status IN ('pending', 'failed', 'processing')
       AND ((status <> 'processing' AND available_at <= now())
            OR (status = 'processing' AND lease_expires_at < now()))
     ORDER BY id
     LIMIT $1
     FOR UPDATE SKIP LOCKED
+), chosen AS (
+    SELECT id FROM (
+        SELECT id, sum(size) OVER (ORDER BY id) - size AS before FROM candidates
+    ) running
+    WHERE before < $4
 )
 UPDATE ingestion_queue q
 SET status = 'processing',
     lease_expires_at = now() + make_interval(secs => $2),
     lease_token = $3
-FROM candidates c
+FROM chosen c
 WHERE q.id = c.id
 RETURNING q.id, q.signal, q.payload, q.record_count, q.attempts;
 
