@@ -4,22 +4,29 @@
     python -m loadtest.bench drain    # drain spans/s vs durable ingest spans/s: target >= 1.5x
     python -m loadtest.bench all      # both (the default; `make bench`)
     python -m loadtest.bench all --json bench.json --duration 15 --rounds 2 --items 20000
+    python -m loadtest.bench ingest --transports http   # skip the gRPC row
 
 **ingest** starts PostgreSQL (see :mod:`loadtest.provision`), the service as a real
 process (``python -m hypercorn otelworker.app:app``, ROLE=ingress) and a no-op Starlette
 endpoint on hypercorn (:mod:`loadtest.noop_app`). The same load (100-span OTLP protobuf
 trace requests, concurrency 32, keep-alive) goes from a separate load-generator
 process to each in turn, A/B/A/B after a warm-up of each, so that drift on a shared
-machine falls on both. After every durable run the rows in ``ingestion_queue`` are
-counted against the 200s the generator saw (the durable claim), then truncated so
-that every run starts from the same table, as it would with a worker draining it.
+machine falls on both. The gRPC row is a second ROLE=ingress process with
+GRPC_ENABLED=true (its own database) taking the same requests over OTLP/gRPC
+(TraceService/Export, ``concurrency`` calls in flight over ``--grpc-channels``
+channels), in the same rounds (A/B/C), its ratio also to the no-op HTTP baseline.
+After every durable run (HTTP or gRPC) the rows in ``ingestion_queue`` are counted
+against the acknowledgements the generator saw (200, or OK: the durable claim), then
+truncated so that every run starts from the same table, as it would with a worker
+draining it.
 
 **drain** fills ``ingestion_queue`` with N items of 100 spans (COPY, not HTTP), starts
 the service with ROLE=worker and an S3 server (moto's unless S3_ENDPOINT_URL is set),
 and measures spans/s from readiness until the queue is empty; then checks the manifest
 (``export_batches``) and the bucket against what was staged. Its ratio is to durable
 ingest spans/s measured in the same run (by the ingest benchmark under ``all``, by a
-durable-only ingest run under ``drain``).
+durable-only ingest run under ``drain``; the HTTP row, or the gRPC row when
+``--transports grpc`` left HTTP out).
 
 During every timed window the CPU time of each process (service, PostgreSQL, load
 generator, the rest of the machine) is sampled, to show what the run was bound by
@@ -261,6 +268,7 @@ async def _truncate(dsn: str) -> None:
 
 
 def _run_line(kind: str, label: str, result: LoadResult, cpu: dict[str, Any]) -> str:
+    """One run: ``statuses`` by HTTP status, or by gRPC code name for the gRPC row."""
     return (
         f"  {kind:<7} {label:<9} {_fmt(result.ok_per_s):>9} req/s {_fmt(result.spans_per_s, 0):>9}"
         f" spans/s  p50 {_fmt(result.p50_ms):>6} ms  p99 {_fmt(result.p99_ms):>6} ms"
@@ -273,14 +281,22 @@ def _run_line(kind: str, label: str, result: LoadResult, cpu: dict[str, Any]) ->
 
 @dataclass
 class Target:
-    name: str  # "durable" or "noop"
+    name: str  # "durable" (OTLP/HTTP), "grpc" (OTLP/gRPC, durable too) or "noop"
     process: provision.AppProcess
     trees: dict[str, int | None]
+    dsn: str | None = None  # the durable targets' database (rows counted after each run)
+    grpc_port: int | None = None
     rate_hint: float = 1000.0
     runs: list[dict[str, Any]] = field(default_factory=list)
 
     @property
+    def transport(self) -> str:
+        return "grpc" if self.grpc_port is not None else "http"
+
+    @property
     def url(self) -> str:
+        if self.grpc_port is not None:
+            return f"grpc://127.0.0.1:{self.grpc_port}"
         return f"{self.process.url}/v1/traces"
 
 
@@ -294,7 +310,7 @@ def _processes(*procs: provision.AppProcess) -> Iterator[None]:
 
 
 async def _ingest_runs(
-    ctx: Context, dsn: str, targets: list[Target]
+    ctx: Context, targets: list[Target]
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Warm up each target, then alternate timed runs; check and clear staged rows."""
     args = ctx.args
@@ -310,15 +326,19 @@ async def _ingest_runs(
             max_requests=_budget(target.rate_hint, duration, args.concurrency),
             spans=args.spans,
             label=f"{target.name}:{label}",
+            transport=target.transport,
+            channels=args.grpc_channels,
         )
         result, cpu = await _measure(spec, target.trees, args)
         record: dict[str, Any] = {"target": target.name, "run": label, **asdict(result), "cpu": cpu}
         if result.ended_by == "requests":
             record["note"] = "request budget ran out before the duration; rate is still valid"
-        if target.name == "durable":
-            rows, spans = await _count_staged(dsn)
+        if target.dsn is not None:
+            rows, spans = await _count_staged(target.dsn)
             check = {
+                "target": target.name,
                 "run": label,
+                # an HTTP 200, or a gRPC OK (without partial_success)
                 "acknowledged_200": result.ok,
                 "rows": rows,
                 "spans": spans,
@@ -331,7 +351,7 @@ async def _ingest_runs(
             checks.append(check)
             staged_ok = staged_ok and bool(check["ok"])
             record["staged_rows"] = rows
-            await _truncate(dsn)
+            await _truncate(target.dsn)
         if label == "warmup" and result.ok_per_s > 0:
             target.rate_hint = result.ok_per_s
         _say(_run_line(target.name, label, result, cpu))
@@ -376,34 +396,71 @@ def _durable_settings(dsn: str) -> dict[str, str]:
     }
 
 
-async def bench_ingest(ctx: Context, *, baseline: bool = True) -> dict[str, Any]:
+def _durable_process(
+    ctx: Context, dsn: str, log_name: str, grpc_port: int | None = None, port: int | None = None
+) -> provision.AppProcess:
+    settings = _durable_settings(dsn)
+    if grpc_port is not None:
+        settings.update(provision.grpc_settings(grpc_port))
+    return provision.AppProcess(
+        "otelworker.app:app", settings=settings, log_path=ctx.workdir / log_name, port=port
+    )
+
+
+def _per_round(runs: list[dict[str, Any]], name: str) -> list[float]:
+    """``name``'s req/s over the no-op's, round by round (warm-ups are not in ``runs``)."""
+    mine = [r for r in runs if r["target"] == name]
+    noop = [r for r in runs if r["target"] == "noop"]
+    return [
+        round(a["ok_per_s"] / b["ok_per_s"], 3)
+        for a, b in zip(mine, noop, strict=True)
+        if b["ok_per_s"]
+    ]
+
+
+async def bench_ingest(
+    ctx: Context, *, baseline: bool = True, transports: tuple[str, ...] = ("http", "grpc")
+) -> dict[str, Any]:
     args = ctx.args
     pg_pid = ctx.pg.postmaster_pid()
-    dsn = await ctx.pg.fresh_database("otelworker_bench")
-    durable = provision.AppProcess(
-        "otelworker.app:app",
-        settings=_durable_settings(dsn),
-        log_path=ctx.workdir / "ingest-service.log",
-    )
-    procs = [durable]
-    if baseline:
-        noop = provision.AppProcess("loadtest.noop_app:app", log_path=ctx.workdir / "noop.log")
-        procs.append(noop)
+    dsns: list[str] = []
+    targets: list[Target] = []
+    procs: list[provision.AppProcess] = []
     try:
+        if "http" in transports:
+            dsns.append(dsn := await ctx.pg.fresh_database("otelworker_bench"))
+            durable = _durable_process(ctx, dsn, "ingest-service.log")
+            procs.append(durable)
+            trees = {"service": durable.pid, "postgres": pg_pid}
+            targets.append(Target("durable", durable, trees, dsn=dsn))
+        if baseline:
+            noop = provision.AppProcess("loadtest.noop_app:app", log_path=ctx.workdir / "noop.log")
+            procs.append(noop)
+            targets.append(Target("noop", noop, {"service": noop.pid, "postgres": pg_pid}))
+        if "grpc" in transports:
+            dsns.append(dsn := await ctx.pg.fresh_database("otelworker_bench_grpc"))
+            http_port, grpc_port = provision.free_ports(2)
+            grpc_proc = _durable_process(ctx, dsn, "ingest-grpc-service.log", grpc_port, http_port)
+            procs.append(grpc_proc)
+            trees = {"service": grpc_proc.pid, "postgres": pg_pid}
+            targets.append(Target("grpc", grpc_proc, trees, dsn=dsn, grpc_port=grpc_port))
         with _processes(*procs):
             for proc in procs:
                 await proc.wait_ready_async()
-            targets = [Target("durable", durable, {"service": durable.pid, "postgres": pg_pid})]
-            if baseline:
-                targets.append(Target("noop", noop, {"service": noop.pid, "postgres": pg_pid}))
-            title = "durable vs no-op, A/B alternating" if baseline else "durable only"
+            names = {"durable": "durable (HTTP)", "grpc": "durable (gRPC)", "noop": "no-op"}
+            title = " vs ".join(names[t.name] for t in targets)
+            if len(targets) > 1:
+                title += ", " + "/".join("ABC"[: len(targets)]) + " alternating"
+            grpc_note = f" (gRPC: {args.grpc_channels} channels)" if "grpc" in transports else ""
             _say(
                 f"ingest: {title}; {args.spans}-span protobuf requests, concurrency "
-                f"{args.concurrency}, warm-up {args.warmup} s, {args.rounds} x {args.duration} s"
+                f"{args.concurrency}{grpc_note}, warm-up {args.warmup} s, "
+                f"{args.rounds} x {args.duration} s"
             )
-            verification, runs = await _ingest_runs(ctx, dsn, targets)
+            verification, runs = await _ingest_runs(ctx, targets)
     finally:
-        await ctx.pg.drop_database(dsn)
+        for dsn in dsns:
+            await ctx.pg.drop_database(dsn)
 
     out: dict[str, Any] = {
         "role": "ingress",
@@ -411,55 +468,77 @@ async def bench_ingest(ctx: Context, *, baseline: bool = True) -> dict[str, Any]
         "spans_per_request": args.spans,
         "duration_s": args.duration,
         "rounds": args.rounds,
-        "durable": _summarise([r for r in runs if r["target"] == "durable"]),
-        "verification": verification,
-        "runs": runs,
+        "transports": list(transports),
     }
+    if "http" in transports:
+        out["durable"] = _summarise([r for r in runs if r["target"] == "durable"])
+    if "grpc" in transports:
+        out["grpc"] = _summarise([r for r in runs if r["target"] == "grpc"])
+        out["grpc"]["channels"] = args.grpc_channels
+    out["verification"] = verification
+    out["runs"] = runs
     if baseline:
-        noop_runs = [r for r in runs if r["target"] == "noop"]
-        out["noop"] = _summarise(noop_runs)
-        pairs = [
-            a["ok_per_s"] / b["ok_per_s"]
-            for a, b in zip([r for r in runs if r["target"] == "durable"], noop_runs, strict=True)
-            if b["ok_per_s"]
-        ]
-        out["ratio_per_round"] = [round(p, 3) for p in pairs]
-        out["ratio"] = round(out["durable"]["req_per_s"] / out["noop"]["req_per_s"], 3)
-        out["target"] = INGEST_TARGET
-        out["met"] = out["ratio"] >= INGEST_TARGET
+        out["noop"] = _summarise([r for r in runs if r["target"] == "noop"])
+        if "http" in transports:
+            out["ratio_per_round"] = _per_round(runs, "durable")
+            out["ratio"] = round(out["durable"]["req_per_s"] / out["noop"]["req_per_s"], 3)
+            out["target"] = INGEST_TARGET
+            out["met"] = out["ratio"] >= INGEST_TARGET
+        if "grpc" in transports:
+            out["grpc_ratio_per_round"] = _per_round(runs, "grpc")
+            out["grpc_ratio"] = round(out["grpc"]["req_per_s"] / out["noop"]["req_per_s"], 3)
     return out
 
 
-def _print_ingest(result: dict[str, Any]) -> None:
-    d = result["durable"]
-    _say()
-    _say(
-        f"durable ingest : {_fmt(d['req_per_s'])} req/s ({_fmt(d['spans_per_s'], 0)} spans/s), "
-        f"p50 {_fmt(d['p50_ms'])} ms, p99 {_fmt(d['p99_ms'])} ms (median of {d['runs']} runs); "
-        f"service {d['service_cpu_us_per_request']} us CPU/request"
+def ingest_spans_per_s(ingest: dict[str, Any]) -> float:
+    """The drain ratio's reference: durable HTTP ingest, else gRPC when HTTP was skipped."""
+    row = ingest.get("durable") or ingest["grpc"]
+    return float(row["spans_per_s"])
+
+
+def _row_line(title: str, row: dict[str, Any]) -> str:
+    return (
+        f"{title}: {_fmt(row['req_per_s'])} req/s ({_fmt(row['spans_per_s'], 0)} spans/s), "
+        f"p50 {_fmt(row['p50_ms'])} ms, p99 {_fmt(row['p99_ms'])} ms (median of {row['runs']} "
+        f"runs); service {row['service_cpu_us_per_request']} us CPU/request"
     )
+
+
+def _print_ingest(result: dict[str, Any]) -> None:
+    _say()
+    if "durable" in result:
+        _say(_row_line("durable ingest ", result["durable"]))
+    if "grpc" in result:
+        _say(_row_line("durable gRPC   ", result["grpc"]))
     if "noop" in result:
-        b = result["noop"]
-        _say(
-            f"no-op baseline : {_fmt(b['req_per_s'])} req/s ({_fmt(b['spans_per_s'], 0)} spans/s),"
-            f" p50 {_fmt(b['p50_ms'])} ms, p99 {_fmt(b['p99_ms'])} ms"
-            f" (median of {b['runs']} runs);"
-            f" service {b['service_cpu_us_per_request']} us CPU/request"
-        )
+        _say(_row_line("no-op baseline ", result["noop"]))
+    if "ratio" in result:
         verdict = "met" if result["met"] else "MISSED"
         _say(
             f"ratio durable/no-op: {result['ratio']:.2f}x (per round "
             f"{', '.join(f'{r:.2f}' for r in result['ratio_per_round'])}; "
             f"target >= {INGEST_TARGET}x: {verdict})"
         )
+    if "grpc_ratio" in result:
+        _say(
+            f"ratio gRPC/no-op   : {result['grpc_ratio']:.2f}x (per round "
+            f"{', '.join(f'{r:.2f}' for r in result['grpc_ratio_per_round'])}; the no-op is "
+            "HTTP; for comparison, not a target)"
+        )
     v = result["verification"]
-    acked = sum(c["acknowledged_200"] for c in v["runs"])
-    rows = sum(c["rows"] for c in v["runs"])
-    verdict = "OK" if v["ok"] else "FAILED: an acknowledged request has no row"
-    _say(
-        f"durable claim  : {rows:,} rows staged for {acked:,} acknowledged (200) requests "
-        f"over {len(v['runs'])} runs: {verdict}"
-    )
+    for name, what in (("durable", "200"), ("grpc", "OK")):
+        checks = [c for c in v["runs"] if c.get("target", "durable") == name]
+        if not checks:
+            continue
+        acked = sum(c["acknowledged_200"] for c in checks)
+        rows = sum(c["rows"] for c in checks)
+        ok = all(c["ok"] for c in checks)
+        verdict = "OK" if ok else "FAILED: an acknowledged request has no row"
+        title = "durable claim  " if name == "durable" else "gRPC claim     "
+        _say(
+            f"{title}: {rows:,} rows staged for {acked:,} acknowledged ({what}) requests "
+            f"over {len(checks)} runs: {verdict}"
+        )
 
 
 # --- drain -------------------------------------------------------------------------------
@@ -655,6 +734,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds of warm-up per target")
     parser.add_argument("--rounds", type=int, default=2, help="timed runs per target (A/B/A/B)")
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument(
+        "--transports",
+        metavar="LIST",
+        help="durable ingest rows to measure, comma-separated from http,grpc (default: both; "
+        "under `drain` alone: http, the drain ratio's reference)",
+    )
+    parser.add_argument(
+        "--grpc-channels",
+        type=int,
+        default=4,
+        metavar="N",
+        help="gRPC row: channels (connections) the concurrent calls share (default 4)",
+    )
     parser.add_argument("--spans", type=int, default=100, help="spans per request / item")
     parser.add_argument("--items", type=int, default=20_000, help="drain: items pre-filled")
     parser.add_argument("--json", metavar="PATH", help="write every figure as JSON")
@@ -677,7 +769,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--strict", action="store_true", help="exit 1 when a target is missed (not only on loss)"
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    default = "http" if args.command == "drain" else "http,grpc"
+    chosen = [t.strip() for t in (args.transports or default).split(",") if t.strip()]
+    unknown = sorted(set(chosen) - {"http", "grpc"})
+    if unknown or not chosen:
+        parser.error(f"--transports takes http, grpc or both, not {args.transports!r}")
+    args.transports = tuple(t for t in ("http", "grpc") if t in chosen)
+    if args.grpc_channels < 1:
+        parser.error("--grpc-channels must be at least 1")
+    return args
 
 
 async def amain(args: argparse.Namespace, workdir: Path) -> int:
@@ -694,20 +795,20 @@ async def amain(args: argparse.Namespace, workdir: Path) -> int:
     try:
         ingest: dict[str, Any] | None = None
         if args.command in ("ingest", "all"):
-            ingest = await bench_ingest(ctx, baseline=True)
+            ingest = await bench_ingest(ctx, baseline=True, transports=args.transports)
             results["ingest"] = ingest
             _print_ingest(ingest)
             ok = ok and ingest["verification"]["ok"]
-            if args.strict and not ingest["met"]:
+            if args.strict and not ingest.get("met", True):
                 ok = False
         if args.command in ("drain", "all"):
             if ingest is None:
-                ingest = await bench_ingest(ctx, baseline=False)
+                ingest = await bench_ingest(ctx, baseline=False, transports=args.transports)
                 results["ingest"] = ingest
                 _print_ingest(ingest)
                 ok = ok and ingest["verification"]["ok"]
             _say()
-            drain = await bench_drain(ctx, ingest["durable"]["spans_per_s"])
+            drain = await bench_drain(ctx, ingest_spans_per_s(ingest))
             results["drain"] = drain
             _print_drain(drain)
             ok = ok and drain["verification"]["ok"]

@@ -1,10 +1,16 @@
-"""A low-overhead HTTP/1.1 load generator on asyncio streams.
+"""A low-overhead load generator: HTTP/1.1 on asyncio streams, or OTLP/gRPC on grpc.aio.
 
 A fixed number of keep-alive connections each send one request after another (a
 closed loop: concurrency N means N requests in flight). The run stops at a request
 count or a duration, whichever comes first. Every request body is built before the
 clock starts (see :mod:`loadtest.payloads`), and each request goes out as one
 prebuilt buffer, so the client spends its time on sockets, not on protobuf.
+
+With ``--transport grpc`` (a ``grpc://host:port`` URL) the same bodies go to the
+TraceService Export RPC as raw bytes: N calls in flight shared over ``--channels``
+channels (one HTTP/2 connection each); an answer counts as the HTTP status it is the
+analogue of (:mod:`loadtest.otlp_grpc`: OK 200, RESOURCE_EXHAUSTED 429, ...), and the
+status counts are reported by gRPC name.
 
 Per request it records the latency (first byte written to last byte of the response
 read) and the status; the summary gives requests/s counting only 200s (acknowledged),
@@ -17,6 +23,7 @@ caller can sample CPU counters over exactly the timed window.
 
     python -m loadtest.loadgen --url http://127.0.0.1:4318/v1/traces \\
         --concurrency 32 --duration 15 --requests 40000
+    python -m loadtest.loadgen --url grpc://127.0.0.1:4317 --transport grpc --channels 4
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from loadtest import otlp_grpc
 from loadtest.payloads import TraceRequestFactory
 
 
@@ -47,6 +55,8 @@ class LoadSpec:
     content_type: str = "application/x-protobuf"
     timeout_s: float = 30.0
     label: str = ""
+    transport: str = "http"  # or "grpc": url is grpc://host:port
+    channels: int = 4  # gRPC: channels (connections) the requests in flight share
 
     @property
     def request_budget(self) -> int:
@@ -139,6 +149,7 @@ class _Run:
         self.statuses: list[int] = []
         self.errors: dict[str, int] = {}
         self.last_done = 0.0
+        self.channels: list[Any] = []
 
     def _take(self) -> bytes | None:
         if self.next >= len(self.requests) or time.perf_counter() >= self.deadline:
@@ -187,16 +198,54 @@ class _Run:
                 with contextlib.suppress(OSError):
                     await writer.wait_closed()
 
+    async def _grpc_calls(self, exporter: otlp_grpc.Exporter) -> None:
+        perf = time.perf_counter
+        latencies = self.latencies
+        statuses = self.statuses
+        timeout = self.spec.timeout_s
+        while (request := self._take()) is not None:
+            started = perf()
+            answer = await exporter.export("traces", request, deadline_s=timeout)
+            done = perf()
+            latencies.append(done - started)
+            statuses.append(answer.status)
+            if answer.status == 0:
+                self.errors[answer.code] = self.errors.get(answer.code, 0) + 1
+            else:
+                self.last_done = done
+
+    async def _connect(self) -> None:
+        """gRPC: the channels connected before the clock (HTTP connects on first use)."""
+        if self.spec.transport != "grpc":
+            return
+        target = otlp_grpc.target_of(self.spec.url)
+        count = max(1, min(self.spec.channels, self.spec.concurrency))
+        self.channels = [otlp_grpc.channel(target) for _ in range(count)]
+        await asyncio.wait_for(asyncio.gather(*(c.channel_ready() for c in self.channels)), 30)
+
+    def _lanes(self) -> list[Any]:
+        if self.spec.transport != "grpc":
+            return [self._connection() for _ in range(self.spec.concurrency)]
+        exporters = [otlp_grpc.Exporter(c) for c in self.channels]
+        return [
+            self._grpc_calls(exporters[i % len(exporters)]) for i in range(self.spec.concurrency)
+        ]
+
     async def go(self, on_start: Callable[[], None] | None = None) -> LoadResult:
-        if on_start is not None:
-            on_start()
-        cpu0 = time.process_time()
-        started = time.perf_counter()
-        if self.spec.duration_s is not None:
-            self.deadline = started + self.spec.duration_s
-        await asyncio.gather(*(self._connection() for _ in range(self.spec.concurrency)))
-        finished = time.perf_counter()
-        cpu = time.process_time() - cpu0
+        try:
+            await self._connect()
+            if on_start is not None:
+                on_start()
+            cpu0 = time.process_time()
+            started = time.perf_counter()
+            if self.spec.duration_s is not None:
+                self.deadline = started + self.spec.duration_s
+            await asyncio.gather(*self._lanes())
+            finished = time.perf_counter()
+            cpu = time.process_time() - cpu0
+        finally:
+            for chan in self.channels:
+                await chan.close()
         ended_by = "duration" if self.next < len(self.requests) else "requests"
         # Requests/s over the window in which answers came back.
         elapsed = (self.last_done or finished) - started
@@ -205,8 +254,9 @@ class _Run:
     def _summary(self, elapsed: float, ended_by: str, cpu: float) -> LoadResult:
         counts: dict[str, int] = {}
         ok_latencies: list[float] = []
+        name = otlp_grpc.label if self.spec.transport == "grpc" else str
         for latency, status in zip(self.latencies, self.statuses, strict=True):
-            counts[str(status)] = counts.get(str(status), 0) + 1
+            counts[name(status)] = counts.get(name(status), 0) + 1
             if status == 200:
                 ok_latencies.append(latency)
         ok_latencies.sort()
@@ -241,11 +291,14 @@ class _Run:
 
 
 def build_requests(spec: LoadSpec) -> list[bytes]:
-    """Every request of the run, head and body, as one buffer each (before timing)."""
+    """Every request of the run, head and body, as one buffer each (before timing); over
+    gRPC the bodies alone."""
     parts = urlsplit(spec.url)
     path = parts.path or "/"
     host = parts.netloc
     factory = TraceRequestFactory(spec.spans)
+    if spec.transport == "grpc":
+        return [factory.make() for _ in range(spec.request_budget)]
     out: list[bytes] = []
     for _ in range(spec.request_budget):
         body = factory.make()
@@ -277,7 +330,8 @@ async def run_in_subprocess(
     args = [python, "-m", "loadtest.loadgen", "--url", spec.url, "--json", "-"]
     args += ["--concurrency", str(spec.concurrency), "--spans", str(spec.spans)]
     args += ["--content-type", spec.content_type, "--timeout", str(spec.timeout_s)]
-    args += ["--label", spec.label]
+    args += ["--label", spec.label, "--transport", spec.transport]
+    args += ["--channels", str(spec.channels)]
     if spec.duration_s is not None:
         args += ["--duration", str(spec.duration_s)]
     if spec.max_requests is not None:
@@ -310,7 +364,11 @@ def _print(message: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--url", required=True, help="e.g. http://127.0.0.1:4318/v1/traces")
+    parser.add_argument(
+        "--url", required=True, help="e.g. http://127.0.0.1:4318/v1/traces, grpc://127.0.0.1:4317"
+    )
+    parser.add_argument("--transport", choices=("http", "grpc"), default=None)
+    parser.add_argument("--channels", type=int, default=4, help="gRPC channels (connections)")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--duration", type=float, default=None, help="seconds")
     parser.add_argument("--requests", type=int, default=None, help="request count bound")
@@ -322,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.duration is None and args.requests is None:
         args.duration = 15.0
+    if args.transport is None:
+        args.transport = "grpc" if args.url.startswith("grpc://") else "http"
     spec = LoadSpec(
         url=args.url,
         concurrency=args.concurrency,
@@ -331,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         content_type=args.content_type,
         timeout_s=args.timeout,
         label=args.label,
+        transport=args.transport,
+        channels=args.channels,
     )
     requests = build_requests(spec)
     machine = args.json == "-"

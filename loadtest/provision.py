@@ -50,6 +50,20 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports (all held at once while they are picked)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+
+
+def grpc_settings(port: int) -> dict[str, str]:
+    """What a service needs to serve OTLP/gRPC on ``port`` (hypercorn leaves it off)."""
+    return {"GRPC_ENABLED": "true", "GRPC_PORT": str(port)}
+
+
 def _env(*keys: str) -> str | None:
     for key in keys:
         value = os.environ.get(key)

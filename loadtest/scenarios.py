@@ -4,7 +4,9 @@ one overload or failure, and checks invariants against what the stores hold.
 Every scenario ends with the accounting invariant (:func:`check_accounting`): once
 ``ingestion_queue`` has drained, the records answered 200 are exactly the records in the
 objects that ``export_batches`` lists (none missing, none twice), records answered
-202/429 are absent, and an unanswered request is stored whole or not at all.
+202/429 are absent, and an unanswered request is stored whole or not at all. The
+``grpc`` scenario sends over OTLP/gRPC, each answer counted as its HTTP analogue (OK 200,
+OK with partial_success 202, RESOURCE_EXHAUSTED 429: :mod:`loadtest.otlp_grpc`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from loadtest.stress_env import (
     ENCODINGS,
     UNKNOWN,
+    GrpcSender,
     Harness,
     Ledger,
     Sender,
@@ -608,10 +611,141 @@ async def sigkill(h: Harness, report: Report) -> None:
         await stores.close()
 
 
+# --- 6. OTLP/gRPC through the same intake ----------------------------------------------------
+
+GRPC_CAP = 150
+GRPC_BURST = 200
+GRPC_RPS = 10.0
+GRPC_REQUESTS = 400
+GRPC_CONCURRENCY = 8
+
+
+async def grpc_transport(h: Harness, report: Report) -> None:
+    """OTLP/gRPC (GRPC_ENABLED, its own port): acknowledged, shed and throttled in one run.
+
+    ROLE=ingress (nothing drains), STAGING_MAX_BACKLOG=150, OVERFLOW_POLICY=drop and a token
+    bucket of 200 refilling at 10/s. 400 requests (the three signals, 1-12 records,
+    protobuf and gzip message compression) at 8 in flight over two channels: the first
+    150 fill the backlog (OK), the rest of the burst is shed (OK with partial_success
+    rejecting every record), then the bucket is dry (RESOURCE_EXHAUSTED with RetryInfo).
+    The staged rows hold exactly the OK records; a ROLE=worker process drains them and
+    the accounting invariant holds, gRPC answers counted as their HTTP analogues.
+    """
+    target = await h.target("grpc")
+    settings = {
+        "ROLE": "ingress",
+        "STAGING_MAX_BACKLOG": str(GRPC_CAP),
+        "OVERFLOW_POLICY": "drop",
+        "ENABLE_RATE_LIMITING": "true",
+        "RATE_LIMIT_RPS": str(GRPC_RPS),
+        "RATE_LIMIT_BURST": str(GRPC_BURST),
+    }
+    ledger = Ledger()
+    sender = GrpcSender(ledger, channels=2)
+    stores = Stores(target)
+    services: list[Service] = []
+    try:
+        svc = await h.service(target, "ingress", settings, grpc=True).start()
+        services.append(svc)
+        plan = [
+            (s, r, "gzip" if e == "gzip" else "protobuf") for s, r, e in mixed_plan(GRPC_REQUESTS)
+        ]
+        t0 = time.monotonic()
+        sents = await sender.send_many(svc, plan, concurrency=GRPC_CONCURRENCY)
+        elapsed = time.monotonic() - t0
+        check(
+            all(s.status in (200, 202, 429) for s in sents),
+            "grpc_only_ok_shed_or_exhausted",
+            f"{_grpc_codes(sents)}; unanswered: {[s.error for s in sents if not s.status][:3]}",
+        )
+        ok = [s for s in sents if s.status == 200]
+        shed = [s for s in sents if s.status == 202]
+        refused = [s for s in sents if s.status == 429]
+        check(
+            GRPC_CAP <= len(ok) <= GRPC_CAP + GRPC_CONCURRENCY - 1,
+            "grpc_backlog_cap",
+            f"{len(ok)} OK with STAGING_MAX_BACKLOG {GRPC_CAP} and {GRPC_CONCURRENCY} in flight",
+        )
+        passed = len(ok) + len(shed)
+        high = math.floor(GRPC_BURST + GRPC_RPS * elapsed)
+        check(
+            GRPC_BURST <= passed <= high,
+            "grpc_rate_limit_token_arithmetic",
+            f"{passed} requests passed the rate limit; the bucket allows {GRPC_BURST}..{high} "
+            f"(burst {GRPC_BURST}, {GRPC_RPS}/s, run {elapsed:.2f} s)",
+        )
+        check(
+            bool(refused) or high >= GRPC_REQUESTS,
+            "grpc_rate_limited",
+            f"no RESOURCE_EXHAUSTED: {_grpc_codes(sents)}",
+        )
+        _check_429s(refused, "grpc")
+        for sent in refused:
+            check(
+                sent.retry_info_twice,
+                "grpc_retry_info",
+                f"request {sent.index}: RESOURCE_EXHAUSTED without RetryInfo both in "
+                "grpc-status-details-bin and google.rpc.retryinfo-bin",
+            )
+        for sent in shed:
+            _check_partial_success(sent)
+        counts = await stores.staged_ids()
+        found, _ = account(ledger, counts, "ingestion_queue")
+        check(
+            found == ledger.records(200),
+            "grpc_nothing_else_staged",
+            f"ingestion_queue holds {found} records, {ledger.records(200)} were acknowledged",
+        )
+        metrics = await svc.metrics(sender.client)
+        served_ok = metrics.value("otelworker_requests_total", transport="grpc", code="OK")
+        served_re = metrics.value(
+            "otelworker_requests_total", transport="grpc", code="RESOURCE_EXHAUSTED"
+        )
+        check(
+            served_ok == passed and served_re == len(refused),
+            "grpc_metrics_agree",
+            f"/metrics counts {served_ok:.0f} OK and {served_re:.0f} RESOURCE_EXHAUSTED; "
+            f"the client saw {passed} and {len(refused)}",
+        )
+        await svc.stop()
+        logged_shed = svc.event_count("load_shedding", "queue_full_drop_or_sample")
+        logged_limited = svc.event_count("rate_limited", "limit_exceeded")
+        check(
+            logged_shed == len(shed) and logged_limited == len(refused),
+            "grpc_logged",
+            f"load_shedding x {logged_shed} and rate_limited x {logged_limited}; the client "
+            f"saw {len(shed)} shed and {len(refused)} refused",
+        )
+        worker = await h.service(target, "drain", {"ROLE": "worker"}).start()
+        services.append(worker)
+        accounting = await check_accounting(ledger, stores)
+        await worker.stop()
+        no_bug_events(*services)
+        report.add(
+            f"{len(sents)} gRPC requests in {elapsed:.1f} s: {len(ok)} OK (backlog cap "
+            f"{GRPC_CAP}), {len(shed)} OK+partial_success (shed), {len(refused)} "
+            f"RESOURCE_EXHAUSTED with RetryInfo (bucket allows {GRPC_BURST}..{high} through)"
+        )
+        report.add(f"ROLE=worker drain: {accounting.line()}")
+        report.data.update(ok=len(ok), shed=len(shed), refused=len(refused), elapsed_s=elapsed)
+    finally:
+        await sender.aclose()
+        await stores.close()
+
+
+def _grpc_codes(sents: list[Sent]) -> str:
+    counts: dict[str, int] = {}
+    for s in sents:
+        name = "OK+partial_success" if s.status == 202 else s.grpc_code or "no answer"
+        counts[name] = counts.get(name, 0) + 1
+    return ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+
+
 SCENARIOS: dict[str, Scenario] = {
     "rate_limit": rate_limit,
     "saturation": saturation,
     "slow_store": slow_store,
     "store_outage": store_outage,
     "sigkill": sigkill,
+    "grpc": grpc_transport,
 }

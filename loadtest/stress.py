@@ -3,12 +3,14 @@
 ``--mode verify`` (``make stress-verify``, CI): provisions PostgreSQL and S3, starts the
 service as a real process with small limits per scenario, and checks invariants against
 what the stores hold: rate-limit burst, saturation under each overflow policy, slow
-object store, object store outage and recovery, SIGKILL and restart. One PASS/FAIL line
-per scenario, then a summary; the exit status is 1 if any invariant broke.
+object store, object store outage and recovery, SIGKILL and restart, and OTLP/gRPC through
+the same admission (acknowledged, shed, throttled). One PASS/FAIL line per scenario, then
+a summary; the exit status is 1 if any invariant broke.
 
 ``--mode stress`` (``make stress-verify MODE=stress``): aggressive load for a while
-against the same set-up, a live progress line, then a summary and a JSON report plus a
-PNG chart under ``loadtest/reports/``. See docs/stress-testing.md.
+against the same set-up, over OTLP/HTTP or (``--transport grpc``) OTLP/gRPC, a live
+progress line, then a summary and a JSON report plus a PNG chart under
+``loadtest/reports/``. See docs/stress-testing.md.
 """
 
 from __future__ import annotations
@@ -109,6 +111,20 @@ def _parser() -> argparse.ArgumentParser:
     stress.add_argument("--duration", type=float, default=60.0, metavar="S", help="load time")
     stress.add_argument("--concurrency", type=int, default=32, help="requests in flight")
     stress.add_argument(
+        "--transport",
+        choices=("http", "grpc"),
+        default=None,
+        help="OTLP/HTTP (default) or OTLP/gRPC: the Export RPCs on the service's GRPC_PORT "
+        "(started with GRPC_ENABLED=true); gRPC sends protobuf only",
+    )
+    stress.add_argument(
+        "--grpc-channels",
+        type=int,
+        default=4,
+        metavar="N",
+        help="with --transport grpc: channels (connections) the lanes share (default 4)",
+    )
+    stress.add_argument(
         "--signals",
         default="traces=3,logs=2,metrics=1",
         help="signal mix as weights (default traces=3,logs=2,metrics=1)",
@@ -119,7 +135,8 @@ def _parser() -> argparse.ArgumentParser:
         "--encoding",
         choices=("protobuf", "gzip", "json", "mix"),
         default="protobuf",
-        help="request encoding (mix: protobuf, gzip and JSON in turn)",
+        help="request encoding (mix: protobuf, gzip and JSON in turn); with --transport grpc "
+        "only protobuf, or gzip (gRPC message compression)",
     )
     stress.add_argument(
         "--set",
@@ -139,7 +156,22 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.transport is not None and args.mode != "stress":
+        parser.error(
+            "--transport applies to --mode stress; verify mode has its own gRPC scenario "
+            "(--only grpc)"
+        )
+    args.transport = args.transport or "http"
+    if args.transport == "grpc" and args.encoding not in ("protobuf", "gzip"):
+        parser.error(
+            f"--encoding {args.encoding} cannot go over gRPC: OTLP/gRPC carries protobuf "
+            "messages only (JSON is an OTLP/HTTP encoding); use --encoding protobuf, or gzip "
+            "for gRPC message compression"
+        )
+    if args.grpc_channels < 1:
+        parser.error("--grpc-channels must be at least 1")
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     if args.mode == "verify":
         return asyncio.run(run_verify(args))

@@ -33,7 +33,7 @@ import httpx
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
-from loadtest import provision
+from loadtest import otlp_grpc, provision
 from loadtest.stress_records import (
     MAX_RECORDS,
     REQUEST_TYPES,
@@ -174,11 +174,17 @@ class Harness:
         *,
         s3_url: str | None = None,
         base: Mapping[str, str] = BASE_SETTINGS,
+        grpc: bool = False,
     ) -> Service:
+        """A service (not started); ``grpc``: with OTLP/gRPC on a free port of its own."""
         env = {**base, **target.s3_env(s3_url), "DATABASE_URL": target.dsn}
+        port = None
+        if grpc:
+            port, grpc_port = provision.free_ports(2)
+            env.update(provision.grpc_settings(grpc_port))
         env.update(settings)
         n = sum(1 for s in self.services if s.target is target)
-        service = Service(target, f"{target.name}-{n}-{label}", env, self.workdir)
+        service = Service(target, f"{target.name}-{n}-{label}", env, self.workdir, port=port)
         self.services.append(service)
         return service
 
@@ -206,10 +212,19 @@ class Harness:
 class Service:
     """``python -m hypercorn otelworker.app:app`` on a free port, its log in a file."""
 
-    def __init__(self, target: Target, label: str, env: dict[str, str], workdir: Path) -> None:
+    def __init__(
+        self,
+        target: Target,
+        label: str,
+        env: dict[str, str],
+        workdir: Path,
+        *,
+        port: int | None = None,
+    ) -> None:
         self.target = target
         self.label = label
         self.env = env
+        self.port = port
         self.log_path = workdir / f"{label}.log"
         self.proc: provision.AppProcess | None = None
         self._events: list[dict[str, Any]] = []
@@ -224,10 +239,17 @@ class Service:
     def endpoint(self, signal_name: str) -> str:
         return f"{self.url}/v1/{signal_name}"
 
+    @property
+    def grpc_target(self) -> str:
+        """``host:port`` of its OTLP/gRPC server (set up by ``Harness.service(grpc=True)``)."""
+        if self.env.get("GRPC_ENABLED", "").lower() != "true" or not self.env.get("GRPC_PORT"):
+            raise RuntimeError(f"{self.label} was not started with GRPC_ENABLED and a GRPC_PORT")
+        return f"127.0.0.1:{self.env['GRPC_PORT']}"
+
     async def start(self, within: float = 90.0) -> Service:
         self.log_path.unlink(missing_ok=True)
         self.proc = provision.AppProcess(
-            "otelworker.app:app", settings=self.env, log_path=self.log_path
+            "otelworker.app:app", settings=self.env, log_path=self.log_path, port=self.port
         )
         try:
             await self.proc.wait_ready_async(within)
@@ -374,6 +396,8 @@ class Sent:
     body: bytes = b""
     error: str = ""
     latency_s: float = 0.0
+    grpc_code: str = ""  # over gRPC: the code name (status is its HTTP analogue)
+    retry_info_twice: bool = False  # over gRPC: RetryInfo in the Status and in retryinfo-bin
 
 
 class Ledger:
@@ -480,6 +504,57 @@ class Sender:
 
         await asyncio.gather(*(lane() for _ in range(concurrency)))
         return done
+
+
+class GrpcSender(Sender):
+    """The same requests over OTLP/gRPC (``service.grpc_target``); each answer noted as the
+    HTTP status it is the analogue of (:mod:`loadtest.otlp_grpc`). ``client`` (httpx)
+    stays for ``/metrics``."""
+
+    def __init__(
+        self, ledger: Ledger, *, pad: int = 0, timeout: float = 30.0, channels: int = 2
+    ) -> None:
+        super().__init__(ledger, pad=pad, timeout=timeout)
+        self.timeout = timeout
+        self.channels = channels
+        self._exporters: dict[str, list[otlp_grpc.Exporter]] = {}
+        self._turn = 0
+
+    async def aclose(self) -> None:
+        for exporters in self._exporters.values():
+            for exporter in exporters:
+                await exporter.channel.close()
+        self._exporters.clear()
+        await super().aclose()
+
+    def _exporter(self, target: str) -> otlp_grpc.Exporter:
+        if target not in self._exporters:
+            self._exporters[target] = [
+                otlp_grpc.Exporter(otlp_grpc.channel(target)) for _ in range(self.channels)
+            ]
+        self._turn += 1
+        exporters = self._exporters[target]
+        return exporters[self._turn % len(exporters)]
+
+    async def send(self, service: Service, signal_name: str, records: int, encoding: str) -> Sent:
+        if encoding not in ("protobuf", "gzip"):
+            raise ValueError(f"gRPC carries protobuf only, not {encoding!r}")
+        sent = self.ledger.new(signal_name, records, encoding)
+        body = self.template(signal_name, records).make(sent.index)
+        exporter = self._exporter(service.grpc_target)
+        started = time.monotonic()
+        answer = await exporter.export(
+            signal_name, body, deadline_s=self.timeout, gzip=encoding == "gzip"
+        )
+        sent.latency_s = time.monotonic() - started
+        sent.status = answer.status
+        sent.grpc_code = answer.code
+        sent.body = answer.body
+        sent.retry_after = None if answer.retry_after is None else str(answer.retry_after)
+        sent.retry_info_twice = answer.retry_info_twice
+        if answer.status == UNKNOWN:
+            sent.error = f"{answer.code}: {answer.details}"
+        return sent
 
 
 def mixed_plan(

@@ -1,7 +1,12 @@
 """The stress-mode load generator, run as its own process (``python -m loadtest.stress_load``).
 
-A closed loop on asyncio streams: ``--concurrency`` keep-alive connections each send
-one request after another until ``--duration`` has passed. Request ``k`` (from 1) has a
+A closed loop: ``--concurrency`` lanes each send one request after another until
+``--duration`` has passed. Over HTTP (``--transport http``) each lane is a keep-alive
+connection on asyncio streams; over gRPC (``--transport grpc``) the lanes share
+``--channels`` grpc.aio channels (one connection each) and call the Export RPCs with the
+same protobuf bodies, an answer counted as the HTTP status it is the analogue of (see
+:mod:`loadtest.otlp_grpc`: OK 200, OK with partial_success 202, RESOURCE_EXHAUSTED 429,
+UNAVAILABLE 503, no answer 0). Request ``k`` (from 1) has a
 signal and an encoding fixed by :func:`schedule`, ``--records`` records whose ids are
 ``k << 16 | n`` (see :mod:`loadtest.stress_records`), so the parent can rebuild what each
 request carried from its index alone.
@@ -26,6 +31,9 @@ from collections import Counter
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+import grpc
+
+from loadtest import otlp_grpc
 from loadtest.loadgen import read_response
 from loadtest.stress_records import SIGNALS, Template
 
@@ -87,6 +95,9 @@ async def _read_status(reader: asyncio.StreamReader) -> tuple[int, bool]:
 class Load:
     def __init__(self, args: argparse.Namespace) -> None:
         self.url = urlsplit(args.url)
+        self.transport = args.transport
+        self.grpc_target = args.grpc_target
+        self.channels = max(1, min(args.channels, args.concurrency))
         self.schedule = Schedule.build(args.signals, args.encoding, args.records)
         self.templates = {
             s: Template(s, args.records, args.pad) for s in set(self.schedule.signals)
@@ -103,6 +114,8 @@ class Load:
         self.done_at: list[float] = []
         self.errors: Counter[str] = Counter()
         self.in_flight = 0
+        self.label = otlp_grpc.label if self.transport == "grpc" else str
+        self._channels: list[grpc.aio.Channel] = []
 
     def body_sizes(self) -> dict[str, int]:
         return {s: t.size for s, t in self.templates.items()}
@@ -127,6 +140,11 @@ class Load:
             "User-Agent: otelworker-stress\r\n\r\n"
         )
         return head.encode() + body
+
+    def grpc_request(self, k: int) -> tuple[str, bytes, bool]:
+        """Request k over gRPC: (signal, protobuf body, gzip message compression)."""
+        signal = self.schedule.signal(k)
+        return signal, self.templates[signal].make(k), self.schedule.encoding(k) == "gzip"
 
     def _take(self) -> int | None:
         if time.monotonic() >= self.deadline:
@@ -173,12 +191,45 @@ class Load:
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
 
+    async def _grpc_lane(self, exporter: otlp_grpc.Exporter) -> None:
+        while (k := self._take()) is not None:
+            signal, body, gzipped = self.grpc_request(k)
+            started = time.monotonic()
+            self.in_flight += 1
+            try:
+                answer = await exporter.export(signal, body, deadline_s=self.timeout, gzip=gzipped)
+            finally:
+                self.in_flight -= 1
+            now = time.monotonic()
+            self.status[k - 1] = answer.status
+            self.latency[k - 1] = now - started
+            self.done_at[k - 1] = now - self.t0
+            if answer.status == 0:
+                self.errors[answer.code] += 1
+                await asyncio.sleep(0.05)  # the service may be gone; do not spin
+
+    async def _lanes(self) -> None:
+        if self.transport != "grpc":
+            await asyncio.gather(*(self._lane() for _ in range(self.concurrency)))
+            return
+        exporters = [otlp_grpc.Exporter(c) for c in self._channels]
+        await asyncio.gather(
+            *(self._grpc_lane(exporters[i % len(exporters)]) for i in range(self.concurrency))
+        )
+
+    async def _connect(self) -> None:
+        """gRPC: every channel connected before the clock starts (HTTP connects lazily)."""
+        if self.transport != "grpc":
+            return
+        self._channels = [otlp_grpc.channel(self.grpc_target) for _ in range(self.channels)]
+        await asyncio.wait_for(asyncio.gather(*(c.channel_ready() for c in self._channels)), 30)
+
     async def _progress(self) -> None:
         seen = 0
         while True:
             await asyncio.sleep(1.0)
             answered = [s for s in self.status[seen:] if s >= 0]
-            counts = Counter(str(s) for s in self.status if s >= 0)
+            counts = Counter(self.label(s) for s in self.status if s >= 0)
             _emit(
                 {
                     "phase": "progress",
@@ -192,15 +243,23 @@ class Load:
 
     async def run(self) -> None:
         for k in range(1, 4):  # warm the templates' code paths before the clock
-            self.request(k)
-        _emit({"phase": "timing"})
-        self.t0 = time.monotonic()
-        self.deadline = self.t0 + self.duration
-        progress = asyncio.create_task(self._progress())
-        await asyncio.gather(*(self._lane() for _ in range(self.concurrency)))
-        progress.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await progress
+            if self.transport == "grpc":
+                self.grpc_request(k)
+            else:
+                self.request(k)
+        try:
+            await self._connect()
+            _emit({"phase": "timing"})
+            self.t0 = time.monotonic()
+            self.deadline = self.t0 + self.duration
+            progress = asyncio.create_task(self._progress())
+            await self._lanes()
+            progress.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await progress
+        finally:
+            for chan in self._channels:
+                await chan.close()
 
     def result(self) -> dict[str, object]:
         records = self.schedule.records
@@ -232,6 +291,8 @@ class Load:
                 }
             )
         return {
+            "transport": self.transport,
+            "status_labels": {str(s): self.label(s) for s in sorted(set(self.status))},
             "schedule": {
                 "signals": list(self.schedule.signals),
                 "encodings": list(self.schedule.encodings),
@@ -258,6 +319,9 @@ def _emit(message: dict[str, object]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", required=True, help="the service base URL")
+    parser.add_argument("--transport", choices=("http", "grpc"), default="http")
+    parser.add_argument("--grpc-target", help="host:port of the service's OTLP/gRPC server")
+    parser.add_argument("--channels", type=int, default=4, help="gRPC channels for the lanes")
     parser.add_argument("--duration", type=float, default=60.0)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--signals", default="traces=3,logs=2,metrics=1")
@@ -267,6 +331,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=60.0)
     parser.add_argument("--out", required=True, help="the result file (JSON)")
     args = parser.parse_args(argv)
+    if args.transport == "grpc":
+        if not args.grpc_target:
+            parser.error("--transport grpc needs --grpc-target HOST:PORT")
+        if args.encoding not in ("protobuf", "gzip"):
+            parser.error("--transport grpc sends protobuf only (--encoding protobuf or gzip)")
     load = Load(args)
     asyncio.run(load.run())
     with open(args.out, "w") as fh:

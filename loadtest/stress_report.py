@@ -18,18 +18,21 @@ def chart(report: dict[str, Any], path: Path) -> None:
     load_end = (report.get("drain") or {}).get("load_end_s")
     fig, (ax1, ax2, ax3) = plt.subplots(3, 1, figsize=(11, 9.5), sharex=True)
     config = report.get("config", {})
+    grpc = config.get("transport") == "grpc"
     fig.suptitle(
         f"otelworker stress: {config.get('duration_s', 0):.0f} s at concurrency "
         f"{config.get('concurrency')}, {config.get('records_per_request')} records/request, "
-        f"{config.get('signals')}, {config.get('encoding')}  -  {report.get('result', '')[:60]}",
+        f"{config.get('signals')}, {config.get('encoding')}"
+        f"{', OTLP/gRPC' if grpc else ''}  -  {report.get('result', '')[:60]}",
         fontsize=10,
     )
+    ok = "OK" if grpc else "200"
 
     # 1. throughput, from the client's per-second buckets
     t = [row["t"] + 0.5 for row in series]
     acked = [row["acked"] for row in series]
     refused = [row["requests"] - row["acked"] for row in series]
-    ax1.plot(t, acked, color="tab:green", label="requests/s answered 200")
+    ax1.plot(t, acked, color="tab:green", label=f"requests/s answered {ok}")
     ax1.plot(t, refused, color="tab:red", label="requests/s answered otherwise")
     ax1.set_ylabel("requests / s")
     ax1.grid(alpha=0.3)

@@ -1,10 +1,11 @@
 """``--mode stress``: aggressive load against the real service, watched every second.
 
 The load comes from a child process (:mod:`loadtest.stress_load`) so that it never
-competes with this process's S3 server thread for the GIL. This process samples
-``GET /metrics`` (staging backlog, buffer depth), the queue table and the service's RSS
-every second, prints a progress line on stderr, waits for the drain after the load,
-checks the accounting invariant record by record, and writes
+competes with this process's S3 server thread for the GIL: over OTLP/HTTP or, with
+``--transport grpc``, over OTLP/gRPC to the service's GRPC_PORT (GRPC_ENABLED=true).
+This process samples ``GET /metrics`` (staging backlog, buffer depth), the queue table
+and the service's RSS every second, prints a progress line on stderr, waits for the
+drain after the load, checks the accounting invariant record by record, and writes
 ``loadtest/reports/stress-<time>.json`` and ``.png``.
 """
 
@@ -25,10 +26,12 @@ from typing import Any
 
 import httpx
 
+from loadtest import otlp_grpc
 from loadtest.stress_env import (
     Harness,
     InvariantBroken,
     Ledger,
+    Service,
     Stores,
     Target,
     account,
@@ -125,13 +128,17 @@ def _num(value: float | int | None) -> str:
     return "-" if value is None else f"{value:.0f}"
 
 
-async def _load(args: argparse.Namespace, url: str, out: Path, watcher: Watcher) -> dict[str, Any]:
+async def _load(
+    args: argparse.Namespace, service: Service, out: Path, watcher: Watcher
+) -> dict[str, Any]:
     cmd = [
-        sys.executable, "-m", "loadtest.stress_load", "--url", url,
+        sys.executable, "-m", "loadtest.stress_load", "--url", service.url,
         "--duration", str(args.duration), "--concurrency", str(args.concurrency),
         "--signals", args.signals, "--records", str(args.records), "--pad", str(args.pad),
-        "--encoding", args.encoding, "--out", str(out),
+        "--encoding", args.encoding, "--out", str(out), "--transport", args.transport,
     ]  # fmt: skip
+    if args.transport == "grpc":
+        cmd += ["--grpc-target", service.grpc_target, "--channels", str(args.grpc_channels)]
     proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE)
     assert proc.stdout is not None
     async for raw in proc.stdout:
@@ -196,23 +203,33 @@ async def run_stress(args: argparse.Namespace) -> int:
             "records_per_request": args.records,
             "pad_bytes_per_record": args.pad,
             "encoding": args.encoding,
+            "transport": args.transport,
+            "grpc_channels": args.grpc_channels if args.transport == "grpc" else None,
             "service_settings": settings,
         },
         "machine": {"cpus": os.cpu_count()},
     }
     failure: str | None = None
     watcher: Watcher | None = None
+    grpc = args.transport == "grpc"
+    if grpc and settings.get("GRPC_ENABLED", "true").strip().lower() not in ("1", "true", "yes"):
+        raise SystemExit("--transport grpc needs the service's gRPC server: drop GRPC_ENABLED")
     try:
         await asyncio.to_thread(harness.start)
         report["machine"]["stores"] = harness.describe()
         target: Target = await harness.target("stress")
         # The product defaults, not the verify scenarios' small limits.
-        service = harness.service(target, "stress", settings, base={})
+        service = harness.service(target, "stress", settings, base={}, grpc=grpc)
         await service.start()
+        where = (
+            f"OTLP/gRPC at {service.grpc_target} over {args.grpc_channels} channels"
+            if grpc
+            else "OTLP/HTTP"
+        )
         print(
             f"stress: {harness.describe()}; service {service.url} (log {service.log_path}); "
             f"{args.duration:.0f} s at concurrency {args.concurrency}, {args.records} records "
-            f"per request, signals {args.signals}, encoding {args.encoding}",
+            f"per request, signals {args.signals}, encoding {args.encoding}, {where}",
             file=sys.stderr,
             flush=True,
         )
@@ -222,7 +239,7 @@ async def run_stress(args: argparse.Namespace) -> int:
             ticker = asyncio.create_task(watcher.run())
             try:
                 out = workdir / "load-result.json"
-                result = await _load(args, service.url, out, watcher)
+                result = await _load(args, service, out, watcher)
                 load_end = float(result["elapsed_s"])  # the last answer, on the watcher's clock
                 watcher.phase = "drain"
                 drained = False
@@ -264,7 +281,11 @@ async def run_stress(args: argparse.Namespace) -> int:
         await service.stop()
         try:
             no_bug_events(service)
-            check(ledger.records(200) > 0, "some_records_acknowledged", "no request got a 200")
+            check(
+                ledger.records(200) > 0,
+                "some_records_acknowledged",
+                "no request was acknowledged (HTTP 200, gRPC OK without partial_success)",
+            )
         except InvariantBroken as exc:
             failure = failure or str(exc)
     except Exception as exc:
@@ -293,7 +314,7 @@ def _load_summary(result: dict[str, Any], ledger: Ledger) -> dict[str, Any]:
         return None if v is None else round(v * 1000, 2)
 
     acked_records = ledger.records(200)
-    return {
+    summary: dict[str, Any] = {
         "requests": len(result["statuses"]),
         "elapsed_s": round(elapsed, 2),
         "requests_per_s": round(len(result["statuses"]) / elapsed, 1),
@@ -307,6 +328,12 @@ def _load_summary(result: dict[str, Any], ledger: Ledger) -> dict[str, Any]:
         | {"max": round(lat[-1] * 1000, 2) if lat else None},
         "latency_ms_200": {q: ms(ok_lat, float(q[1:])) for q in ("p50", "p95", "p99")},
     }
+    if result.get("transport") == "grpc":
+        # ``statuses`` keeps the HTTP analogues the ledger counts by; this is how they read.
+        summary["grpc_codes"] = {
+            otlp_grpc.label(int(k)): v for k, v in sorted(statuses.items(), key=lambda i: i[0])
+        }
+    return summary
 
 
 async def _accounting(ledger: Ledger, stores: Stores) -> dict[str, Any]:
@@ -342,10 +369,14 @@ def _print_summary(report: dict[str, Any], json_path: Path, png_path: Path | Non
             f"  latency  p50 {lat['p50']} ms, p95 {lat['p95']} ms, p99 {lat['p99']} ms, "
             f"max {lat['max']} ms"
         )
-        mix = ", ".join(
-            f"{k if k != '0' else 'no answer'}: {v}" for k, v in load["statuses"].items()
-        )
-        print(f"  statuses {mix}" + (f" (errors {load['errors']})" if load["errors"] else ""))
+        if "grpc_codes" in load:
+            mix = ", ".join(f"{k}: {v}" for k, v in load["grpc_codes"].items())
+        else:
+            mix = ", ".join(
+                f"{k if k != '0' else 'no answer'}: {v}" for k, v in load["statuses"].items()
+            )
+        errors = f" (errors {load['errors']})" if load["errors"] else ""
+        print(f"  {'gRPC' if 'grpc_codes' in load else 'statuses'} {mix}{errors}")
     timeline = report.get("timeline") or []
     if timeline:
         backlog = [t["backlog"] for t in timeline if t["backlog"] is not None]
