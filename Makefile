@@ -27,6 +27,7 @@ lint: install
 	$(BIN)/ruff check otelworker tests loadtest noxfile.py
 	$(BIN)/ruff format --check otelworker tests loadtest noxfile.py
 	$(BIN)/mypy
+	$(BIN)/hadolint Dockerfile
 
 format: install
 	$(BIN)/ruff format otelworker tests loadtest noxfile.py

@@ -101,8 +101,11 @@ def latest_version() -> int:
 
 
 async def schema_is_current(conn: Any) -> bool:
+    """The schema is at least this code's: a newer one (a rolling upgrade's first new
+    process migrated it) is compatible, since migrations only add tables, columns with
+    defaults and indexes; an older one is not."""
     try:
         version = await conn.fetchval(query("schema_version"))
     except asyncpg.UndefinedTableError:
         return False
-    return bool(version == latest_version())
+    return bool(version is not None and version >= latest_version())

@@ -209,7 +209,16 @@ async def test_schema_version_reports_current_only_after_migrating(database_url:
         assert await schema_is_current(conn) is False
         await migrate(conn)
         assert await schema_is_current(conn) is True
-        await conn.execute("DELETE FROM otelworker_migrations WHERE version = $1", latest_version())
+        # A newer schema (a rolling upgrade's new process migrated it): old code stays ready.
+        newer = latest_version() + 1
+        await conn.execute(
+            "INSERT INTO otelworker_migrations (version, name) VALUES ($1, 'from the future')",
+            newer,
+        )
+        assert await schema_is_current(conn) is True
+        await conn.execute(
+            "DELETE FROM otelworker_migrations WHERE version >= $1", latest_version()
+        )
         assert await schema_is_current(conn) is False
     finally:
         await conn.close()
