@@ -32,3 +32,11 @@ def stress(session: nox.Session) -> None:
     session.install("-e", ".[test,embedded,loadtest]")
     mode = session.posargs[0] if session.posargs else os.environ.get("MODE", "verify")
     session.run("python", "-m", "loadtest.stress", "--mode", mode, *session.posargs[1:])
+
+
+@nox.session(python="3.11")
+def fuzz(session: nox.Session) -> None:
+    """The ingress fuzz suite, larger: OTELWORKER_FUZZ_EXAMPLES (default here 3000)."""
+    session.install("-e", ".[test,embedded]")
+    examples = os.environ.get("OTELWORKER_FUZZ_EXAMPLES", "3000")
+    session.run("pytest", "tests/fuzz", env={"OTELWORKER_FUZZ_EXAMPLES": examples})

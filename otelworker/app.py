@@ -11,8 +11,11 @@ import logging
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.types import Scope
 
 from otelworker import logs
+from otelworker.ingress.body import DrainUnreadBody
 from otelworker.ingress.routes import routes
 from otelworker.logs import log_event
 from otelworker.service import Service
@@ -42,7 +45,18 @@ def create_app(settings: Settings | None = None) -> Starlette:
         finally:
             await service.stop()
 
-    return Starlette(routes=routes, lifespan=lifespan)
+    def body_limit(scope: Scope) -> int:
+        service = getattr(scope["app"].state, "service", None)
+        return int(service.settings.max_request_body_bytes) if service else 16 * 1024 * 1024
+
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        middleware=[Middleware(DrainUnreadBody, limit=body_limit)],
+    )
+    # `/v1/traces/` is not an OTLP path: a 404, not a redirect a client would not follow.
+    app.router.redirect_slashes = False
+    return app
 
 
 app = create_app()

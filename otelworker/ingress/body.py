@@ -4,10 +4,10 @@ Neither the body as received nor the body after decompression may pass
 ``MAX_REQUEST_BODY_BYTES``; a compression bomb is cut off at the limit and never expands
 in memory beyond it, in any codec.
 
-A refusal made before the body is read whole must still leave the connection usable:
-:class:`RefusedBeforeBody` reads (and discards) the rest of a small body before it
-answers, and answers a large one with ``Connection: close`` while it keeps reading for a
-moment, so the client gets a clean end instead of a reset or a stalled keep-alive.
+An answer given before the body is read whole must still leave the connection usable:
+:class:`DrainUnreadBody` reads (and discards) the rest of a small body before the answer
+goes out, and sends a large one's answer with ``Connection: close`` while it keeps reading
+for a moment, so the client gets a clean end instead of a reset or a stalled keep-alive.
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ from collections.abc import AsyncIterator, Callable
 
 import cramjam
 import zstandard
-from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from otelworker.exceptions import OtelWorkerError
 
@@ -279,7 +278,7 @@ def decompress(data: bytes, content_encoding: str | list[Decoder], limit: int) -
     return data
 
 
-# --- refusals before the body is read -----------------------------------------------------
+# --- answers given before the body is read whole ----------------------------------------
 
 # Reading and dropping up to this much of a refused body is cheaper than the client's new
 # connection (a TCP and often a TLS handshake); beyond it, or a body slower than the
@@ -289,50 +288,87 @@ DRAIN_DEADLINE_S = 5.0
 # After `Connection: close`, the body is still read (and dropped) this long, so that the
 # close does not reset a client still sending (a "lingering close", as nginx does).
 LINGER_S = 2.0
+# Answered at once with `Connection: close`: the body is over the limit (not worth
+# reading), or the service is stopping (the client had better reconnect elsewhere).
+_CLOSE_AT_ONCE = frozenset({413, 503})
+_HTTP1 = ("1.0", "1.1")
 
 
-class RefusedBeforeBody(Response):
-    """An ASGI answer for a refusal made before the request body was read whole.
+class DrainUnreadBody:
+    """ASGI middleware: no answer leaves a request body unread on a kept-alive connection.
 
-    ``close=False``: drain the rest of the body (at most :data:`DRAIN_MAX_BYTES` and
-    :data:`DRAIN_DEADLINE_S`), then answer with the connection kept alive. A body larger
-    or slower than that, a declared Content-Length over the drain bound, or ``close=True``
-    (a 413 by size, a 503 while stopping): answer at once with ``Connection: close``, then
-    keep reading for at most :data:`LINGER_S` before the server closes. Either way the
-    next request on the connection is never stalled behind an unread body.
+    Whoever answers before the body is read whole (our refusals, Starlette's own 404 and
+    405), the answer goes out so that the next request on the connection is never stalled
+    behind the unread body (hypercorn stops reading it once its queue to the app is full)
+    nor met by a reset:
+
+    - a 405/415/429/...: the rest of the body is read and dropped first (at most
+      :data:`DRAIN_MAX_BYTES` and :data:`DRAIN_DEADLINE_S`), then the answer goes out and
+      the connection stays open;
+    - a body larger or slower than that, a declared Content-Length over the drain bound,
+      a 413 or a 503: the answer goes out at once with ``Connection: close`` (HTTP/1.x;
+      HTTP/2 ends the stream by itself), then the body is read on for at most
+      :data:`LINGER_S` (and ``MAX_REQUEST_BODY_BYTES``) before the server closes.
+
+    An answer after the whole body was read passes straight through.
     """
 
-    def __init__(
-        self, response: Response, *, declared: int | None, limit: int, close: bool = False
-    ) -> None:
-        self.status_code = response.status_code
-        self.body = response.body
-        self.raw_headers = response.raw_headers
-        self.background = None
-        self.limit = limit
-        self.drain_max = min(limit, DRAIN_MAX_BYTES)
-        self.close = close or (declared is not None and declared > self.drain_max)
+    def __init__(self, app: ASGIApp, limit: Callable[[Scope], int] | None = None) -> None:
+        self.app = app
+        self._limit = limit or (lambda scope: 16 * MiB)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
         ended = False
-        if not self.close:
-            ended = await _discard_body(receive, self.drain_max, DRAIN_DEADLINE_S)
-            self.close = not ended
-        # HTTP/2 and later end a stream by themselves; `Connection` is not allowed there.
-        if self.close and scope.get("http_version", "1.1") in ("1.0", "1.1"):
-            self.headers["connection"] = "close"
-        await send(
-            {
-                "type": "http.response.start",
-                "status": self.status_code,
-                "headers": self.raw_headers,
-            }
-        )
-        await send({"type": "http.response.body", "body": self.body, "more_body": not ended})
-        if not ended:
-            # The client has the whole answer (Content-Length); read on briefly, then end.
-            await _discard_body(receive, self.limit, LINGER_S)
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        close = False
+
+        async def tracked() -> Message:
+            nonlocal ended
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                ended = True
+            return message
+
+        async def guarded(message: Message) -> None:
+            nonlocal close, ended
+            if ended and not close:
+                await send(message)
+                return
+            if message["type"] == "http.response.start":
+                limit = self._limit(scope)
+                drain_max = min(limit, DRAIN_MAX_BYTES)
+                declared = _content_length(scope)
+                close = message["status"] in _CLOSE_AT_ONCE or (
+                    declared is not None and declared > drain_max
+                )
+                if not close:
+                    ended = await _discard_body(tracked, drain_max, DRAIN_DEADLINE_S)
+                    close = not ended
+                if close and scope.get("http_version", "1.1") in _HTTP1:
+                    message = {**message, "headers": [*message.get("headers", ()), _CLOSE]}
+                await send(message)
+                return
+            last = message["type"] == "http.response.body" and not message.get("more_body")
+            if last and not ended:
+                # The client has the whole answer (Content-Length): read on briefly.
+                await send({**message, "more_body": True})
+                await _discard_body(tracked, self._limit(scope), LINGER_S)
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        await self.app(scope, tracked, guarded)
+
+
+_CLOSE = (b"connection", b"close")
+
+
+def _content_length(scope: Scope) -> int | None:
+    for key, value in scope.get("headers", ()):
+        if key == b"content-length":
+            return int(value) if value.isdigit() else None
+    return None
 
 
 async def _discard_body(receive: Receive, max_bytes: int, deadline_s: float) -> bool:

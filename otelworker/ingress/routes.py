@@ -3,14 +3,14 @@
 Order of work per request, cheapest refusal first: content type and encoding, rate limit
 (before the body is read), staging saturation (before it is decompressed and decoded),
 body size, decompression, decoding, then the group commit. A 200 is sent only after the
-commit. A refusal made before the body is read whole is answered through
-:class:`~otelworker.ingress.body.RefusedBeforeBody`, which keeps the connection usable.
+commit. An answer given before the body is read whole keeps the connection usable
+through :class:`~otelworker.ingress.body.DrainUnreadBody`, the app's middleware.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import ClientDisconnect, Request
@@ -25,7 +25,6 @@ from otelworker.ingress.body import (
     BodyTooLarge,
     Decoder,
     InflightFull,
-    RefusedBeforeBody,
     UnsupportedEncoding,
     codings,
     decompress,
@@ -130,15 +129,12 @@ async def export(request: Request) -> Response:
 async def _export(request: Request, signal: str, service: Service) -> Response:
     intake = service.intake
     encoding = _encoding(request)
-    limit = service.settings.max_request_body_bytes
     declared = _declared_length(request)
     answer = _Answer(intake, signal, encoding or otlp.PROTOBUF, request)
 
-    def before_body(refusal: Refused, headers: dict[str, str] | None = None) -> Response:
-        # Too large by size, or unavailable (stopping): the connection had better close.
-        close = refusal.kind in (Kind.TOO_LARGE, Kind.UNAVAILABLE)
-        response = answer.refuse(refusal, headers)
-        return RefusedBeforeBody(response, declared=declared, limit=limit, close=close)
+    # A refusal before the body is read is answered as any other: DrainUnreadBody (the
+    # app's middleware) drains the rest, or closes cleanly, so the connection stays usable.
+    before_body = answer.refuse
 
     if request.method != "POST":
         return before_body(
@@ -158,7 +154,8 @@ async def _export(request: Request, signal: str, service: Service) -> Response:
             )
         )
     try:
-        decoders = codings(request.headers.get("content-encoding", ""))
+        # Several Content-Encoding lines are one list (RFC 9110 §5.3).
+        decoders = codings(",".join(request.headers.getlist("content-encoding")))
         # Rate limit, readiness, saturation: before the body is read.
         verdict = intake.admit()
     except UnsupportedEncoding as exc:
@@ -197,7 +194,7 @@ async def _receive(
     verdict: Verdict,
     decoders: list[Decoder],
     reserve: Callable[[int], bool] | None,
-    before_body: Callable[[Refused], Response],
+    before_body: Callable[..., Response],
 ) -> Response:
     """Body: bounded read, bounded decompression, decode; then stage (or shed)."""
     intake, signal, encoding = answer.intake, answer.signal, answer.encoding
@@ -249,10 +246,20 @@ async def metrics(request: Request) -> Response:
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
-ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+class _AnyMethod:
+    """An endpoint that sees every method (TRACE, FOO, ...), so that export answers a
+    wrong one itself: 405 with a Status body in the request's encoding."""
+
+    def __init__(self, endpoint: Callable[[Request], Awaitable[Response]]) -> None:
+        self.endpoint = endpoint
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = await self.endpoint(Request(scope, receive))
+        await response(scope, receive, send)
+
 
 routes = [
-    *(Route(f"/v1/{signal}", export, methods=ALL_METHODS, name=signal) for signal in otlp.SIGNALS),
+    *(Route(f"/v1/{signal}", _AnyMethod(export), name=signal) for signal in otlp.SIGNALS),
     Route("/healthz", healthz, methods=["GET", "HEAD"]),
     Route("/readyz", readyz, methods=["GET", "HEAD"]),
     Route("/metrics", metrics, methods=["GET"]),

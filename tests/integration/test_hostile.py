@@ -549,3 +549,67 @@ async def test_bytes_in_flight_past_the_limit_are_429_before_the_body_is_read(
             for conn in (slow, other, chunked):
                 conn.close()
     assert [r["record_count"] for r in await staged_rows(database_url)] == [300, 2]
+
+
+# --- answers the router gives (unknown paths, methods) keep the connection too --------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("POST", "/v1/traces/", 404),  # no redirect: not an OTLP path
+        ("POST", "//v1/traces", 404),
+        ("POST", "/nope", 404),
+        ("TRACE", "/v1/traces", 405),
+        ("FOO", "/v1/logs", 405),
+    ],
+)
+async def test_router_answers_before_the_body_keep_the_connection_serving(
+    svc: RunningService, method: str, path: str, status: int
+) -> None:
+    conn = await Connection.open(svc)
+    try:
+        for chunked in (True, False):
+            body = valid_trace() * 10
+            if chunked:
+                head = {"Content-Type": PROTOBUF, "Transfer-Encoding": "chunked"}
+                conn.writer.write(f"{method} {path} HTTP/1.1\r\nHost: x\r\n".encode())
+                conn.writer.write("".join(f"{k}: {v}\r\n" for k, v in head.items()).encode())
+                conn.writer.write(b"\r\n")
+                await conn.send_chunks(body, writes=20)
+            else:
+                conn.writer.write(
+                    f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {PROTOBUF}\r\n"
+                    f"Content-Length: {len(body)}\r\n\r\n".encode()
+                )
+                await conn.writer.drain()
+                await asyncio.sleep(0.01)  # pacing: the body comes after the head
+                conn.writer.write(body)
+                await conn.writer.drain()
+            answer = await conn.read_answer()
+            assert answer.status == status, answer
+            assert answer.headers.get("connection") != "close"
+            if status == 405:  # our answer, with a Status body, not the router's text
+                assert rpc_status(answer).code == otlp.CODE_UNIMPLEMENTED
+            await valid_request_is_answered(conn)
+    finally:
+        conn.close()
+
+
+async def test_content_encoding_on_several_lines_is_one_list(
+    svc: RunningService, database_url: str
+) -> None:
+    body = zstandard.ZstdCompressor().compress(gzip.compress(valid_trace()))  # gzip, then zstd
+    conn = await Connection.open(svc)
+    try:
+        lines = (
+            f"POST /v1/traces HTTP/1.1\r\nHost: x\r\nContent-Type: {PROTOBUF}\r\n"
+            "Content-Encoding: gzip\r\nContent-Encoding: zstd\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        )
+        conn.writer.write(lines.encode() + body)
+        await conn.writer.drain()
+        assert (await conn.read_answer()).status == 200
+    finally:
+        conn.close()
+    assert [r["record_count"] for r in await staged_rows(database_url)] == [2]
