@@ -43,6 +43,7 @@ from loadtest.stress_records import (
     iter_ids,
     signal_of_key,
 )
+from otelworker.compression import decompress
 
 T = TypeVar("T")
 
@@ -621,10 +622,11 @@ class Stores:
 
     async def staged_ids(self) -> Counter[int]:
         """Record ids in every row of ``ingestion_queue`` (dead ones too)."""
-        rows = await self.fetch("SELECT signal, payload FROM ingestion_queue")
+        rows = await self.fetch("SELECT signal, payload, payload_encoding FROM ingestion_queue")
         counts: Counter[int] = Counter()
         for row in rows:
-            ids = ids_in_payload(row["signal"], row["payload"])
+            payload = decompress(row["payload"], row["payload_encoding"])
+            ids = ids_in_payload(row["signal"], payload)
             counts.update(i if i is not None else -1 for i in ids)
         return counts
 

@@ -24,7 +24,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import orjson
-import zstandard
 from google.protobuf import json_format
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
@@ -32,6 +31,8 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 )
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+
+from otelworker.compression import decompress_object as _decompress_object
 
 SIGNALS = ("traces", "metrics", "logs")
 ID_KEY = "stress.id"
@@ -246,7 +247,7 @@ def decompress_object(key: str, body: bytes) -> bytes:
     if key.endswith(".gz"):
         return gzip.decompress(body)
     if key.endswith(".zst"):
-        return zstandard.ZstdDecompressor().decompressobj().decompress(body)
+        return _decompress_object(body, "zstd")  # every frame: one per staged payload
     return body
 
 

@@ -52,6 +52,12 @@ class Metrics:
             ["transport", "signal"],
             registry=r,
         )
+        self.staged_bytes = Counter(
+            "otelworker_staged_bytes",
+            "Bytes written to ingestion_queue for payloads (as stored: compressed).",
+            ["signal"],
+            registry=r,
+        )
         self.stage_duration = Histogram(
             "otelworker_stage_duration_seconds",
             "Time from a request's payload being ready to its commit in the staging queue.",

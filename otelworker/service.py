@@ -25,7 +25,7 @@ from otelworker.sinks.base import ObjectStore
 from otelworker.sinks.factory import open_store
 from otelworker.staging.database import DB_ERRORS, create_pool, migrate, schema_is_current
 from otelworker.staging.group_commit import GroupCommitter
-from otelworker.staging.queue import StagingQueue
+from otelworker.staging.queue import Facts, StagingQueue
 from otelworker.supervisor import Supervisor
 
 
@@ -60,10 +60,14 @@ class Service:
         self.metrics.ready.set_function(self._ready)
 
     async def _stage_many(
-        self, signals: list[str], payloads: list[bytes], record_counts: list[int]
+        self,
+        signals: list[str],
+        payloads: list[bytes],
+        record_counts: list[int],
+        facts: list[Facts | None],
     ) -> int:
         assert self.queue is not None
-        xid = await self.queue.stage_many(signals, payloads, record_counts)
+        xid = await self.queue.stage_many(signals, payloads, record_counts, facts)
         self.metrics.group_commit_size.observe(len(signals))
         return xid
 

@@ -95,9 +95,9 @@ class OtlpGrpc:
                 if not inflight.reserve(len(request)):
                     raise intake.inflight_refused()
                 reserved = len(request)
-            _, records = intake.decode(signal, request, json=False)
+            message, records = intake.decode(signal, request, json=False)
             accepted = await intake.stage(
-                signal, GRPC, request, records, verdict, request_id, shed_status="OK"
+                signal, GRPC, request, message, records, verdict, request_id, shed_status="OK"
             )
         except Refused as refusal:
             code = grpc.StatusCode[refusal.kind.grpc_code]

@@ -14,6 +14,7 @@ shedding, or the group commit and its answer after the commit).
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import time
 import uuid
@@ -22,11 +23,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from otelworker import otlp
+from otelworker.compression import ENCODING, compress
 from otelworker.exceptions import BadPayload, OtelWorkerError, StagingUnavailable
 from otelworker.ingress.admission import Verdict
+from otelworker.staging.queue import Facts
 
 if TYPE_CHECKING:
     from otelworker.service import Service
+
+# Larger payloads are compressed in a thread (ISA-L and zstd release the GIL), smaller ones
+# inline: a thread hop costs more than compressing a few hundred KB at level 1.
+_INLINE_COMPRESS_BYTES = 512 * 1024
 
 SHED_MESSAGE = "staging queue saturated; records shed by overflow policy {policy} (not stored)"
 
@@ -164,6 +171,7 @@ class Intake:
         signal: str,
         transport: str,
         payload: bytes,
+        message: Any,
         records: int,
         verdict: Verdict,
         request_id: RequestId,
@@ -194,11 +202,26 @@ class Intake:
 
         committer = self.service.committer
         assert committer is not None  # admit() saw it
+        # Decode once: what the flush needs, from this decode; the payload stored in the
+        # object's codec, so the flush joins it as it is.
+        span = otlp.time_range(signal, message)
+        codec = settings.s3_compression
+        if len(payload) > _INLINE_COMPRESS_BYTES:
+            stored = await asyncio.to_thread(compress, payload, codec, settings.compression_level)
+        else:
+            stored = compress(payload, codec, settings.compression_level)
+        facts = Facts(
+            ENCODING[codec],
+            len(payload),
+            span[0] if span else None,
+            span[1] if span else None,
+            tuple(sorted(otlp.service_names(signal, message))),
+        )
         started = time.monotonic()
         try:
             # Bounded by STAGING_COMMIT_TIMEOUT_S inside the committer, which withdraws an
             # entry no commit has taken, so a 503 always means "not stored".
-            xid = await committer.stage(signal, payload, records)
+            xid = await committer.stage(signal, stored, records, facts)
         except StagingUnavailable as exc:
             raise Refused(
                 Kind.UNAVAILABLE,
@@ -213,6 +236,7 @@ class Intake:
             self.service.backlog.add(1, xid)
         metrics.records_accepted.labels(transport, signal).inc(records)
         metrics.request_bytes.labels(transport, signal).inc(len(payload))
+        metrics.staged_bytes.labels(signal).inc(len(stored))
         return Accepted(records)
 
     # --- accounting -----------------------------------------------------------------------

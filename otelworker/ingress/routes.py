@@ -212,7 +212,7 @@ async def _receive(
         # Stage durably (or shed by the overflow policy); answer after the commit.
         payload = message.SerializeToString() if encoding.json else data
         accepted = await intake.stage(
-            signal, HTTP, payload, records, verdict, answer.request_id, shed_status=202
+            signal, HTTP, payload, message, records, verdict, answer.request_id, shed_status=202
         )
     except BodyTooLarge as exc:
         return answer.refuse(Refused(Kind.TOO_LARGE, "too_large", str(exc)))

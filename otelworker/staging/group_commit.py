@@ -23,8 +23,9 @@ from dataclasses import dataclass
 
 from otelworker.exceptions import StagingUnavailable
 from otelworker.logs import log_event
+from otelworker.staging.queue import Facts
 
-StageMany = Callable[[list[str], list[bytes], list[int]], Awaitable[int | None]]
+StageMany = Callable[[list[str], list[bytes], list[int], list[Facts | None]], Awaitable[int | None]]
 
 
 @dataclass(slots=True, eq=False)
@@ -33,6 +34,7 @@ class _Entry:
     payload: bytes
     records: int
     done: asyncio.Future[int | None]
+    facts: Facts | None = None
     taken: bool = False  # in a commit: only the commit's outcome answers it now
     withdrawn: bool = False  # timed out before any commit took it: never inserted
 
@@ -69,13 +71,15 @@ class GroupCommitter:
     def waiting(self) -> int:
         return len(self._waiting)
 
-    async def stage(self, signal: str, payload: bytes, records: int) -> int | None:
+    async def stage(
+        self, signal: str, payload: bytes, records: int, facts: Facts | None = None
+    ) -> int | None:
         """Return once the payload is committed (with the commit's transaction id, where the
         store gives one); raise StagingUnavailable if it was not."""
         if self._closed:
             raise StagingUnavailable("shutting down")
         loop = asyncio.get_running_loop()
-        entry = _Entry(signal, payload, records, loop.create_future())
+        entry = _Entry(signal, payload, records, loop.create_future(), facts)
         entry.done.add_done_callback(_retrieve)
         self._waiting.append(entry)
         self._idle.clear()
@@ -143,6 +147,7 @@ class GroupCommitter:
                     [e.signal for e in batch],
                     [e.payload for e in batch],
                     [e.records for e in batch],
+                    [e.facts for e in batch],
                 )
         except TimeoutError:
             # The outcome is unknown (as with a lost connection): answered 503.

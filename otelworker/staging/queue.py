@@ -21,18 +21,50 @@ from otelworker.staging.sql import query
 
 
 @dataclass(frozen=True, slots=True)
+class Facts:
+    """What the flush needs of a payload, taken from the door's one decode.
+
+    ``encoding`` is how the payload is stored (``identity``, ``gzip`` or ``zstd``);
+    decompressed, it is the canonical protobuf request of ``raw_bytes`` bytes.
+    """
+
+    encoding: str
+    raw_bytes: int
+    min_ns: int | None
+    max_ns: int | None
+    services: tuple[str, ...]
+
+
+SERVICE_SEPARATOR = "\x1f"
+_MAX_NS = (1 << 63) - 1  # bigint; a fixed64 timestamp past it is clamped
+
+
+@dataclass(frozen=True, slots=True)
 class Claimed:
-    """A staged payload claimed by this worker."""
+    """A staged payload claimed by this worker; ``facts`` None for rows staged before the
+    door kept them (migration 0003): those are decoded at the flush."""
 
     id: int
     signal: str
     payload: bytes
     record_count: int
     attempts: int
+    facts: Facts | None = None
 
     @classmethod
     def from_row(cls, row: Any) -> Claimed:
-        return cls(row["id"], row["signal"], row["payload"], row["record_count"], row["attempts"])
+        facts = None
+        if row["raw_bytes"] is not None:
+            facts = Facts(
+                row["payload_encoding"],
+                row["raw_bytes"],
+                row["min_time_ns"],
+                row["max_time_ns"],
+                tuple(row["service_names"] or ()),
+            )
+        return cls(
+            row["id"], row["signal"], row["payload"], row["record_count"], row["attempts"], facts
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,17 +144,36 @@ class StagingQueue:
 
     # --- ingress ----------------------------------------------------------------
     async def stage_many(
-        self, signals: list[str], payloads: list[bytes], record_counts: list[int]
+        self,
+        signals: list[str],
+        payloads: list[bytes],
+        record_counts: list[int],
+        facts: Sequence[Facts | None] | None = None,
     ) -> int:
         """Insert the rows in one transaction, wake idle pollers once; return the xid.
 
         One statement outside an explicit transaction block: PostgreSQL commits it before
         it answers, so the group commit costs a single round trip.
         """
+        facts = facts or [None] * len(signals)
+        encodings = [f.encoding if f else None for f in facts]
+        raw = [f.raw_bytes if f else None for f in facts]
+        low = [min(f.min_ns, _MAX_NS) if f and f.min_ns is not None else None for f in facts]
+        high = [min(f.max_ns, _MAX_NS) if f and f.max_ns is not None else None for f in facts]
+        names = [SERVICE_SEPARATOR.join(f.services) if f else None for f in facts]
         try:
             async with self.pool.acquire() as conn:
                 xid = await conn.fetchval(
-                    query("stage_many"), signals, payloads, record_counts, column=1
+                    query("stage_many"),
+                    signals,
+                    payloads,
+                    record_counts,
+                    encodings,
+                    raw,
+                    low,
+                    high,
+                    names,
+                    column=1,
                 )
         except DB_ERRORS as exc:
             raise StagingUnavailable(f"stage: {type(exc).__name__}") from exc

@@ -26,6 +26,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from tests.support.payloads import unstage
+
 pytestmark = pytest.mark.acceptance
 
 GRACE_S = 5.0
@@ -79,7 +81,7 @@ async def _span_ids_accounted(dsn: str, objects: Path) -> list[str]:
     try:
         async with conn.transaction(isolation="repeatable_read"):
             payloads = [
-                r["payload"]
+                unstage(r["payload"])
                 for r in await conn.fetch(
                     "SELECT payload FROM ingestion_queue WHERE signal = 'traces'"
                 )

@@ -68,6 +68,7 @@ from tests.fuzz.strategies import (
     well_formed_requests,
 )
 from tests.support import payloads
+from tests.support.payloads import unstage
 from tests.support.procs import ServiceProcess, run_service
 from tests.support.provision import PgServer, create_database, drop_database, run_async
 
@@ -333,7 +334,7 @@ def test_staged_rows_parse_and_are_counted(service: ServiceProcess, fuzz_databas
     for row in rows:
         message = REQUEST_TYPES[row["signal"]]()
         try:
-            message.ParseFromString(row["payload"])
+            message.ParseFromString(unstage(row["payload"]))
         except DecodeError as exc:
             problems.append(f"row {row['id']} ({row['signal']}): payload does not parse: {exc}")
             continue

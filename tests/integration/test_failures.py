@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import asyncpg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from otelworker import otlp
 from tests.support.objects import (
     KEY_LAYOUT,
     S3Access,
@@ -26,12 +28,14 @@ from tests.support.objects import (
     queue_rows,
     queue_status,
     read_exported,
+    record_ids,
     span_request,
     stage_rows,
     until,
     wait_drained,
     wait_for,
 )
+from tests.support.payloads import unstage
 from tests.support.server import running_service
 
 pytestmark = pytest.mark.integration
@@ -471,3 +475,65 @@ async def test_oldest_age_rises_while_s3_is_down_and_falls_to_zero_after_the_dra
             within_s=DEADLINE_S,
             what="the oldest age to fall to 0 after the drain",
         )
+
+
+# --- staged compressed: joined at the flush, a corrupt row dead alone --------------------------
+
+
+@pytest.mark.parametrize("compression", ["gzip", "zstd"])
+async def test_staged_compressed_rows_are_joined_and_a_corrupt_one_goes_dead_alone(
+    database_url: str, s3_server: Any, s3_bucket: str, compression: str
+) -> None:
+    async with running_service(
+        database_url=database_url,
+        role="ingress",
+        s3_compression=compression,
+    ) as ingress:
+        telemetry = Telemetry(ingress.url, service_name=f"staged-{compression}")
+        await asyncio.to_thread(telemetry.send_spans, telemetry.spans(40), sizes=(4,))
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT id, payload, payload_encoding, raw_bytes, service_names FROM ingestion_queue"
+            " ORDER BY id"
+        )
+        # Staged in the object's codec, with the facts the flush needs.
+        assert {r["payload_encoding"] for r in rows} == {compression}
+        assert all(r["service_names"] == [f"staged-{compression}"] for r in rows)
+        assert all(len(unstage(r["payload"])) == r["raw_bytes"] for r in rows)
+        # One row's stored bytes cut short (a torn write, a bug): it must go dead alone.
+        poison = rows[3]["id"]
+        poison_ids = set(record_ids("traces", otlp.decode("traces", unstage(rows[3]["payload"]))))
+        await conn.execute(
+            "UPDATE ingestion_queue SET payload = substring(payload FROM 1 FOR 20) WHERE id = $1",
+            poison,
+        )
+        # And one old-style row (before migration 0003: identity, no facts) beside them.
+        old_span = b"\x77" * 8
+        await conn.execute(
+            "INSERT INTO ingestion_queue (signal, payload, record_count) VALUES ('traces', $1, 1)",
+            span_request([old_span], service_name="staged-before"),
+        )
+    finally:
+        await conn.close()
+
+    async with running_service(
+        database_url=database_url,
+        **s3_settings(s3_server, s3_bucket, s3_compression=compression),
+        **{**FAST, "role": "worker", "batch_max_size": 25, "batch_flush_interval_ms": 300},
+    ):
+        status = await wait_drained(database_url, within_s=DEADLINE_S)
+    assert status == {"dead": 1}
+    (dead,) = await queue_rows(database_url)
+    assert dead["id"] == poison
+    store = Store(s3=S3Access.of(s3_server, s3_bucket))
+    exported = await read_exported(database_url, store)
+    expected = [i for i in telemetry.sent.acked["traces"] if i not in poison_ids]
+    assert sorted(exported.ids("traces")) == sorted([*expected, old_span.hex()])
+    services = {name for row in exported.manifest for name in row["service_names"]}
+    assert services == {f"staged-{compression}", "staged-before"}
+    # The objects are several gzip members / zstd frames, one per payload: a reader that
+    # stopped after the first would see one request's spans, not the object's.
+    big = max(exported.objects, key=lambda o: len(o.ids))
+    assert len(big.ids) > 4
+    assert sum(r["raw_bytes"] for r in exported.manifest) > 0

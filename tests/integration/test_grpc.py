@@ -29,6 +29,7 @@ from otelworker import otlp
 from tests.integration.test_ingress import _sdk_logs, _sdk_metrics, _sdk_spans
 from tests.support import payloads
 from tests.support.objects import Store, read_exported, until, wait_drained
+from tests.support.payloads import unstage
 from tests.support.server import RunningService, running_service
 
 pytestmark = pytest.mark.integration
@@ -127,9 +128,9 @@ async def test_sdk_grpc_exporters_stage_spans_metrics_logs_exactly(
     assert [r["signal"] for r in staged] == ["traces", "traces", "metrics", "logs"]
     assert [r["record_count"] for r in staged][:2] == [4, 25]
     for row in staged:
-        message = otlp.decode(row["signal"], row["payload"])
+        message = otlp.decode(row["signal"], unstage(row["payload"]))
         assert otlp.count_records(row["signal"], message) == row["record_count"]
-    logs = logs_service_pb2.ExportLogsServiceRequest.FromString(staged[3]["payload"])
+    logs = logs_service_pb2.ExportLogsServiceRequest.FromString(unstage(staged[3]["payload"]))
     bodies = [r.body.string_value for r in logs.resource_logs[0].scope_logs[0].log_records]
     assert bodies == [f"message {i}" for i in range(5)]
     metrics = svc.service.metrics

@@ -28,6 +28,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
 from otelworker import otlp
 from tests.support import payloads
+from tests.support.payloads import unstage
 from tests.support.server import RunningService, running_service
 
 pytestmark = pytest.mark.integration
@@ -246,7 +247,7 @@ async def test_json_nested_within_the_limit_is_staged_and_decodes_again(
     assert response.status_code == 200, (case, response.text[:200])
     [row] = await staged_rows(database_url)
     # What the door accepts, the flush decodes: the staged bytes parse again.
-    staged = trace_service_pb2.ExportTraceServiceRequest.FromString(row["payload"])
+    staged = trace_service_pb2.ExportTraceServiceRequest.FromString(unstage(row["payload"]))
     assert row["record_count"] == 1
     assert staged.resource_spans[0].scope_spans[0].spans[0].name == "deep"
 

@@ -52,6 +52,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from otelworker import otlp
+from tests.support.payloads import unstage
 from tests.support.server import RunningService, running_service
 
 pytestmark = pytest.mark.integration
@@ -374,11 +375,11 @@ async def test_sdk_exporters_spans_metrics_logs_are_staged_exactly(
 
     traces, gz_traces, metrics, logs = rows
     # Each staged payload is exactly the request the SDK built (the gzip one decompressed).
-    assert bytes(traces["payload"]) == encode_spans(spans).SerializeToString()
-    assert bytes(gz_traces["payload"]) == encode_spans(gz_spans).SerializeToString()
-    assert bytes(metrics["payload"]) == encode_metrics(metrics_data).SerializeToString()
+    assert unstage(traces["payload"]) == encode_spans(spans).SerializeToString()
+    assert unstage(gz_traces["payload"]) == encode_spans(gz_spans).SerializeToString()
+    assert unstage(metrics["payload"]) == encode_metrics(metrics_data).SerializeToString()
 
-    staged = otlp.decode("traces", traces["payload"])
+    staged = otlp.decode("traces", unstage(traces["payload"]))
     got = {
         (s.span_id.hex(), s.trace_id.hex(), s.name)
         for rs in staged.resource_spans
@@ -391,7 +392,7 @@ async def test_sdk_exporters_spans_metrics_logs_are_staged_exactly(
     }
     assert got == sent
 
-    staged_metrics = otlp.decode("metrics", metrics["payload"])
+    staged_metrics = otlp.decode("metrics", unstage(metrics["payload"]))
     names = {
         m.name
         for rm in staged_metrics.resource_metrics
@@ -400,7 +401,7 @@ async def test_sdk_exporters_spans_metrics_logs_are_staged_exactly(
     }
     assert names == {"requests", "latency", "inflight", "temperature"}
 
-    staged_logs = otlp.decode("logs", logs["payload"])
+    staged_logs = otlp.decode("logs", unstage(logs["payload"]))
     got_logs = [
         (r.body.string_value, r.trace_id.hex(), r.severity_number)
         for rl in staged_logs.resource_logs
@@ -445,8 +446,8 @@ async def test_json_and_protobuf_twins_stage_identical_payloads(
     pairs = zip(rows[::2], rows[1::2], strict=True)
     for signal, (from_pb, from_js) in zip(otlp.SIGNALS, pairs, strict=True):
         assert from_pb["record_count"] == from_js["record_count"] == RECORDS[signal]
-        assert bytes(from_pb["payload"]) == REQUESTS[signal]().SerializeToString()
-        assert bytes(from_js["payload"]) == bytes(from_pb["payload"]), signal
+        assert unstage(from_pb["payload"]) == REQUESTS[signal]().SerializeToString()
+        assert unstage(from_js["payload"]) == unstage(from_pb["payload"]), signal
 
 
 def _raw_deflate(data: bytes) -> bytes:
@@ -500,7 +501,7 @@ async def test_compressed_bodies_are_staged_decompressed(
 
     rows = await queue_rows(database_url)
     # Staged decompressed: canonical protobuf, never the bytes on the wire.
-    assert [bytes(r["payload"]) for r in rows] == sent
+    assert [unstage(r["payload"]) for r in rows] == sent
     assert [r["record_count"] for r in rows] == [3] * (2 * len(COMPRESSORS)) + [4]
 
 
@@ -769,7 +770,7 @@ async def test_200_concurrent_requests_all_acknowledged_and_staged(
     names = sorted(
         s.name
         for row in rows
-        for rs in otlp.decode("traces", row["payload"]).resource_spans
+        for rs in otlp.decode("traces", unstage(row["payload"])).resource_spans
         for ss in rs.scope_spans
         for s in ss.spans
     )
@@ -843,7 +844,7 @@ async def test_database_cut_answers_503_then_recovers_without_restart(
     names = [
         s.name
         for row in rows
-        for rs in otlp.decode("traces", row["payload"]).resource_spans
+        for rs in otlp.decode("traces", unstage(row["payload"])).resource_spans
         for ss in rs.scope_spans
         for s in ss.spans
     ]
@@ -925,7 +926,7 @@ async def test_503_means_not_stored_when_commits_are_slower_than_the_timeout(
     stored = {
         s.name
         for row in rows
-        for rs in otlp.decode("traces", row["payload"]).resource_spans
+        for rs in otlp.decode("traces", unstage(row["payload"])).resource_spans
         for ss in rs.scope_spans
         for s in ss.spans
     }

@@ -28,7 +28,6 @@ from typing import Any
 
 import asyncpg
 import boto3
-import zstandard
 from botocore.config import Config as BotoConfig
 from google.protobuf.message import Message
 from opentelemetry.exporter.otlp.proto.http import Compression as OTLPCompression
@@ -59,6 +58,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
+from otelworker.compression import decompress_object
+
 SIGNALS = ("traces", "metrics", "logs")
 REQUEST_TYPES: dict[str, type[Message]] = {
     "traces": trace_service_pb2.ExportTraceServiceRequest,
@@ -82,9 +83,9 @@ EXTENSIONS = {"gzip": ".binpb.gz", "zstd": ".binpb.zst", "none": ".binpb"}
 def decompress(key: str, body: bytes) -> bytes:
     """Undo the compression the key's extension names (and nothing else)."""
     if key.endswith(".binpb.gz"):
-        return gzip.decompress(body)
+        return gzip.decompress(body)  # every member: the flush joins one per payload
     if key.endswith(".binpb.zst"):
-        return zstandard.ZstdDecompressor().decompressobj().decompress(body)
+        return decompress_object(body, "zstd")  # every frame
     if key.endswith(".binpb"):
         return body
     raise AssertionError(f"unexpected object extension: {key}")

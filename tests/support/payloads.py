@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 import time
 
+import zstandard
 from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
@@ -59,3 +61,18 @@ def logs(
         record.time_unix_nano = now + i
         record.body.string_value = f"line {i}"
     return request
+
+
+def unstage(payload: bytes) -> bytes:
+    """A staged payload (``ingestion_queue.payload``) as the canonical protobuf request.
+
+    The door stores payloads in the object's codec (``payload_encoding``); told apart here
+    by their magic bytes, which no serialized Export*ServiceRequest starts with (its first
+    byte is field 1's tag, 0x0a).
+    """
+    payload = bytes(payload)
+    if payload[:2] == b"\x1f\x8b":
+        return gzip.decompress(payload)
+    if payload[:4] == b"\x28\xb5\x2f\xfd":
+        return zstandard.ZstdDecompressor().decompress(payload)
+    return payload

@@ -9,6 +9,7 @@ the database: it records what each commit inserted and can be held.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -24,7 +25,9 @@ class HeldStore:
         self.started = asyncio.Event()
         self.committed: list[list[bytes]] = []
 
-    async def stage_many(self, signals: list[str], payloads: list[bytes], counts: list[int]) -> int:
+    async def stage_many(
+        self, signals: list[str], payloads: list[bytes], counts: list[int], facts: list[Any]
+    ) -> int:
         self.started.set()
         await self.release.wait()
         self.committed.append(list(payloads))

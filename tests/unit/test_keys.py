@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 
 import pytest
-import zstandard
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
+from otelworker.compression import decompress_object
 from otelworker.metrics import Metrics
 from otelworker.processing.export import Exporter, compress
 from otelworker.settings import Compression
@@ -121,7 +121,7 @@ def _traces_payload(span_id: bytes) -> bytes:
 
 DECOMPRESS = {
     Compression.GZIP: gzip.decompress,
-    Compression.ZSTD: lambda b: zstandard.ZstdDecompressor().decompressobj().decompress(b),
+    Compression.ZSTD: lambda b: decompress_object(b, "zstd"),
     Compression.NONE: lambda b: b,
 }
 

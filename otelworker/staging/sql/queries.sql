@@ -25,9 +25,14 @@ SELECT coalesce(max(version), 0) FROM otelworker_migrations;
 -- own transaction, committed before the reply. The statement also sends one wake-up to
 -- idle pollers (delivered at commit) and returns the transaction id, which the backlog
 -- figure compares with its count's snapshot so a commit is never counted twice.
+-- Each row's facts ride along ($4..$8: encoding, decompressed size, time range, service
+-- names joined by U+001F, one string per row since arrays of arrays do not unnest).
 WITH staged AS (
-    INSERT INTO ingestion_queue (signal, payload, record_count)
-    SELECT * FROM unnest($1::text[], $2::bytea[], $3::integer[])
+    INSERT INTO ingestion_queue (signal, payload, record_count, payload_encoding, raw_bytes,
+                                 min_time_ns, max_time_ns, service_names)
+    SELECT s, p, r, coalesce(e, 'identity'), b, lo, hi, string_to_array(n, E'\x1f')
+    FROM unnest($1::text[], $2::bytea[], $3::integer[], $4::text[], $5::integer[],
+                $6::bigint[], $7::bigint[], $8::text[]) AS t(s, p, r, e, b, lo, hi, n)
 )
 SELECT pg_notify('otelworker_staged', ''), pg_current_xact_id()::text;
 
@@ -68,7 +73,8 @@ SET status = 'processing',
     lease_token = $3
 FROM chosen c
 WHERE q.id = c.id
-RETURNING q.id, q.signal, q.payload, q.record_count, q.attempts;
+RETURNING q.id, q.signal, q.payload, q.record_count, q.attempts, q.payload_encoding,
+          q.raw_bytes, q.min_time_ns, q.max_time_ns, q.service_names;
 
 -- name: renew_leases --
 UPDATE ingestion_queue

@@ -11,7 +11,13 @@ CREATE TABLE ingestion_queue (
     lease_expires_at timestamptz,
     lease_token      uuid,
     received_at      timestamptz NOT NULL DEFAULT now(),
-    last_error       text
+    last_error       text,
+    payload_encoding text        NOT NULL DEFAULT 'identity'
+                                 CHECK (payload_encoding IN ('identity', 'gzip', 'zstd')),
+    raw_bytes        integer,
+    min_time_ns      bigint,
+    max_time_ns      bigint,
+    service_names    text[]
 );
 
 ALTER TABLE ingestion_queue ALTER COLUMN payload SET STORAGE EXTERNAL;

@@ -1,0 +1,63 @@
+"""The object codecs, shared by the door (which stages payloads already compressed in the
+object's codec) and the flush (which joins them: concatenated gzip members, like
+concatenated zstd frames, are one valid stream)."""
+
+from __future__ import annotations
+
+import gzip
+
+import zstandard
+from isal import igzip
+
+from otelworker.settings import Compression
+
+# How a staged payload is stored, per S3_COMPRESSION (the payload_encoding column).
+ENCODING = {Compression.GZIP: "gzip", Compression.ZSTD: "zstd", Compression.NONE: "identity"}
+# ISA-L's gzip levels; above them the stdlib's zlib takes over.
+ISAL_MAX_LEVEL = 3
+
+
+def compress(data: bytes, compression: Compression, level: int | None = None) -> bytes:
+    if compression is Compression.GZIP:
+        # ISA-L writes the same gzip format about five times faster than zlib at level 1
+        # (0.85 vs 4.3 ms for a batch of 25 x 26 KB) and releases the GIL.
+        level = level or 1
+        if level <= ISAL_MAX_LEVEL:
+            return igzip.compress(data, compresslevel=level, mtime=0)
+        return gzip.compress(data, compresslevel=level, mtime=0)
+    if compression is Compression.ZSTD:
+        # The frame declares its content size: a reader can check it without decoding.
+        return zstandard.ZstdCompressor(level=level or 3, write_content_size=True).compress(data)
+    return data
+
+
+def decompress(data: bytes, encoding: str) -> bytes:
+    """A staged payload back to canonical protobuf; raises ValueError if it is corrupt."""
+    try:
+        if encoding == "gzip":
+            return bytes(igzip.decompress(data))  # type: ignore[no-untyped-call]
+        if encoding == "zstd":
+            return bytes(zstandard.ZstdDecompressor().decompress(data))
+    except (OSError, EOFError, zstandard.ZstdError) as exc:
+        raise ValueError(f"corrupt {encoding} payload: {exc}") from None
+    if encoding == "identity":
+        return data
+    raise ValueError(f"unknown payload encoding {encoding!r}")
+
+
+def decompress_object(data: bytes, encoding: str) -> bytes:
+    """A whole object: every gzip member or zstd frame in it, joined (a flush joins one
+    per staged payload; a reader that stops after the first one loses the rest)."""
+    if encoding == "zstd":
+        out: list[bytes] = []
+        dctx = zstandard.ZstdDecompressor()
+        while data:
+            frame = dctx.decompressobj()
+            out.append(frame.decompress(data))
+            if not frame.eof:
+                raise ValueError("truncated zstd object")
+            data = frame.unused_data
+        return b"".join(out)
+    if encoding == "gzip":
+        return gzip.decompress(data)  # every member
+    return decompress(data, encoding)
