@@ -545,7 +545,14 @@ def _print_ingest(result: dict[str, Any]) -> None:
 
 
 async def prefill(dsn: str, items: int, spans: int, chunk: int = 1000) -> float:
-    """COPY ``items`` trace payloads of ``spans`` spans into the queue; returns seconds."""
+    """COPY ``items`` trace payloads of ``spans`` spans into the queue; returns seconds.
+
+    Staged as the door stages them (migration 0003): gzip at the default level, with the
+    facts the flush needs, so the drain measures what it does for real traffic.
+    """
+    from otelworker import otlp
+    from otelworker.compression import compress
+    from otelworker.settings import Compression
     from otelworker.staging.database import migrate
 
     factory = TraceRequestFactory(spans)
@@ -556,11 +563,27 @@ async def prefill(dsn: str, items: int, spans: int, chunk: int = 1000) -> float:
         left = items
         while left > 0:
             n = min(chunk, left)
-            records = [("traces", factory.make(), spans) for _ in range(n)]
+            records = []
+            for _ in range(n):
+                raw = factory.make()
+                message = otlp.decode("traces", raw)
+                low, high = otlp.time_range("traces", message) or (None, None)
+                names = sorted(otlp.service_names("traces", message))
+                stored = compress(raw, Compression.GZIP, 1)
+                records.append(("traces", stored, spans, "gzip", len(raw), low, high, names))
             await conn.copy_records_to_table(
                 "ingestion_queue",
                 records=records,
-                columns=["signal", "payload", "record_count"],
+                columns=[
+                    "signal",
+                    "payload",
+                    "record_count",
+                    "payload_encoding",
+                    "raw_bytes",
+                    "min_time_ns",
+                    "max_time_ns",
+                    "service_names",
+                ],
             )
             left -= n
         await conn.execute("ANALYZE ingestion_queue")
