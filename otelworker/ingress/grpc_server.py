@@ -16,7 +16,6 @@ clients read) and as ``google.rpc.retryinfo-bin`` (what the Python SDK reads).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +26,6 @@ from google.rpc import error_details_pb2, status_pb2
 from otelworker import otlp
 from otelworker.exceptions import ConfigError
 from otelworker.ingress.intake import Refused, RequestId
-from otelworker.logs import log_event
 
 if TYPE_CHECKING:
     from otelworker.service import Service
@@ -106,16 +104,7 @@ class OtlpGrpc:
             await context.abort(code, refusal.message, trailing_metadata=_trailers(refusal, code))
             raise AssertionError("abort() returned") from None  # pragma: no cover
         except Exception as exc:
-            log_event(
-                "internal_error",
-                "unexpected error while handling an export request",
-                reason=type(exc).__name__,
-                level=logging.ERROR,
-                exc_info=exc,
-                signal=signal,
-                transport=GRPC,
-            )
-            intake.answered(signal, GRPC, "INTERNAL")
+            intake.internal_error(signal, GRPC, "INTERNAL", exc)
             await context.abort(grpc.StatusCode.INTERNAL, "internal error; retry later")
             raise AssertionError("abort() returned") from None  # pragma: no cover
         finally:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from otelworker import otlp
 from otelworker.compression import ENCODING, compress
 from otelworker.exceptions import BadPayload, OtelWorkerError, StagingUnavailable
 from otelworker.ingress.admission import Verdict
+from otelworker.logs import log_event
 from otelworker.staging.queue import Facts
 
 if TYPE_CHECKING:
@@ -268,3 +270,16 @@ class Intake:
 
     def answered(self, signal: str, transport: str, code: str) -> None:
         self.metrics.requests.labels(transport, signal, code).inc()
+
+    def internal_error(self, signal: str, transport: str, code: str, exc: Exception) -> None:
+        """A bug of ours, never the client's: one event with the traceback, counted."""
+        log_event(
+            "internal_error",
+            "unexpected error while handling an export request",
+            reason=type(exc).__name__,
+            level=logging.ERROR,
+            exc_info=exc,
+            signal=signal,
+            transport=transport,
+        )
+        self.answered(signal, transport, code)

@@ -9,7 +9,6 @@ through :class:`~otelworker.ingress.body.DrainUnreadBody`, the app's middleware.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Awaitable, Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -31,7 +30,6 @@ from otelworker.ingress.body import (
     read_limited,
 )
 from otelworker.ingress.intake import Intake, Kind, Refused, RequestId
-from otelworker.logs import log_event
 from otelworker.service import Service
 
 HTTP = "http"
@@ -108,17 +106,8 @@ async def export(request: Request) -> Response:
         return _NoAnswer()
     except Exception as exc:
         # A bug of ours, never the client's: one event with the traceback, a Status body.
+        service.intake.internal_error(signal, HTTP, "500", exc)
         encoding = _encoding(request) or otlp.PROTOBUF
-        log_event(
-            "internal_error",
-            "unexpected error while handling an export request",
-            reason=type(exc).__name__,
-            level=logging.ERROR,
-            exc_info=exc,
-            signal=signal,
-            transport=HTTP,
-        )
-        service.metrics.requests.labels(HTTP, signal, "500").inc()
         return Response(
             otlp.status_body(otlp.CODE_INTERNAL, "internal error; retry later", encoding),
             500,

@@ -12,13 +12,11 @@ import asyncio
 import gzip
 import logging
 import socket
-import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-import cramjam
 import httpx
 import pytest
 import zstandard
@@ -28,7 +26,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
 from otelworker import otlp
 from tests.support import payloads
-from tests.support.payloads import unstage
+from tests.support.payloads import ENCODERS, unstage
 from tests.support.server import RunningService, running_service
 
 pytestmark = pytest.mark.integration
@@ -37,15 +35,7 @@ PROTOBUF = "application/x-protobuf"
 JSON = "application/json"
 LIMIT = 256 * 1024
 PROMPT_S = 3.0  # an answer later than this is a stall
-CODECS = {
-    "gzip": gzip.compress,
-    "zstd": lambda b: zstandard.ZstdCompressor().compress(b),
-    "deflate": zlib.compress,
-    "zlib": zlib.compress,
-    "snappy": lambda b: bytes(cramjam.snappy.compress_raw(b)),
-    "x-snappy-framed": lambda b: bytes(cramjam.snappy.compress(b)),
-    "lz4": lambda b: bytes(cramjam.lz4.compress(b)),
-}
+CODECS = ENCODERS
 
 
 # --- a raw HTTP/1.1 connection --------------------------------------------------------------

@@ -5,7 +5,10 @@ from __future__ import annotations
 import gzip
 import os
 import time
+import zlib
+from collections.abc import Callable
 
+import cramjam
 import zstandard
 from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
@@ -76,3 +79,16 @@ def unstage(payload: bytes) -> bytes:
     if payload[:4] == b"\x28\xb5\x2f\xfd":
         return zstandard.ZstdDecompressor().decompress(payload)
     return payload
+
+
+# A reference encoder for every Content-Encoding the service decodes (other code than its
+# decoders: the stdlib, zstandard, cramjam's encoders).
+ENCODERS: dict[str, Callable[[bytes], bytes]] = {
+    "gzip": gzip.compress,
+    "zstd": lambda b: zstandard.ZstdCompressor().compress(b),
+    "deflate": zlib.compress,
+    "zlib": zlib.compress,
+    "snappy": lambda b: bytes(cramjam.snappy.compress_raw(b)),
+    "x-snappy-framed": lambda b: bytes(cramjam.snappy.compress(b)),
+    "lz4": lambda b: bytes(cramjam.lz4.compress(b)),
+}

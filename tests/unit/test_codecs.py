@@ -29,6 +29,7 @@ from otelworker.ingress.body import (
     codings,
     decompress,
 )
+from tests.support.payloads import ENCODERS
 
 MiB = 1024 * 1024
 LIMIT = 16 * MiB
@@ -38,17 +39,6 @@ PAYLOAD = b"otlp payload with some entropy " + bytes(range(256)) * 40
 def raw_deflate(data: bytes) -> bytes:
     deflater = zlib.compressobj(6, zlib.DEFLATED, -15)
     return deflater.compress(data) + deflater.flush()
-
-
-ENCODERS: dict[str, Callable[[bytes], bytes]] = {
-    "gzip": gzip.compress,
-    "zstd": lambda b: zstandard.ZstdCompressor().compress(b),
-    "deflate": zlib.compress,
-    "zlib": zlib.compress,
-    "snappy": lambda b: bytes(cramjam.snappy.compress_raw(b)),
-    "x-snappy-framed": lambda b: bytes(cramjam.snappy.compress(b)),
-    "lz4": lambda b: bytes(cramjam.lz4.compress(b)),
-}
 
 
 def test_every_decoder_has_an_encoder_here() -> None:
