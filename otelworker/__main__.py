@@ -1,4 +1,5 @@
-"""Command line: ``python -m otelworker serve|migrate|requeue-dead|gc-orphans``."""
+"""Command line: ``python -m otelworker serve|migrate|requeue-dead`` and the archive's
+``batches|replay|prune|gc-orphans`` (in :mod:`otelworker.archive.cli`)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ import argparse
 import asyncio
 import signal
 import sys
-from datetime import UTC, datetime, timedelta
 
 from otelworker import logs
+from otelworker.archive import cli as archive_cli
 from otelworker.exceptions import ConfigError, OtelWorkerError
 from otelworker.settings import Settings, load_settings
 
@@ -81,78 +82,13 @@ async def _with_pool(settings: Settings, action: str, args: argparse.Namespace) 
             n = await queue.requeue_dead(args.signal, args.limit)
             print(f"requeued {n} dead item(s)")
             return 0
-        if action == "gc-orphans":
-            from otelworker.sinks.factory import open_store
-
-            store = await open_store(settings)
-            try:
-                removed = await gc_orphans(settings, queue, store, args.older_than_s, args.dry_run)
-            finally:
-                await store.close()
-            print(f"{'would remove' if args.dry_run else 'removed'} {removed} orphan object(s)")
-            if args.textfile:
-                _write_orphans_textfile(args.textfile, removed, args.dry_run)
-            return 0
+        if action in archive_cli.COMMANDS:
+            return await archive_cli.run(args, settings, pool)
         raise AssertionError(action)
     finally:
         await pool.close()
         if service.embedded is not None:
             await asyncio.to_thread(service.embedded.stop)
-
-
-async def gc_orphans(
-    settings: Settings, queue: object, store: object, older_than_s: float, dry_run: bool = False
-) -> int:
-    """Delete objects under S3_PREFIX that no manifest row names and are older than the age."""
-    from otelworker.sinks.base import ObjectStore
-    from otelworker.staging.queue import StagingQueue
-
-    assert isinstance(queue, StagingQueue)
-    store_: ObjectStore = store  # type: ignore[assignment]
-    cutoff = datetime.now(UTC) - timedelta(seconds=older_than_s)
-    prefix = settings.s3_prefix.strip("/")
-    removed = 0
-    page: list[str] = []
-
-    async def sweep(keys: list[str]) -> int:
-        known = await queue.manifest_keys_among(keys)
-        orphans = [k for k in keys if k not in known]
-        if not dry_run:
-            for key in orphans:
-                await store_.delete(key)
-        return len(orphans)
-
-    async for obj in store_.list(f"{prefix}/" if prefix else ""):
-        if obj.last_modified <= cutoff:
-            page.append(obj.key)
-        if len(page) >= 500:
-            removed += await sweep(page)
-            page = []
-    if page:
-        removed += await sweep(page)
-    return removed
-
-
-def _write_orphans_textfile(path: str, found: int, dry_run: bool) -> None:
-    """The run's outcome for node_exporter's textfile collector (written atomically)."""
-    import time
-
-    from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
-
-    registry = CollectorRegistry()
-    Gauge(
-        "otelworker_gc_orphans_found",
-        "Orphan objects (under S3_PREFIX, named by no manifest row) the last gc-orphans run"
-        " found (and removed unless dry_run).",
-        ["dry_run"],
-        registry=registry,
-    ).labels(str(dry_run).lower()).set(found)
-    Gauge(
-        "otelworker_gc_orphans_last_run_timestamp_seconds",
-        "When the last gc-orphans run finished (unix time).",
-        registry=registry,
-    ).set(time.time())
-    write_to_textfile(path, registry)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,20 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     requeue = sub.add_parser("requeue-dead", help="make dead items pending again")
     requeue.add_argument("--signal", choices=["traces", "metrics", "logs"])
     requeue.add_argument("--limit", type=int, default=1_000_000)
-    gc = sub.add_parser("gc-orphans", help="remove uploaded objects that no manifest row names")
-    gc.add_argument(
-        "--older-than-s",
-        type=float,
-        default=3600.0,
-        help="only objects older than this many seconds (default 3600)",
-    )
-    gc.add_argument("--dry-run", action="store_true")
-    gc.add_argument(
-        "--textfile",
-        metavar="PATH",
-        help="also write the outcome as Prometheus metrics to PATH (a *.prom file for"
-        " node_exporter's textfile collector)",
-    )
+    archive_cli.add_commands(sub)
     args = parser.parse_args(argv)
 
     try:
@@ -188,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"otelworker: {exc}", file=sys.stderr)
         return 2
     logs.configure(settings.log_level)
+    if args.command in archive_cli.COMMANDS:
+        archive_cli.logs_to_stderr()
     try:
         if args.command == "serve":
             asyncio.run(_serve(settings))
@@ -196,6 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     except OtelWorkerError as exc:
         print(f"otelworker: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        if args.command == "serve":
+            raise
+        print(f"otelworker: {args.command} interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

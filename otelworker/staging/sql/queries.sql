@@ -139,3 +139,54 @@ SELECT count(*) FROM ingestion_queue WHERE status = 'dead';
 
 -- name: manifest_keys_among --
 SELECT object_key FROM export_batches WHERE object_key = ANY($1::text[]);
+
+-- name: archive_batches --
+-- The archive commands' selection, one signal ($1) at a time so that the scan follows
+-- export_batches_created_idx: rows whose data time range overlaps [$2, $3) (NULL: open),
+-- that name the service $4 (NULL: any), in (created_at, batch_id) order after the page
+-- key ($5, $6), at most $7 of them.
+SELECT batch_id, signal, object_key, item_count, record_count, compressed_bytes, raw_bytes,
+       min_time, max_time, service_names, created_at
+FROM export_batches
+WHERE signal = $1
+  AND ($2::timestamptz IS NULL OR max_time >= $2)
+  AND ($3::timestamptz IS NULL OR min_time < $3)
+  AND ($4::text IS NULL OR $4 = ANY(service_names))
+  AND created_at >= $5
+  AND (created_at > $5 OR batch_id > $6)
+ORDER BY created_at, batch_id
+LIMIT $7;
+
+-- name: archive_totals --
+-- Objects, records and stored bytes of the same selection (the first $5 rows of it).
+SELECT count(*), coalesce(sum(record_count), 0)::bigint,
+       coalesce(sum(compressed_bytes), 0)::bigint
+FROM (
+    SELECT record_count, compressed_bytes
+    FROM export_batches
+    WHERE signal = $1
+      AND ($2::timestamptz IS NULL OR max_time >= $2)
+      AND ($3::timestamptz IS NULL OR min_time < $3)
+      AND ($4::text IS NULL OR $4 = ANY(service_names))
+    ORDER BY created_at, batch_id
+    LIMIT $5
+) selected;
+
+-- name: archive_expire --
+-- prune: delete up to $3 manifest rows of signal $1 stored before $2, returning what
+-- their objects were. Its own transaction: the objects go only after it has committed.
+DELETE FROM export_batches
+WHERE batch_id IN (
+    SELECT batch_id FROM export_batches
+    WHERE signal = $1 AND created_at < $2
+    ORDER BY created_at
+    LIMIT $3
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING object_key, compressed_bytes;
+
+-- name: archive_expired_totals --
+-- prune --dry-run: the rows (and their stored bytes) stored before $1.
+SELECT count(*), coalesce(sum(compressed_bytes), 0)::bigint
+FROM export_batches
+WHERE created_at < $1;

@@ -1,0 +1,375 @@
+"""The archive commands' arguments and what each one runs: ``batches``, ``replay``,
+``prune`` and ``gc-orphans`` (wired into ``python -m otelworker`` by ``__main__``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import urlsplit
+
+import asyncpg
+
+from otelworker.archive.checkpoint import Checkpoint
+from otelworker.archive.listing import print_batches
+from otelworker.archive.manifest import ArchiveIndex
+from otelworker.archive.progress import Counts, Progress, human_bytes
+from otelworker.archive.prune import gc_orphans, prune
+from otelworker.archive.replay import DEFAULT_MAX_REQUEST_BYTES, Replay, ReplayOptions, summary
+from otelworker.archive.selection import Selection, TimeSpec, parse_duration
+from otelworker.archive.sender import RetryPolicy, Sender, redact
+from otelworker.logs import JSONFormatter, log_event
+from otelworker.otlp import SIGNALS
+from otelworker.settings import Settings
+from otelworker.sinks.factory import open_store
+
+COMMANDS = ("batches", "replay", "prune", "gc-orphans")
+
+_TIME_HELP = "RFC 3339 such as 2024-05-01T10:00:00Z, or an age: 2h is two hours ago"
+
+
+def _argtype(parse: Any) -> Any:
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = getattr(parse, "__name__", "value")
+    return convert
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"must be at least 1: {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError(f"must be positive: {text}")
+    return value
+
+
+def _header(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise ValueError("a header is NAME=VALUE")
+    return name.strip(), value.strip()
+
+
+def _target(text: str) -> str:
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not an http(s) URL: {redact(text)}")
+    return text
+
+
+def _selection_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--signal", choices=SIGNALS, help="only this signal (default: all)")
+    parser.add_argument(
+        "--since",
+        type=_argtype(TimeSpec.parse),
+        metavar="TIME",
+        help=f"data at or after TIME ({_TIME_HELP})",
+    )
+    parser.add_argument(
+        "--until",
+        type=_argtype(TimeSpec.parse),
+        metavar="TIME",
+        help=f"data before TIME ({_TIME_HELP})",
+    )
+    parser.add_argument(
+        "--service",
+        metavar="NAME",
+        help="only objects (and, for replay, resources) of service.name NAME",
+    )
+    parser.add_argument(
+        "--limit", type=_argtype(_positive_int), metavar="N", help="at most N objects"
+    )
+
+
+def add_commands(sub: Any) -> None:
+    """Add the four archive commands to ``python -m otelworker``'s subparsers."""
+    batches = sub.add_parser(
+        "batches",
+        help="list archived objects (manifest rows) with filters, and their totals",
+        description="List the manifest rows whose data overlaps [--since, --until), signal by"
+        " signal in the order they were stored, then the totals (objects, records, bytes).",
+    )
+    _selection_arguments(batches)
+    batches.add_argument(
+        "--json",
+        action="store_true",
+        help="JSON lines: one object per line per archived object, then a last line"
+        ' {"totals": {"objects": N, "records": N, "bytes": N}}',
+    )
+
+    replay = sub.add_parser(
+        "replay",
+        help="send archived records to an OTLP/HTTP endpoint",
+        description="Send the records of the selected objects whose own timestamp is in"
+        " [--since, --until) (spans by start time, data points by time, log records by time,"
+        " else observed time) to an OTLP/HTTP endpoint, as gzip'd protobuf. Exit status 0"
+        " only when everything selected was acknowledged.",
+    )
+    _selection_arguments(replay)
+    replay.add_argument(
+        "--to",
+        type=_argtype(_target),
+        metavar="URL",
+        help="the OTLP/HTTP base URL, e.g. http://collector:4318 (/v1/<signal> is appended)",
+    )
+    replay.add_argument(
+        "--header",
+        type=_argtype(_header),
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an HTTP header for every request (repeatable), e.g. Authorization='Bearer ...'",
+    )
+    replay.add_argument(
+        "--max-request-bytes",
+        type=_argtype(_positive_int),
+        default=DEFAULT_MAX_REQUEST_BYTES,
+        metavar="N",
+        help="largest request, uncompressed (default 4 MiB); objects are cut along resources",
+    )
+    replay.add_argument(
+        "--concurrency",
+        type=_argtype(_positive_int),
+        default=4,
+        metavar="N",
+        help="requests in flight at most (default 4)",
+    )
+    replay.add_argument(
+        "--rate",
+        type=_argtype(_positive_float),
+        metavar="RECORDS_PER_S",
+        help="send at most this many records a second",
+    )
+    replay.add_argument(
+        "--checkpoint",
+        metavar="PATH",
+        help="file of finished objects: appended as objects are acknowledged, read at start"
+        " so that a re-run skips them (one file per replay job)",
+    )
+    replay.add_argument(
+        "--timeout-s",
+        type=_argtype(_positive_float),
+        default=30.0,
+        metavar="S",
+        help="per request (default 30)",
+    )
+    replay.add_argument(
+        "--max-attempts",
+        type=_argtype(_positive_int),
+        default=10,
+        metavar="N",
+        help="attempts per request on 429/502/503/504 or a transport error (default 10)",
+    )
+    replay.add_argument(
+        "--dry-run", action="store_true", help="read and cut the objects, print, send nothing"
+    )
+
+    prune_ = sub.add_parser(
+        "prune",
+        help="delete manifest rows stored longer ago than an age, then their objects",
+        description="Delete the manifest rows stored (created_at) before now minus --older-than,"
+        " committed before their objects are deleted, so that no row ever names a missing"
+        " object; then remove orphan objects older than both the age and an hour.",
+    )
+    prune_.add_argument(
+        "--older-than",
+        type=_argtype(parse_duration),
+        required=True,
+        metavar="AGE",
+        help="e.g. 30d, 12h, 90m, 3600s",
+    )
+    prune_.add_argument("--dry-run", action="store_true", help="count, delete nothing")
+
+    gc = sub.add_parser("gc-orphans", help="remove uploaded objects that no manifest row names")
+    gc.add_argument(
+        "--older-than-s",
+        type=float,
+        default=3600.0,
+        help="only objects older than this many seconds (default 3600)",
+    )
+    gc.add_argument("--dry-run", action="store_true")
+    gc.add_argument(
+        "--textfile",
+        metavar="PATH",
+        help="also write the outcome as Prometheus metrics to PATH (a *.prom file for"
+        " node_exporter's textfile collector)",
+    )
+
+
+def logs_to_stderr() -> None:
+    """The archive commands' stdout is their output (a table, JSON lines): logs go to stderr."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and isinstance(
+            handler.formatter, JSONFormatter
+        ):
+            handler.setStream(sys.stderr)
+
+
+def selection(args: argparse.Namespace, now: datetime) -> Selection:
+    return Selection(
+        signals=(args.signal,) if args.signal else SIGNALS,
+        since=args.since.resolve(now) if args.since else None,
+        until=args.until.resolve(now) if args.until else None,
+        service=args.service,
+        limit=args.limit,
+    )
+
+
+async def run(args: argparse.Namespace, settings: Settings, pool: asyncpg.Pool) -> int:
+    index = ArchiveIndex(pool)
+    if args.command == "batches":
+        chosen = selection(args, datetime.now(UTC))
+        if chosen.since and chosen.until and chosen.since >= chosen.until:
+            return _empty_window()
+        await print_batches(index.rows(chosen), sys.stdout, json=args.json)
+        return 0
+    store = await open_store(settings)
+    try:
+        if args.command == "replay":
+            return await _replay(args, index, store)
+        if args.command == "prune":
+            result = await prune(
+                index,
+                store,
+                older_than=args.older_than,
+                prefix=settings.s3_prefix,
+                dry_run=args.dry_run,
+            )
+            verb = "would delete" if args.dry_run else "deleted"
+            assert result.cutoff is not None
+            print(
+                f"{verb} {result.rows} manifest row(s) and their objects"
+                f" ({human_bytes(result.bytes)}) stored before {result.cutoff.isoformat()};"
+                f" {'would remove' if args.dry_run else 'removed'} {result.orphans}"
+                " orphan object(s)"
+            )
+            return 0
+        if args.command == "gc-orphans":
+            removed = await gc_orphans(
+                store,
+                index,
+                prefix=settings.s3_prefix,
+                older_than=timedelta(seconds=args.older_than_s),
+                dry_run=args.dry_run,
+            )
+            print(f"{'would remove' if args.dry_run else 'removed'} {removed} orphan object(s)")
+            if args.textfile:
+                write_orphans_textfile(args.textfile, removed, args.dry_run)
+            return 0
+        raise AssertionError(args.command)
+    finally:
+        await store.close()
+
+
+async def _replay(args: argparse.Namespace, index: ArchiveIndex, store: Any) -> int:
+    if args.to is None and not args.dry_run:
+        print("otelworker: replay: --to URL is required (or --dry-run)", file=sys.stderr)
+        return 2
+    chosen = selection(args, datetime.now(UTC))
+    if chosen.since and chosen.until and chosen.since >= chosen.until:
+        return _empty_window()
+    options = ReplayOptions(
+        window=chosen.window,
+        service=chosen.service,
+        max_request_bytes=args.max_request_bytes,
+        concurrency=args.concurrency,
+        rate=args.rate,
+    )
+    totals = await index.totals(chosen)
+    checkpoint = Checkpoint.open(args.checkpoint) if args.checkpoint else None
+    progress = Progress(sys.stderr, Counts(objects_total=totals.objects, bytes_total=totals.bytes))
+    target = redact(args.to) if args.to else None
+    log_event(
+        "replay_started",
+        "replay started",
+        target=target,
+        objects=totals.objects,
+        stored_bytes=totals.bytes,
+        dry_run=args.dry_run,
+        headers=sorted(name for name, _ in args.header),  # names only: values carry tokens
+        checkpointed=len(checkpoint.done) if checkpoint else 0,
+    )
+    started = time.monotonic()
+    try:
+        if args.dry_run:
+            replay = Replay(store, None, options, progress, checkpoint=checkpoint, out=sys.stdout)
+            result = await replay.run(index.rows(chosen))
+        else:
+            sender = Sender(
+                args.to,
+                dict(args.header),
+                concurrency=args.concurrency,
+                timeout_s=args.timeout_s,
+                retry=RetryPolicy(max_attempts=args.max_attempts),
+            )
+            async with sender:
+                replay = Replay(store, sender, options, progress, checkpoint=checkpoint)
+                result = await replay.run(index.rows(chosen))
+    finally:
+        if checkpoint is not None:
+            checkpoint.close()
+    elapsed = time.monotonic() - started
+    c = result.counts
+    log_event(
+        "replay_finished",
+        "replay finished" if result.ok else "replay stopped",
+        reason=None if result.ok else ("failed" if result.error else "partial_success"),
+        target=target,
+        objects=c.objects_done,
+        skipped=c.objects_skipped,
+        records=c.records,
+        requests=c.requests,
+        bytes=c.sent_bytes,
+        rejected=result.rejected,
+        elapsed_s=round(elapsed, 3),
+    )
+    print(summary(result, dry_run=args.dry_run, elapsed=elapsed))
+    if result.error is not None:
+        hint = " (re-run with the same --checkpoint to resume)" if checkpoint else ""
+        print(f"otelworker: replay stopped: {result.error}{hint}", file=sys.stderr)
+        return 1
+    if result.rejected:
+        print(
+            f"otelworker: the target rejected {result.rejected} records (partial success)",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _empty_window() -> int:
+    print("otelworker: --since must be before --until", file=sys.stderr)
+    return 2
+
+
+def write_orphans_textfile(path: str, found: int, dry_run: bool) -> None:
+    """gc-orphans' outcome for node_exporter's textfile collector (written atomically)."""
+    from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
+
+    registry = CollectorRegistry()
+    Gauge(
+        "otelworker_gc_orphans_found",
+        "Orphan objects (under S3_PREFIX, named by no manifest row) the last gc-orphans run"
+        " found (and removed unless dry_run).",
+        ["dry_run"],
+        registry=registry,
+    ).labels(str(dry_run).lower()).set(found)
+    Gauge(
+        "otelworker_gc_orphans_last_run_timestamp_seconds",
+        "When the last gc-orphans run finished (unix time).",
+        registry=registry,
+    ).set(time.time())
+    write_to_textfile(path, registry)

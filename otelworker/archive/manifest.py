@@ -1,0 +1,168 @@
+"""The manifest (``export_batches``) as the archive commands read and prune it.
+
+Queries are in ``staging/sql/queries.sql`` (``archive_*``); driver errors become
+:class:`~otelworker.exceptions.StagingUnavailable`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+import asyncpg
+
+from otelworker.archive.selection import Selection
+from otelworker.exceptions import StagingUnavailable
+from otelworker.staging.database import DB_ERRORS
+from otelworker.staging.sql import query
+
+PAGE_ROWS = 1000
+# The manifest's min/max_time went through a float of seconds and are rounded to the
+# microsecond, so an object is selected a millisecond generously; its records are then
+# filtered by their exact nanoseconds.
+_SLACK = timedelta(milliseconds=1)
+_FIRST = (datetime.min.replace(tzinfo=UTC), uuid.UUID(int=0))
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRow:
+    """One manifest row: an object and what it holds."""
+
+    batch_id: uuid.UUID
+    signal: str
+    object_key: str
+    item_count: int
+    record_count: int
+    compressed_bytes: int
+    raw_bytes: int
+    min_time: datetime | None
+    max_time: datetime | None
+    service_names: tuple[str, ...]
+    created_at: datetime
+
+    @classmethod
+    def from_row(cls, row: Any) -> BatchRow:
+        return cls(
+            row["batch_id"],
+            row["signal"],
+            row["object_key"],
+            int(row["item_count"]),
+            int(row["record_count"]),
+            int(row["compressed_bytes"]),
+            int(row["raw_bytes"]),
+            row["min_time"],
+            row["max_time"],
+            tuple(row["service_names"] or ()),
+            row["created_at"],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    objects: int = 0
+    records: int = 0
+    bytes: int = 0
+
+    def __add__(self, other: Totals) -> Totals:
+        return Totals(
+            self.objects + other.objects, self.records + other.records, self.bytes + other.bytes
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Expired:
+    """Manifest rows deleted (committed) by one prune step: their objects may now go."""
+
+    keys: list[str]
+    bytes: int
+
+
+class KnownKeys(Protocol):
+    """What ``gc-orphans`` needs: which of some keys a manifest row names."""
+
+    async def manifest_keys_among(self, keys: Sequence[str]) -> set[str]: ...
+
+
+class ExpiringIndex(KnownKeys, Protocol):
+    """What ``prune`` needs of the manifest."""
+
+    async def expire(self, signal: str, before: datetime, limit: int) -> Expired: ...
+
+    async def expired_totals(self, before: datetime) -> Totals: ...
+
+
+def _filters(selection: Selection) -> tuple[datetime | None, datetime | None, str | None]:
+    since = selection.since - _SLACK if selection.since is not None else None
+    until = selection.until + _SLACK if selection.until is not None else None
+    return since, until, selection.service
+
+
+class ArchiveIndex:
+    """The asyncpg adapter: selection pages, totals, and the prune's deletes."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    async def _fetch(self, name: str, *args: Any) -> list[Any]:
+        try:
+            async with self.pool.acquire() as conn:
+                rows: list[Any] = await conn.fetch(query(name), *args)
+                return rows
+        except DB_ERRORS as exc:
+            raise StagingUnavailable(f"{name}: {type(exc).__name__}") from exc
+
+    async def rows(self, selection: Selection) -> AsyncIterator[BatchRow]:
+        """The selected rows, signal by signal, each in the order they were stored.
+
+        Read a page at a time (keyset pagination, no transaction held open), so a long
+        replay neither holds a snapshot nor the whole manifest in memory.
+        """
+        since, until, service = _filters(selection)
+        remaining = selection.limit
+        for signal in selection.signals:
+            after = _FIRST
+            while remaining is None or remaining > 0:
+                page = PAGE_ROWS if remaining is None else min(PAGE_ROWS, remaining)
+                rows = await self._fetch(
+                    "archive_batches", signal, since, until, service, *after, page
+                )
+                for row in rows:
+                    yield BatchRow.from_row(row)
+                if remaining is not None:
+                    remaining -= len(rows)
+                if len(rows) < page:
+                    break
+                after = (rows[-1]["created_at"], rows[-1]["batch_id"])
+
+    async def totals(self, selection: Selection) -> Totals:
+        """Objects, records and stored bytes that :meth:`rows` yields."""
+        since, until, service = _filters(selection)
+        remaining = selection.limit
+        total = Totals()
+        for signal in selection.signals:
+            if remaining is not None and remaining <= 0:
+                break
+            [row] = await self._fetch("archive_totals", signal, since, until, service, remaining)
+            part = Totals(int(row[0]), int(row[1]), int(row[2]))
+            total += part
+            if remaining is not None:
+                remaining -= part.objects
+        return total
+
+    async def manifest_keys_among(self, keys: Sequence[str]) -> set[str]:
+        rows = await self._fetch("manifest_keys_among", list(keys))
+        return {r[0] for r in rows}
+
+    async def expire(self, signal: str, before: datetime, limit: int) -> Expired:
+        """Delete (and commit) up to ``limit`` rows of ``signal`` stored before ``before``."""
+        rows = await self._fetch("archive_expire", signal, before, limit)
+        return Expired(
+            [r["object_key"] for r in rows], sum(int(r["compressed_bytes"]) for r in rows)
+        )
+
+    async def expired_totals(self, before: datetime) -> Totals:
+        [row] = await self._fetch("archive_expired_totals", before)
+        return Totals(int(row[0]), 0, int(row[1]))

@@ -1,0 +1,165 @@
+"""``prune`` and ``gc-orphans``: delete what the archive no longer needs, never what a
+manifest row still names.
+
+``prune`` deletes manifest rows stored before the cut (``created_at``) in chunks, each
+chunk committed *before* its objects are deleted: a crash in between leaves objects no
+row names (orphans), never a row naming a missing object. It then sweeps orphans, as
+``gc-orphans`` does, so a re-run finishes what a crashed run left.
+
+``gc-orphans`` deletes objects under ``S3_PREFIX`` that no manifest row names and that
+are older than an age. The age protects uploads in progress: a worker writes the object
+first and commits its row after, so a young object without a row may be about to get one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from otelworker.archive.manifest import ExpiringIndex, KnownKeys
+from otelworker.exceptions import ObjectStoreError, OtelWorkerError
+from otelworker.logs import log_event
+from otelworker.otlp import SIGNALS
+from otelworker.sinks.base import ObjectStore
+
+CHUNK_ROWS = 1000
+SWEEP_PAGE = 500
+DELETE_CONCURRENCY = 8
+# No object younger than this is ever taken for an orphan (gc-orphans' default age): its
+# manifest row may still be on its way.
+ORPHAN_MIN_AGE = timedelta(hours=1)
+
+
+class PruneError(OtelWorkerError):
+    """Manifest rows were deleted but some of their objects could not be."""
+
+
+@dataclass
+class PruneResult:
+    rows: int = 0  # manifest rows deleted (or, in a dry run, to delete)
+    objects: int = 0  # their objects deleted
+    bytes: int = 0  # their stored bytes
+    orphans: int = 0  # orphan objects deleted (or found, in a dry run)
+    cutoff: datetime | None = None  # rows stored before this went
+
+
+async def gc_orphans(
+    store: ObjectStore,
+    index: KnownKeys,
+    *,
+    prefix: str,
+    older_than: timedelta,
+    dry_run: bool = False,
+    now: datetime | None = None,
+) -> int:
+    """Delete objects under ``prefix`` that no manifest row names, older than the age."""
+    cutoff = (now or datetime.now(UTC)) - older_than
+    prefix = prefix.strip("/")
+    found = 0
+    page: list[str] = []
+
+    async def sweep(keys: list[str]) -> int:
+        known = await index.manifest_keys_among(keys)
+        orphans = [k for k in keys if k not in known]
+        if not dry_run:
+            await delete_objects(store, orphans)
+        return len(orphans)
+
+    async for obj in store.list(f"{prefix}/" if prefix else ""):
+        if obj.last_modified <= cutoff:
+            page.append(obj.key)
+        if len(page) >= SWEEP_PAGE:
+            found += await sweep(page)
+            page = []
+    if page:
+        found += await sweep(page)
+    return found
+
+
+async def delete_objects(store: ObjectStore, keys: Sequence[str]) -> None:
+    """Delete ``keys``, a few at a time; the first failure stops the rest."""
+    slots = asyncio.Semaphore(DELETE_CONCURRENCY)
+
+    async def delete(key: str) -> None:
+        async with slots:
+            await store.delete(key)
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            for key in keys:
+                group.create_task(delete(key))
+    except* ObjectStoreError as failed:
+        error = failed.exceptions[0]
+        raise error from None
+
+
+async def prune(
+    index: ExpiringIndex,
+    store: ObjectStore,
+    *,
+    older_than: timedelta,
+    prefix: str,
+    dry_run: bool = False,
+    now: datetime | None = None,
+    chunk_rows: int = CHUNK_ROWS,
+) -> PruneResult:
+    """Delete the manifest rows stored before ``now - older_than``, then their objects."""
+    now = now or datetime.now(UTC)
+    cutoff = now - older_than
+    result = PruneResult(cutoff=cutoff)
+    orphan_age = max(older_than, ORPHAN_MIN_AGE)
+    if dry_run:
+        totals = await index.expired_totals(cutoff)
+        result.rows = result.objects = totals.objects
+        result.bytes = totals.bytes
+        result.orphans = await gc_orphans(
+            store, index, prefix=prefix, older_than=orphan_age, dry_run=True, now=now
+        )
+        return result
+    for signal in SIGNALS:
+        while True:
+            expired = await index.expire(signal, cutoff, chunk_rows)  # committed
+            if not expired.keys:
+                break
+            result.rows += len(expired.keys)
+            result.bytes += expired.bytes
+            try:
+                await delete_objects(store, expired.keys)
+            except ObjectStoreError as exc:
+                log_event(
+                    "prune_object_delete_failed",
+                    "manifest rows deleted but an object could not be; it is left an orphan",
+                    reason=getattr(exc, "reason", None) or type(exc).__name__,
+                    level=logging.ERROR,
+                    signal=signal,
+                    rows=len(expired.keys),
+                )
+                raise PruneError(
+                    f"deleted {result.rows} manifest rows, but not all of their objects"
+                    f" ({exc}); the objects left are orphans that a re-run of prune (or"
+                    " gc-orphans) removes"
+                ) from exc
+            result.objects += len(expired.keys)
+            log_event(
+                "prune_chunk_deleted",
+                "manifest rows and their objects deleted",
+                level=logging.DEBUG,
+                signal=signal,
+                rows=len(expired.keys),
+                bytes=expired.bytes,
+            )
+            if len(expired.keys) < chunk_rows:
+                break
+    result.orphans = await gc_orphans(store, index, prefix=prefix, older_than=orphan_age, now=now)
+    log_event(
+        "archive_pruned",
+        "manifest rows older than the cut and their objects deleted",
+        rows=result.rows,
+        bytes=result.bytes,
+        orphans=result.orphans,
+        cutoff=cutoff.isoformat(),
+    )
+    return result

@@ -1,0 +1,242 @@
+"""The replay's OTLP/HTTP client: one request at a time, retried as OTLP says.
+
+Protobuf bodies, gzip ``Content-Encoding``, the operator's extra headers (``--header``,
+typically a token: never logged). 429, 502, 503 and 504 and transport errors are retried
+with exponential backoff, or after the ``Retry-After`` the target gave (seconds or an
+HTTP date); any other status ends the replay (:class:`RequestRejected`), as does running
+out of attempts (:class:`RetriesExhausted`). A 2xx is acknowledged; its
+``partial_success`` (records the target rejected for good) is reported, not retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+import orjson
+from google.protobuf.message import DecodeError
+from google.rpc import status_pb2
+
+from otelworker import otlp
+from otelworker.exceptions import OtelWorkerError
+from otelworker.logs import log_event
+
+RETRYABLE = frozenset({429, 502, 503, 504})
+# A Retry-After is honoured up to this; past it the target is asking for something odd.
+MAX_RETRY_AFTER_S = 600.0
+_REJECTED = {
+    "traces": "rejected_spans",
+    "metrics": "rejected_data_points",
+    "logs": "rejected_log_records",
+}
+_REJECTED_JSON = {
+    "traces": "rejectedSpans",
+    "metrics": "rejectedDataPoints",
+    "logs": "rejectedLogRecords",
+}
+
+
+class ReplayError(OtelWorkerError):
+    """The replay stopped: something selected was not acknowledged."""
+
+    def __init__(self, message: str, object_key: str) -> None:
+        super().__init__(message)
+        self.object_key = object_key
+
+
+class RequestRejected(ReplayError):
+    """The target refused a request for good (a status OTLP does not retry)."""
+
+
+class RetriesExhausted(ReplayError):
+    """A request still failed after every attempt."""
+
+
+def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP-date)."""
+    if value is None:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        at = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=UTC)
+    waited: float = (at - (now or datetime.now(UTC))).total_seconds()
+    return max(0.0, waited)
+
+
+def backoff_s(
+    attempt: int, initial_s: float, max_s: float, rand: Callable[[], float] = random.random
+) -> float:
+    """Exponential backoff with equal jitter: between half and all of initial * 2**attempt."""
+    ceiling = min(max_s, initial_s * 2.0**attempt)
+    return ceiling / 2 + rand() * ceiling / 2
+
+
+def redact(url: str) -> str:
+    """The URL without user information (a password may sit there)."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def rejected_records(signal: str, content_type: str, body: bytes) -> tuple[int, str]:
+    """``partial_success``'s rejected count and message from a 2xx answer, if any."""
+    if not body:
+        return 0, ""
+    try:
+        if content_type.startswith("application/json"):
+            tree = orjson.loads(body)
+            partial = tree.get("partialSuccess") or tree.get("partial_success") or {}
+            count = partial.get(_REJECTED_JSON[signal], partial.get(_REJECTED[signal], 0))
+            message = partial.get("errorMessage", partial.get("error_message", ""))
+            return int(count or 0), str(message or "")
+        response: Any = otlp.RESPONSE_TYPES[signal]()
+        response.ParseFromString(body)
+        return (
+            int(getattr(response.partial_success, _REJECTED[signal])),
+            str(response.partial_success.error_message),
+        )
+    except (DecodeError, orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
+        return 0, ""
+
+
+def _detail(content_type: str, body: bytes) -> str:
+    """What a refusal's body says: a google.rpc.Status message, else its text."""
+    if content_type.startswith("application/x-protobuf"):
+        status = status_pb2.Status()
+        try:
+            status.ParseFromString(body)
+            if status.message:
+                return str(status.message)
+        except DecodeError:
+            pass
+    if content_type.startswith("application/json"):
+        try:
+            tree = orjson.loads(body)
+            if isinstance(tree, dict) and tree.get("message"):
+                return str(tree["message"])
+        except orjson.JSONDecodeError:
+            pass
+    return body[:200].decode("utf-8", errors="replace").strip()
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """An acknowledged request: how many of its records the target still rejected."""
+
+    rejected: int = 0
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    max_attempts: int = 10
+    initial_s: float = 0.25
+    max_s: float = 30.0
+
+
+class Sender:
+    """POSTs gzip'd protobuf to ``{base_url}/v1/{signal}`` with up to ``concurrency``
+    connections; use as an async context manager."""
+
+    def __init__(
+        self,
+        base_url: str,
+        headers: Mapping[str, str],
+        *,
+        concurrency: int,
+        timeout_s: float = 30.0,
+        retry: RetryPolicy | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.target = redact(self.base_url)
+        self._headers = dict(headers)
+        self._concurrency = concurrency
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self.retry = retry or RetryPolicy()
+        self._sleep = sleep
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> Sender:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=self._concurrency),
+            timeout=self._timeout,
+            headers={"User-Agent": "otelworker-replay", **self._headers},
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def url(self, signal: str) -> str:
+        return f"{self.base_url}/v1/{signal}"
+
+    async def send(self, signal: str, body: bytes, *, object_key: str) -> Ack:
+        """Send one gzip'd request until it is acknowledged; raise if it cannot be."""
+        assert self._session is not None, "use Sender as an async context manager"
+        headers = {"Content-Type": "application/x-protobuf", "Content-Encoding": "gzip"}
+        last = ""
+        for attempt in range(self.retry.max_attempts):
+            wait: float | None = None
+            try:
+                # No redirects: a 3xx is an answer like any other (and the Authorization
+                # header is not carried to wherever it points).
+                async with self._session.post(
+                    self.url(signal), data=body, headers=headers, allow_redirects=False
+                ) as resp:
+                    answer = await resp.read()
+                    content_type = resp.headers.get("Content-Type", "")
+                    if 200 <= resp.status < 300:
+                        return Ack(*rejected_records(signal, content_type, answer))
+                    last = f"status_{resp.status}"
+                    if resp.status not in RETRYABLE:
+                        raise RequestRejected(
+                            f"{self.target}/v1/{signal} answered {resp.status} for object"
+                            f" {object_key}: {_detail(content_type, answer) or resp.reason}",
+                            object_key,
+                        )
+                    wait = parse_retry_after(resp.headers.get("Retry-After"))
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                last = type(exc).__name__
+            if attempt + 1 >= self.retry.max_attempts:
+                break
+            delay = backoff_s(attempt, self.retry.initial_s, self.retry.max_s)
+            if wait is not None:
+                delay = min(wait, MAX_RETRY_AFTER_S)
+            log_event(
+                "replay_request_retried",
+                "request not acknowledged; retrying",
+                reason=last,
+                level=logging.WARNING,
+                signal=signal,
+                object_key=object_key,
+                attempt=attempt + 1,
+                retry_in_s=round(delay, 3),
+            )
+            await self._sleep(delay)
+        raise RetriesExhausted(
+            f"{self.target}/v1/{signal} did not acknowledge a request of object {object_key}"
+            f" after {self.retry.max_attempts} attempts (last: {last})",
+            object_key,
+        )
