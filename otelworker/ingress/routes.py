@@ -123,10 +123,8 @@ async def _export(request: Request, signal: str, service: Service) -> Response:
 
     # A refusal before the body is read is answered as any other: DrainUnreadBody (the
     # app's middleware) drains the rest, or closes cleanly, so the connection stays usable.
-    before_body = answer.refuse
-
     if request.method != "POST":
-        return before_body(
+        return answer.refuse(
             Refused(
                 Kind.METHOD,
                 "method_not_allowed",
@@ -135,7 +133,7 @@ async def _export(request: Request, signal: str, service: Service) -> Response:
             {"Allow": "POST"},
         )
     if encoding is None:
-        return before_body(
+        return answer.refuse(
             Refused(
                 Kind.UNSUPPORTED,
                 "unsupported_media_type",
@@ -148,9 +146,9 @@ async def _export(request: Request, signal: str, service: Service) -> Response:
         # Rate limit, readiness, saturation: before the body is read.
         verdict = intake.admit()
     except UnsupportedEncoding as exc:
-        return before_body(Refused(Kind.UNSUPPORTED, "unsupported_encoding", str(exc)))
+        return answer.refuse(Refused(Kind.UNSUPPORTED, "unsupported_encoding", str(exc)))
     except Refused as refusal:
-        return before_body(refusal)
+        return answer.refuse(refusal)
 
     # Bytes in flight at the door: the declared length up front, else chunk by chunk.
     inflight = service.inflight
@@ -159,7 +157,7 @@ async def _export(request: Request, signal: str, service: Service) -> Response:
     if inflight is not None:
         if declared is not None:
             if not inflight.reserve(declared):
-                return before_body(intake.inflight_refused())
+                return answer.refuse(intake.inflight_refused())
             reserved = declared
         else:
 
@@ -171,7 +169,7 @@ async def _export(request: Request, signal: str, service: Service) -> Response:
                 return True
 
     try:
-        return await _receive(request, answer, verdict, decoders, reserve, before_body)
+        return await _receive(request, answer, verdict, decoders, reserve)
     finally:
         if inflight is not None and reserved:
             inflight.release(reserved)
@@ -183,7 +181,6 @@ async def _receive(
     verdict: Verdict,
     decoders: list[Decoder],
     reserve: Callable[[int], bool] | None,
-    before_body: Callable[..., Response],
 ) -> Response:
     """Body: bounded read, bounded decompression, decode; then stage (or shed)."""
     intake, signal, encoding = answer.intake, answer.signal, answer.encoding
@@ -192,9 +189,9 @@ async def _receive(
         raw = await read_limited(request.stream(), limit, _declared_length(request), reserve)
     except BodyTooLarge as exc:
         # Refused by its declared or its counted size: not worth reading on.
-        return before_body(Refused(Kind.TOO_LARGE, "too_large", str(exc)))
+        return answer.refuse(Refused(Kind.TOO_LARGE, "too_large", str(exc)))
     except InflightFull:
-        return before_body(intake.inflight_refused())
+        return answer.refuse(intake.inflight_refused())
     try:
         data = decompress(raw, decoders, limit)
         message, records = intake.decode(signal, data, encoding.json)
