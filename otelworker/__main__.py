@@ -11,6 +11,7 @@ import sys
 from otelworker import logs
 from otelworker.archive import cli as archive_cli
 from otelworker.exceptions import ConfigError, OtelWorkerError
+from otelworker.processes import is_child, reuse_port_socket, serve_processes
 from otelworker.settings import Settings, load_settings
 
 
@@ -25,7 +26,11 @@ async def _serve(settings: Settings) -> None:
         settings = settings.model_copy(update={"grpc_enabled": True})
     app = create_app(settings)
     config = Config()
-    config.bind = [f"{settings.host}:{settings.port}"]
+    if is_child():
+        # One of serve --processes N: the port is shared with the siblings (SO_REUSEPORT).
+        config.bind = [f"fd://{await reuse_port_socket(settings.host, settings.port)}"]
+    else:
+        config.bind = [f"{settings.host}:{settings.port}"]
     config.graceful_timeout = settings.shutdown_grace_s
     config.accesslog = None
     config.errorlog = logs.logger.getChild("hypercorn")
@@ -94,9 +99,15 @@ async def _with_pool(settings: Settings, action: str, args: argparse.Namespace) 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="otelworker", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser(
+    serve = sub.add_parser(
         "serve",
         help="run the service (OTLP/HTTP on HOST:PORT 0.0.0.0:4318, OTLP/gRPC on GRPC_PORT 4317)",
+    )
+    serve.add_argument(
+        "--processes",
+        type=int,
+        metavar="N",
+        help="service processes sharing the ports (PROCESSES, default 1)",
     )
     sub.add_parser("migrate", help="apply database migrations and exit")
     requeue = sub.add_parser("requeue-dead", help="make dead items pending again")
@@ -115,6 +126,12 @@ def main(argv: list[str] | None = None) -> int:
         archive_cli.logs_to_stderr()
     try:
         if args.command == "serve":
+            processes = args.processes or settings.processes
+            if processes < 1:
+                print("otelworker: --processes must be at least 1", file=sys.stderr)
+                return 2
+            if processes > 1 and not is_child():
+                return serve_processes(settings, processes)
             asyncio.run(_serve(settings))
             return 0
         return asyncio.run(_with_pool(settings, args.command, args))

@@ -15,6 +15,11 @@ class Metrics:
         r = self.registry
         # process_resident_memory_bytes, process_cpu_seconds_total, open fds, ...
         ProcessCollector(registry=r)
+        self.process_index = Gauge(
+            "otelworker_process_index",
+            "Which of `serve --processes N` answered this scrape (0 .. N-1; 0 alone).",
+            registry=r,
+        )
         self.ready = Gauge(
             "otelworker_ready",
             "1 while the process is ready (its last /readyz check passed and it is not"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import Any
 
 import asyncpg
@@ -19,6 +20,7 @@ from otelworker.ingress.grpc_server import OtlpGrpc
 from otelworker.ingress.intake import Intake
 from otelworker.logs import AggregatedEvents, log_event
 from otelworker.metrics import Metrics
+from otelworker.processes import CHILD_ENV
 from otelworker.processing.pipeline import Pipeline
 from otelworker.settings import Settings
 from otelworker.sinks.base import ObjectStore
@@ -58,6 +60,7 @@ class Service:
         self.grpc: OtlpGrpc | None = None
         self._last_ready = False
         self.metrics.ready.set_function(self._ready)
+        self.metrics.process_index.set(int(os.environ.get(CHILD_ENV, "0")))
 
     async def _stage_many(
         self,

@@ -78,6 +78,7 @@ class Settings(BaseSettings):
     log_aggregation_window_s: float = Field(1.0, ge=0.0, le=60.0)
     shutdown_grace_s: float = Field(10.0, ge=0.0, le=600.0)
     readiness_drain_delay_s: float = Field(0.0, ge=0.0, le=120.0)
+    processes: int = Field(1, ge=1, le=64)
 
     # --- database ------------------------------------------------------------
     database_url: SecretStr | None = None

@@ -319,3 +319,44 @@ def test_sigterm_during_grpc_load_loses_no_acknowledged_record(
     assert not missing, f"{len(missing)} acknowledged spans lost of {len(acknowledged)}"
     events = [e.get("event") for e in served.events()]
     assert "grpc_listening" in events and "service_stopped" in events
+
+
+def test_serve_processes_2_share_the_port_and_drain_on_sigterm(
+    serve: Any, database_url: str, tmp_path: Path
+) -> None:
+    port = _free_port()
+    served = serve(
+        DATABASE_URL=database_url,
+        PORT=str(port),
+        HOST="127.0.0.1",
+        PROCESSES="2",
+        SHUTDOWN_GRACE_S=str(GRACE_S),
+        LOCAL_OBJECT_DIR=str(tmp_path / "objects"),
+        EMBEDDED_DB_DIR=str(tmp_path / "never-used"),
+    )
+    served.wait_ready()
+    fresh = httpx.Limits(max_keepalive_connections=0)  # a new connection each request
+    with httpx.Client(limits=fresh, timeout=10) as client:
+        # Both processes answer: over fresh connections, scrapes reach each of them.
+        seen = set()
+        deadline = time.monotonic() + 30
+        while len(seen) < 2:
+            assert time.monotonic() < deadline, f"one process answered every scrape: {seen}"
+            text = client.get(f"{served.url}/metrics").text
+            line = next(x for x in text.splitlines() if x.startswith("otelworker_process_index"))
+            seen.add(float(line.split()[-1]))
+        assert seen == {0.0, 1.0}
+        acked = []
+        for n in range(40):
+            result, span_id = _one_span(f"{served.url}/v1/traces")
+            assert result is SpanExportResult.SUCCESS, n
+            acked.append(span_id)
+
+    served.proc.send_signal(signal.SIGTERM)
+    code = served.proc.wait(timeout=GRACE_S * 4 + 20)
+    assert code == 0, served.stderr.read_text()[-2000:]
+    events = [e.get("event") for e in served.events()]
+    assert events.count("service_started") == 2 and events.count("service_stopped") == 2
+    assert "processes_started" in events
+    accounted = asyncio.run(_span_ids_accounted(database_url, tmp_path / "objects"))
+    assert sorted(accounted) == sorted(acked)  # every acknowledged span, once
