@@ -15,9 +15,7 @@ from typing import Any, Protocol
 import asyncpg
 
 from otelworker.archive.selection import Selection
-from otelworker.exceptions import StagingUnavailable
-from otelworker.staging.database import DB_ERRORS
-from otelworker.staging.sql import query
+from otelworker.staging.queue import fetch
 
 PAGE_ROWS = 1000
 # The manifest's min/max_time went through a float of seconds and are rounded to the
@@ -107,12 +105,7 @@ class ArchiveIndex:
         self.pool = pool
 
     async def _fetch(self, name: str, *args: Any) -> list[Any]:
-        try:
-            async with self.pool.acquire() as conn:
-                rows: list[Any] = await conn.fetch(query(name), *args)
-                return rows
-        except DB_ERRORS as exc:
-            raise StagingUnavailable(f"{name}: {type(exc).__name__}") from exc
+        return await fetch(self.pool, name, *args)
 
     async def rows(self, selection: Selection) -> AsyncIterator[BatchRow]:
         """The selected rows, signal by signal, each in the order they were stored.

@@ -120,6 +120,16 @@ class BacklogCount(NamedTuple):
     oldest_age_s: float
 
 
+async def fetch(pool: asyncpg.Pool, name: str, *args: Any) -> list[Any]:
+    """The rows of the named query; driver errors become StagingUnavailable."""
+    try:
+        async with pool.acquire() as conn:
+            rows: list[Any] = await conn.fetch(query(name), *args)
+            return rows
+    except DB_ERRORS as exc:
+        raise StagingUnavailable(f"{name}: {type(exc).__name__}") from exc
+
+
 class StagingQueue:
     """The asyncpg adapter of :class:`QueuePort`, plus the ingress and admin operations."""
 
@@ -127,12 +137,7 @@ class StagingQueue:
         self.pool = pool
 
     async def _fetch(self, name: str, *args: Any) -> list[Any]:
-        try:
-            async with self.pool.acquire() as conn:
-                rows: list[Any] = await conn.fetch(query(name), *args)
-                return rows
-        except DB_ERRORS as exc:
-            raise StagingUnavailable(f"{name}: {type(exc).__name__}") from exc
+        return await fetch(self.pool, name, *args)
 
     async def _execute(self, name: str, *args: Any) -> str:
         try:
