@@ -52,6 +52,16 @@ class _Children:
         self.stop(signum)
 
 
+def _stop_with_parent() -> None:
+    """In the child, before exec: SIGTERM it when the parent dies (Linux), so a parent
+    killed outright never leaves service processes behind, still polling the database."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def serve_processes(settings: Settings, processes: int) -> int:
     env = dict(os.environ)
     env["OTEL_PROCESSES"] = "1"
@@ -70,6 +80,7 @@ def serve_processes(settings: Settings, processes: int) -> int:
                 subprocess.Popen(
                     [sys.executable, "-m", "otelworker", "serve"],
                     env={**env, CHILD_ENV: str(index)},
+                    preexec_fn=_stop_with_parent,
                 )
             )
         log_event(

@@ -360,3 +360,37 @@ def test_serve_processes_2_share_the_port_and_drain_on_sigterm(
     assert "processes_started" in events
     accounted = asyncio.run(_span_ids_accounted(database_url, tmp_path / "objects"))
     assert sorted(accounted) == sorted(acked)  # every acknowledged span, once
+
+
+def test_serve_processes_stop_when_the_parent_is_killed(
+    serve: Any, database_url: str, tmp_path: Path
+) -> None:
+    served = serve(
+        DATABASE_URL=database_url,
+        PORT=str(_free_port()),
+        HOST="127.0.0.1",
+        PROCESSES="2",
+        SHUTDOWN_GRACE_S="2",
+        LOCAL_OBJECT_DIR=str(tmp_path / "objects"),
+        EMBEDDED_DB_DIR=str(tmp_path / "never-used"),
+    )
+    served.wait_ready()
+    [started] = [e for e in served.events() if e.get("event") == "processes_started"]
+    children = started["pids"]
+    assert len(children) == 2
+    served.proc.kill()  # the parent dies outright: no SIGTERM of its own to forward
+    served.proc.wait(10)
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        # A zombie (exited, not reaped by init yet) is gone for our purpose.
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ", 1)[1][0] != "Z"
+
+    deadline = time.monotonic() + 30
+    while any(alive(pid) for pid in children):
+        assert time.monotonic() < deadline, "service processes outlived their parent"
+        time.sleep(0.1)
