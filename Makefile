@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 MODE   ?= verify
 
-.PHONY: install run test lint format bench stress-verify clean
+.PHONY: install run test lint format bench soak stress-verify clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ format: install
 ## make bench: ingest and drain benchmarks, each beside its baseline
 bench: install
 	$(BIN)/python -m loadtest.bench $(BENCH_ARGS)
+
+## make soak [SOAK_ARGS="--minutes 10 --connections 8 --spans 100"]: ROLE=all at a steady load
+soak: install
+	$(BIN)/python -m loadtest.bench soak $(SOAK_ARGS)
 
 ## make stress-verify [MODE=stress]: the stress harness
 stress-verify: install

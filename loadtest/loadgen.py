@@ -4,7 +4,12 @@ A fixed number of keep-alive connections each send one request after another (a
 closed loop: concurrency N means N requests in flight). The run stops at a request
 count or a duration, whichever comes first. Every request body is built before the
 clock starts (see :mod:`loadtest.payloads`), and each request goes out as one
-prebuilt buffer, so the client spends its time on sockets, not on protobuf.
+prebuilt buffer, so the client spends its time on sockets, not on protobuf. The
+connections are opened before the clock too, one every ``connect_stagger_ms`` (5):
+``hypercorn -w N`` shares one listening socket among its workers, and whichever worker
+wakes first accepts every connection pending, so 32 connections opened at once all land
+on one worker; opened apart, they spread over the workers (at random: the benchmark
+prints each process's share of the CPU).
 
 With ``--transport grpc`` (a ``grpc://host:port`` URL) the same bodies go to the
 TraceService Export RPC as raw bytes: N calls in flight shared over ``--channels``
@@ -15,6 +20,14 @@ status counts are reported by gRPC name.
 Per request it records the latency (first byte written to last byte of the response
 read) and the status; the summary gives requests/s counting only 200s (acknowledged),
 p50/p99 of the 200s, and the status counts.
+
+``--signal logs`` sends ``ExportLogsServiceRequest`` bodies (``--spans`` is then the
+log records per request) to the URL given (``/v1/logs``). Prebuilt bodies are bounded in
+bytes (``--pool-mib``, 256): when the request bound would need more, that many distinct
+bodies are built and sent in turn (a long soak or 1.8 MB logs requests), so a body's ids
+repeat every pool's length. ``--report-every S`` prints an ``{"phase": "interval"}``
+line every S seconds of the run (requests, 200s, req/s, p50/p99 of that interval's
+answers, statuses), for the soak's per-minute figures.
 
 Run it in its own process so that it never shares the server's event loop:
 :func:`run_in_subprocess` starts ``python -m loadtest.loadgen`` and reads its JSON
@@ -31,18 +44,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import inspect
 import json
 import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
 from loadtest import otlp_grpc
-from loadtest.payloads import TraceRequestFactory
+from loadtest.payloads import factory_for
 
 
 @dataclass(frozen=True)
@@ -57,6 +71,10 @@ class LoadSpec:
     label: str = ""
     transport: str = "http"  # or "grpc": url is grpc://host:port
     channels: int = 4  # gRPC: channels (connections) the requests in flight share
+    signal: str = "traces"  # or "logs" (``spans`` is then log records per request)
+    pool_mib: float = 256.0  # at most this much prebuilt request bytes; cycled when short
+    report_every_s: float | None = None  # print an interval line every so many seconds
+    connect_stagger_ms: float = 5.0  # HTTP: connections opened before the clock, this apart
 
     @property
     def request_budget(self) -> int:
@@ -150,17 +168,60 @@ class _Run:
         self.errors: dict[str, int] = {}
         self.last_done = 0.0
         self.channels: list[Any] = []
+        self.opened: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        # The request bound; ``requests`` may be a smaller pool, sent in turn.
+        self.budget = max(spec.request_budget, len(requests)) if requests else 0
+        self.on_interval: Callable[[dict[str, Any]], None] | None = None
+        self._reported = 0  # intervals reported
+        self._seen = 0  # answers reported
 
     def _take(self) -> bytes | None:
-        if self.next >= len(self.requests) or time.perf_counter() >= self.deadline:
+        if self.next >= self.budget or time.perf_counter() >= self.deadline:
             return None
-        request = self.requests[self.next]
+        request = self.requests[self.next % len(self.requests)]
         self.next += 1
         return request
 
-    async def _connection(self) -> None:
+    async def _intervals(self, started: float) -> None:
+        """Every ``report_every_s``: the answers completed in that interval."""
+        every = self.spec.report_every_s
+        assert every is not None
+        while True:
+            n = self._reported + 1
+            await asyncio.sleep(max(0.0, started + n * every - time.perf_counter()))
+            self._emit_interval(n, every)
+
+    def _emit_interval(self, n: int, every: float) -> None:
+        assert self.on_interval is not None
+        self._reported = n
+        upto = len(self.statuses)
+        statuses = self.statuses[self._seen : upto]
+        latencies = self.latencies[self._seen : upto]
+        self._seen = upto
+        ok = sorted(lat for lat, st in zip(latencies, statuses, strict=True) if st == 200)
+        counts: dict[str, int] = {}
+        for st in statuses:
+            counts[str(st)] = counts.get(str(st), 0) + 1
+        p50, p99 = percentile(ok, 50), percentile(ok, 99)
+        self.on_interval(
+            {
+                "interval": n,
+                "t_s": round(n * every, 1),
+                "requests": len(statuses),
+                "ok": len(ok),
+                "ok_per_s": round(len(ok) / every, 2),
+                "p50_ms": None if p50 is None else round(p50 * 1000, 3),
+                "p99_ms": None if p99 is None else round(p99 * 1000, 3),
+                "max_ms": round(ok[-1] * 1000, 3) if ok else None,
+                "statuses": dict(sorted(counts.items())),
+            }
+        )
+
+    async def _connection(self, lane: int = 0) -> None:
         reader: asyncio.StreamReader | None = None
         writer: asyncio.StreamWriter | None = None
+        if lane < len(self.opened):
+            reader, writer = self.opened[lane]
         perf = time.perf_counter
         latencies = self.latencies
         statuses = self.statuses
@@ -205,7 +266,7 @@ class _Run:
         timeout = self.spec.timeout_s
         while (request := self._take()) is not None:
             started = perf()
-            answer = await exporter.export("traces", request, deadline_s=timeout)
+            answer = await exporter.export(self.spec.signal, request, deadline_s=timeout)
             done = perf()
             latencies.append(done - started)
             statuses.append(answer.status)
@@ -215,8 +276,20 @@ class _Run:
                 self.last_done = done
 
     async def _connect(self) -> None:
-        """gRPC: the channels connected before the clock (HTTP connects on first use)."""
+        """Connections opened before the clock: gRPC channels; HTTP connections one at a
+        time, ``connect_stagger_ms`` apart, so that under ``hypercorn -w N`` (one listening
+        socket, whichever idle worker wakes first accepts everything pending) the
+        connections spread over the workers instead of all landing on one."""
         if self.spec.transport != "grpc":
+            stagger = self.spec.connect_stagger_ms / 1000
+            for _ in range(self.spec.concurrency):
+                try:
+                    pair = await asyncio.open_connection(self.host, self.port)
+                except OSError:
+                    break  # the lanes connect on first use (and count the error)
+                self.opened.append(pair)
+                if stagger > 0:
+                    await asyncio.sleep(stagger)
             return
         target = otlp_grpc.target_of(self.spec.url)
         count = max(1, min(self.spec.channels, self.spec.concurrency))
@@ -225,7 +298,7 @@ class _Run:
 
     def _lanes(self) -> list[Any]:
         if self.spec.transport != "grpc":
-            return [self._connection() for _ in range(self.spec.concurrency)]
+            return [self._connection(i) for i in range(self.spec.concurrency)]
         exporters = [otlp_grpc.Exporter(c) for c in self.channels]
         return [
             self._grpc_calls(exporters[i % len(exporters)]) for i in range(self.spec.concurrency)
@@ -240,13 +313,29 @@ class _Run:
             started = time.perf_counter()
             if self.spec.duration_s is not None:
                 self.deadline = started + self.spec.duration_s
-            await asyncio.gather(*self._lanes())
+            reporter = None
+            if self.spec.report_every_s and self.on_interval is not None:
+                reporter = asyncio.ensure_future(self._intervals(started))
+            try:
+                await asyncio.gather(*self._lanes())
+            finally:
+                if reporter is not None:
+                    reporter.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await reporter
+            every = self.spec.report_every_s
+            if reporter is not None and every and self.spec.duration_s is not None:
+                # The last interval ends at the deadline: report it if the lanes finished
+                # (their last answers in) before its timer fired.
+                last = round(self.spec.duration_s / every)
+                if self._reported < last:
+                    self._emit_interval(last, every)
             finished = time.perf_counter()
             cpu = time.process_time() - cpu0
         finally:
             for chan in self.channels:
                 await chan.close()
-        ended_by = "duration" if self.next < len(self.requests) else "requests"
+        ended_by = "duration" if self.next < self.budget else "requests"
         # Requests/s over the window in which answers came back.
         elapsed = (self.last_done or finished) - started
         return self._summary(elapsed, ended_by, cpu)
@@ -267,6 +356,9 @@ class _Run:
             return None if v is None else round(v * 1000, 3)
 
         body = len(self.requests[0]) if self.requests else 0
+        extra: dict[str, Any] = {"signal": self.spec.signal}
+        if len(self.requests) < self.budget:
+            extra["distinct_bodies"] = len(self.requests)
         return LoadResult(
             label=self.spec.label,
             url=self.spec.url,
@@ -287,6 +379,7 @@ class _Run:
             mean_ms=ms(sum(ok_latencies) / ok if ok else None),
             ended_by=ended_by,
             client_cpu_s=round(cpu, 3),
+            extra=extra,
         )
 
 
@@ -296,11 +389,15 @@ def build_requests(spec: LoadSpec) -> list[bytes]:
     parts = urlsplit(spec.url)
     path = parts.path or "/"
     host = parts.netloc
-    factory = TraceRequestFactory(spec.spans)
+    factory = factory_for(spec.signal, spec.spans)
+    # Bounded in bytes: a pool of distinct bodies, sent in turn, when the bound needs more.
+    count = spec.request_budget
+    room = max(1, int(spec.pool_mib * 2**20 // max(factory.approx_size, 1)))
+    count = max(1, min(count, max(room, spec.concurrency)))
     if spec.transport == "grpc":
-        return [factory.make() for _ in range(spec.request_budget)]
+        return [factory.make() for _ in range(count)]
     out: list[bytes] = []
-    for _ in range(spec.request_budget):
+    for _ in range(count):
         body = factory.make()
         head = (
             f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {spec.content_type}\r\n"
@@ -314,24 +411,33 @@ async def run(
     spec: LoadSpec,
     requests: list[bytes] | None = None,
     on_start: Callable[[], None] | None = None,
+    on_interval: Callable[[dict[str, Any]], None] | None = None,
 ) -> LoadResult:
     """Run the load in this event loop (use :func:`run_in_subprocess` against a server)."""
     if requests is None:
         requests = build_requests(spec)
-    return await _Run(spec, requests).go(on_start)
+    lane = _Run(spec, requests)
+    lane.on_interval = on_interval
+    return await lane.go(on_start)
 
 
 async def run_in_subprocess(
     spec: LoadSpec,
-    on_timing: Callable[[], None] | None = None,
+    on_timing: Callable[[], Awaitable[None] | None] | None = None,
     python: str = sys.executable,
+    on_interval: Callable[[dict[str, Any]], Awaitable[None] | None] | None = None,
 ) -> LoadResult:
-    """Run the load from a child process; ``on_timing`` is called when its clock starts."""
+    """Run the load from a child process; ``on_timing`` is called when its clock starts,
+    ``on_interval`` with each interval line (each awaited when it returns an awaitable)."""
     args = [python, "-m", "loadtest.loadgen", "--url", spec.url, "--json", "-"]
     args += ["--concurrency", str(spec.concurrency), "--spans", str(spec.spans)]
     args += ["--content-type", spec.content_type, "--timeout", str(spec.timeout_s)]
     args += ["--label", spec.label, "--transport", spec.transport]
-    args += ["--channels", str(spec.channels)]
+    args += ["--channels", str(spec.channels), "--signal", spec.signal]
+    args += ["--pool-mib", str(spec.pool_mib)]
+    args += ["--connect-stagger-ms", str(spec.connect_stagger_ms)]
+    if spec.report_every_s:
+        args += ["--report-every", str(spec.report_every_s)]
     if spec.duration_s is not None:
         args += ["--duration", str(spec.duration_s)]
     if spec.max_requests is not None:
@@ -348,7 +454,14 @@ async def run_in_subprocess(
             continue
         if message.get("phase") == "timing":
             if on_timing is not None:
-                on_timing()
+                started = on_timing()
+                if inspect.isawaitable(started):
+                    await started
+        elif message.get("phase") == "interval":
+            if on_interval is not None:
+                waited = on_interval(message["interval"])
+                if inspect.isawaitable(waited):
+                    await waited
         elif message.get("phase") == "done":
             result = LoadResult.from_json(message["result"])
     code = await proc.wait()
@@ -372,7 +485,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--duration", type=float, default=None, help="seconds")
     parser.add_argument("--requests", type=int, default=None, help="request count bound")
-    parser.add_argument("--spans", type=int, default=100, help="spans per request")
+    parser.add_argument(
+        "--spans", type=int, default=100, help="spans per request (log records with logs)"
+    )
+    parser.add_argument("--signal", choices=("traces", "logs"), default="traces")
+    parser.add_argument(
+        "--pool-mib", type=float, default=256.0, help="prebuilt bodies at most (cycled)"
+    )
+    parser.add_argument(
+        "--report-every", type=float, default=None, help="seconds between interval lines"
+    )
+    parser.add_argument(
+        "--connect-stagger-ms",
+        type=float,
+        default=5.0,
+        help="HTTP: open the connections before the clock, this many ms apart",
+    )
     parser.add_argument("--content-type", default="application/x-protobuf")
     parser.add_argument("--timeout", type=float, default=30.0)
     parser.add_argument("--label", default="")
@@ -393,11 +521,20 @@ def main(argv: list[str] | None = None) -> int:
         label=args.label,
         transport=args.transport,
         channels=args.channels,
+        signal=args.signal,
+        pool_mib=args.pool_mib,
+        report_every_s=args.report_every,
+        connect_stagger_ms=args.connect_stagger_ms,
     )
     requests = build_requests(spec)
     machine = args.json == "-"
     on_start = (lambda: _print({"phase": "timing"})) if machine else None
-    result = asyncio.run(run(spec, requests, on_start))
+    on_interval = (
+        (lambda m: _print({"phase": "interval", "interval": m}))
+        if machine
+        else (lambda m: print(json.dumps(m), flush=True))
+    )
+    result = asyncio.run(run(spec, requests, on_start, on_interval))
     del requests
     if machine:
         _print({"phase": "done", "result": asdict(result)})

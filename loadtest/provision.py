@@ -10,6 +10,9 @@
   ``ThreadedMotoServer`` on a free local port. Every run uses a fresh bucket.
 - Services: :class:`AppProcess` runs ``python -m hypercorn MODULE:app`` as a real process
   on a free local port, logs to a file, waits for ``/readyz`` and stops it with SIGTERM.
+- Peers: :class:`RotelProcess` runs rotel (``rotel-agent start --exporter blackhole``, the
+  binary in the ``rotel`` wheel, see :func:`rotel_binary`) with its OTLP/HTTP receiver on a
+  free local port and its gRPC receiver on another.
 
 Starting and stopping are blocking calls (run them through ``asyncio.to_thread`` in
 async code); database set-up is async (asyncpg).
@@ -390,3 +393,101 @@ class AppProcess:
 
     def log_lines(self) -> list[str]:
         return self.log_path.read_text(errors="replace").splitlines()
+
+
+# --- peers ---------------------------------------------------------------------------
+
+
+def rotel_binary() -> str | None:
+    """The ``rotel-agent`` binary: ``ROTEL_AGENT`` when set, else the ``rotel`` wheel's, else
+    one on PATH; None when there is none."""
+    explicit = os.environ.get("ROTEL_AGENT")
+    if explicit:
+        return explicit
+    try:
+        import rotel  # the wheel ships the binary beside its package, not in bin/
+    except ImportError:
+        rotel = None
+    if rotel is not None and rotel.__file__ is not None:
+        candidate = Path(rotel.__file__).parent / "rotel-agent"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    return shutil.which("rotel-agent")
+
+
+class RotelProcess:
+    """rotel as a peer: OTLP/HTTP on a free local port, blackhole exporter (keeps nothing).
+
+    The gRPC receiver cannot be switched off, so it listens on a second free port. Ready
+    when an empty ``/v1/traces`` POST is answered 200. Interface as :class:`AppProcess`
+    (``pid``, ``url``, ``wait_ready_async``, ``stop``).
+    """
+
+    app = "rotel-agent"
+
+    def __init__(self, binary: str, *, log_path: str | Path) -> None:
+        self.port, self.grpc_port = free_ports(2)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = Path(log_path)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        args = [binary, "start", "--exporter", "blackhole"]
+        args += ["--otlp-http-endpoint", f"127.0.0.1:{self.port}"]
+        args += ["--otlp-grpc-endpoint", f"127.0.0.1:{self.grpc_port}"]
+        # Not daemonised (no --daemon): these only keep it off /tmp's shared defaults.
+        args += ["--pid-file", str(self.log_path.with_suffix(".pid"))]
+        args += ["--log-file", str(self.log_path)]
+        self.args = args
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            args, stdout=self._log, stderr=subprocess.STDOUT, cwd=os.getcwd()
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def version(self) -> str:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            out = subprocess.run(
+                [self.args[0], "--version"], capture_output=True, text=True, timeout=10
+            )
+            return out.stdout.strip()
+        return "unknown"
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"rotel-agent exited with {self.proc.returncode}; see {self.log_path}"
+                )
+            request = urllib.request.Request(
+                self.url + "/v1/traces",
+                data=b"",
+                method="POST",
+                headers={"Content-Type": "application/x-protobuf"},
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rotel-agent not ready within {timeout} s")
+            time.sleep(0.05)
+
+    async def wait_ready_async(self, limit_s: float = 30.0) -> None:
+        await asyncio.to_thread(self.wait_ready, limit_s)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if not self._log.closed:
+            self._log.close()
+        return self.proc.returncode
