@@ -23,6 +23,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from otelworker.exceptions import ConfigError
 
 MiB = 1024 * 1024
+# A tenant's name goes into object keys and directory names: no '/', no '..', no spaces.
+TENANT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 SECRET_KEYS = frozenset({"DATABASE_URL", "S3_ACCESS_KEY_ID", "S3_SECRET_ACCESS_KEY"})
 
 
@@ -46,6 +48,11 @@ class OverflowPolicy(enum.StrEnum):
     REJECT = "reject"
     DROP = "drop"
     SAMPLE = "sample"
+
+
+class AuthMode(enum.StrEnum):
+    NONE = "none"
+    BEARER = "bearer"
 
 
 class Compression(enum.StrEnum):
@@ -97,13 +104,30 @@ class Settings(BaseSettings):
     staging_commit_timeout_s: float = Field(10.0, gt=0.0, le=600.0)
     unavailable_retry_after_s: int = Field(5, ge=1, le=3600)
 
-    # --- rate limiting (pre-staging) -----------------------------------------------
+    # --- who may send, and whose data it is (docs/security.md) ------------------------
+    auth_mode: AuthMode = AuthMode.NONE
+    auth_tokens_file: str | None = None
+    tenant_header: str = Field("X-Scope-OrgID", pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+    default_tenant: str = Field("default", pattern=TENANT_PATTERN)
+    require_tenant: bool = False
+    tenant_limits_file: str | None = None
+    metrics_max_tenants: int = Field(100, ge=1, le=100_000)
+
+    # --- TLS (python -m otelworker serve) ----------------------------------------------
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_client_ca_file: str | None = None
+
+    # --- rate limiting (pre-staging; every tenant's defaults) ---------------------------
     enable_rate_limiting: bool = False
     rate_limit_rps: float = Field(100.0, gt=0.0)
     rate_limit_burst: int = Field(200, ge=1)
+    ingest_bytes_per_s: float = Field(0.0, ge=0.0)
+    ingest_burst_bytes: int = Field(0, ge=0)
 
     # --- staging capacity ------------------------------------------------------------
     staging_max_backlog: int = Field(1000, ge=1)
+    tenant_max_backlog: int | None = Field(None, ge=1)
     overflow_policy: OverflowPolicy = OverflowPolicy.REJECT
     overflow_sample_rate: float = Field(0.1, ge=0.0, le=1.0)
     overflow_sample_seed: int | None = None
@@ -143,6 +167,12 @@ class Settings(BaseSettings):
         "s3_access_key_id",
         "s3_secret_access_key",
         "overflow_sample_seed",
+        "auth_tokens_file",
+        "tenant_limits_file",
+        "tenant_max_backlog",
+        "tls_cert_file",
+        "tls_key_file",
+        "tls_client_ca_file",
         mode="before",
     )
     @classmethod
@@ -164,7 +194,17 @@ class Settings(BaseSettings):
                 "RETRY_BACKOFF_INITIAL_MS must not exceed RETRY_BACKOFF_MAX_MS "
                 f"({self.retry_backoff_initial_ms} > {self.retry_backoff_max_ms})"
             )
+        if self.auth_mode is AuthMode.BEARER and self.auth_tokens_file is None:
+            raise ValueError("AUTH_TOKENS_FILE must be set when AUTH_MODE=bearer")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("TLS_CERT_FILE and TLS_KEY_FILE must be set together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("TLS_CLIENT_CA_FILE needs TLS_CERT_FILE and TLS_KEY_FILE")
         return self
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
 
     @property
     def compression_level(self) -> int:
