@@ -8,14 +8,14 @@ import asyncio
 import signal
 import sys
 
-from otelworker import logs
+from otelworker import logs, tls
 from otelworker.archive import cli as archive_cli
 from otelworker.exceptions import ConfigError, OtelWorkerError
 from otelworker.processes import is_child, reuse_port_socket, serve_processes
 from otelworker.settings import Settings, load_settings
 
 
-async def _serve(settings: Settings) -> None:
+async def _serve(settings: Settings, server_tls: tls.ServerTls | None) -> None:
     from hypercorn.asyncio import serve
     from hypercorn.config import Config
 
@@ -35,6 +35,7 @@ async def _serve(settings: Settings) -> None:
     config.accesslog = None
     config.errorlog = logs.logger.getChild("hypercorn")
     config.keep_alive_timeout = 75
+    tls.configure_hypercorn(config, server_tls)
 
     # One owner of the signals: readiness fails first, then hypercorn stops listening,
     # waits for in-flight requests (their commits) and runs the lifespan shutdown.
@@ -51,10 +52,14 @@ async def _serve(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
     host = "localhost" if settings.host in ("0.0.0.0", "::") else settings.host
-    grpc = f"OTLP/gRPC to {host}:{settings.grpc_port}; " if settings.grpc_enabled else ""
+    scheme = "https" if server_tls is not None else "http"
+    grpc = ""
+    if settings.grpc_enabled:
+        grpc = f"OTLP/gRPC to {host}:{settings.grpc_port}{' over TLS' if server_tls else ''}; "
+    mutual = "client certificate required; " if server_tls and server_tls.mutual else ""
     print(
-        f"otelworker: send OTLP/HTTP to http://{host}:{settings.port} "
-        f"(/v1/traces, /v1/metrics, /v1/logs); {grpc}"
+        f"otelworker: send OTLP/HTTP to {scheme}://{host}:{settings.port} "
+        f"(/v1/traces, /v1/metrics, /v1/logs); {grpc}{mutual}"
         "probes at /healthz, /readyz; metrics at /metrics",
         file=sys.stderr,
         flush=True,
@@ -124,6 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(settings.log_level)
     if args.command in archive_cli.COMMANDS:
         archive_cli.logs_to_stderr()
+    server_tls = None
+    if args.command == "serve":
+        try:
+            # A bad certificate or key stops start-up here, before any process starts.
+            server_tls = tls.load(settings)
+        except ConfigError as exc:
+            print(f"otelworker: {exc}", file=sys.stderr)
+            return 2
     try:
         if args.command == "serve":
             processes = args.processes or settings.processes
@@ -132,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             if processes > 1 and not is_child():
                 return serve_processes(settings, processes)
-            asyncio.run(_serve(settings))
+            asyncio.run(_serve(settings, server_tls))
             return 0
         return asyncio.run(_with_pool(settings, args.command, args))
     except OtelWorkerError as exc:

@@ -83,7 +83,7 @@ class _Window:
 class AggregatedEvents:
     """Rate-bounded logging for events that fire per request under overload.
 
-    The first occurrence of an (event, reason) pair is logged at once; further ones in
+    The first occurrence of an (event, reason, tenant) triple is logged at once; further ones in
     the same window are counted and logged as one line with ``count`` when the window
     closes (on the next occurrence after it, or by :meth:`run`'s periodic flush), so a
     flood of refusals costs one line a second per pair, and no occurrence goes uncounted.
@@ -94,13 +94,13 @@ class AggregatedEvents:
     ) -> None:
         self.window_s = window_s
         self._clock = clock
-        self._windows: dict[tuple[str, str], _Window] = {}
+        self._windows: dict[tuple[str, str, Any], _Window] = {}
 
     def emit(
         self, event: str, reason: str, message: str, *, level: int = logging.WARNING, **context: Any
     ) -> None:
         now = self._clock()
-        key = (event, reason)
+        key = (event, reason, context.get("tenant"))
         window = self._windows.get(key)
         if self.window_s <= 0:
             log_event(event, message, reason=reason, level=level, count=1, **context)
@@ -114,7 +114,7 @@ class AggregatedEvents:
         if now - window.opened >= self.window_s:
             self._close(key, window, now)
 
-    def _close(self, key: tuple[str, str], window: _Window, now: float) -> None:
+    def _close(self, key: tuple[str, str, Any], window: _Window, now: float) -> None:
         if window.suppressed:
             log_event(
                 key[0],

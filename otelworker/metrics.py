@@ -57,6 +57,40 @@ class Metrics:
             ["transport", "signal"],
             registry=r,
         )
+        # Per tenant: the label is the tenant's name for the first METRICS_MAX_TENANTS
+        # tenants seen by this process, then "other" (bounded cardinality).
+        self.tenant_records_accepted = Counter(
+            "otelworker_tenant_records_accepted",
+            "Records staged and acknowledged, by tenant.",
+            ["tenant", "signal"],
+            registry=r,
+        )
+        self.tenant_bytes_accepted = Counter(
+            "otelworker_tenant_bytes_accepted",
+            "Bytes of decompressed OTLP payload staged, by tenant.",
+            ["tenant", "signal"],
+            registry=r,
+        )
+        self.tenant_requests_refused = Counter(
+            "otelworker_tenant_requests_refused",
+            "Requests refused or shed, by tenant and reason (unauthenticated requests have"
+            " no tenant and are not here).",
+            ["tenant", "signal", "reason"],
+            registry=r,
+        )
+        self.tenant_records_refused = Counter(
+            "otelworker_tenant_records_refused",
+            "Records refused or shed, by tenant and reason (where the body was decoded).",
+            ["tenant", "signal", "reason"],
+            registry=r,
+        )
+        self.tenant_bytes_refused = Counter(
+            "otelworker_tenant_bytes_refused",
+            "Bytes refused or shed, by tenant and reason (decompressed where the body was"
+            " decompressed, else as received).",
+            ["tenant", "signal", "reason"],
+            registry=r,
+        )
         self.staged_bytes = Counter(
             "otelworker_staged_bytes",
             "Bytes written to ingestion_queue for payloads (as stored: compressed).",

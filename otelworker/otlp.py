@@ -227,6 +227,7 @@ CODE_RESOURCE_EXHAUSTED = 8
 CODE_UNIMPLEMENTED = 12
 CODE_INTERNAL = 13
 CODE_UNAVAILABLE = 14
+CODE_UNAUTHENTICATED = 16
 
 
 def status_body(code: int, message: str, encoding: Encoding) -> bytes:

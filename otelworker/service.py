@@ -14,10 +14,10 @@ from otelworker.ingress.admission import (
     BacklogTracker,
     InflightBytes,
     OverflowGate,
-    TokenBucket,
 )
 from otelworker.ingress.grpc_server import OtlpGrpc
 from otelworker.ingress.intake import Intake
+from otelworker.ingress.tenants import Tenants
 from otelworker.logs import AggregatedEvents, log_event
 from otelworker.metrics import Metrics
 from otelworker.processes import CHILD_ENV
@@ -37,11 +37,8 @@ class Service:
         self.metrics = Metrics()
         self.supervisor = Supervisor()
         self.events = AggregatedEvents(settings.log_aggregation_window_s)
-        self.limiter: TokenBucket | None = (
-            TokenBucket(settings.rate_limit_rps, settings.rate_limit_burst)
-            if settings.enable_rate_limiting
-            else None
-        )
+        # Tokens, tenants and their limits: read at start (a bad file is a ConfigError).
+        self.tenants: Tenants | None = None
         self.inflight: InflightBytes | None = (
             InflightBytes(settings.max_inflight_bytes) if settings.max_inflight_bytes else None
         )
@@ -68,9 +65,10 @@ class Service:
         payloads: list[bytes],
         record_counts: list[int],
         facts: list[Facts | None],
+        tenants: list[str],
     ) -> int:
         assert self.queue is not None
-        xid = await self.queue.stage_many(signals, payloads, record_counts, facts)
+        xid = await self.queue.stage_many(signals, payloads, record_counts, facts, tenants)
         self.metrics.group_commit_size.observe(len(signals))
         return xid
 
@@ -112,6 +110,8 @@ class Service:
 
     async def start(self) -> None:
         s = self.settings
+        if s.runs_ingress:
+            self.tenants = Tenants(s)
         self.dsn = await self._resolve_dsn()
         self.pool = await create_pool(
             self.dsn,
@@ -122,7 +122,7 @@ class Service:
         )
         async with self.pool.acquire() as conn:
             await migrate(conn)
-        self.queue = StagingQueue(self.pool)
+        self.queue = StagingQueue(self.pool, s.default_tenant)
         self.supervisor.spawn(self.events.run(), "log-aggregator")
 
         if s.runs_ingress:
@@ -173,6 +173,7 @@ class Service:
             self.metrics.buffer_depth.set_function(self._buffer_depth)
             self.pipeline.start(self.supervisor, self.dsn)
 
+        self.intake.tenants = self.tenants
         self.accepting = True
         self._last_ready = True  # started: the database answered, the schema is current
         log_event(

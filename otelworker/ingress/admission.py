@@ -66,6 +66,49 @@ class TokenBucket:
         self._refill()
         return self._tokens
 
+    def reconfigure(self, rate: float, burst: int) -> None:
+        """New rate and capacity (a limits file re-read): the level kept, capped."""
+        self._refill()
+        self.rate = rate
+        self.burst = float(burst)
+        self._tokens = min(self._tokens, self.burst)
+
+
+class ByteBucket:
+    """Ingest bytes per second with a burst, as Loki and Tempo limit a tenant.
+
+    Full at start. A request takes its (decompressed) size; one larger than what is left
+    is refused, except when the bucket is full: then it passes and the bucket goes into
+    debt, so a request larger than the burst is slowed, never refused forever.
+    """
+
+    def __init__(
+        self, rate: float, burst: int, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self._clock = clock
+        self._level = float(burst)
+        self._stamp = clock()
+
+    def _refill(self) -> None:
+        now = self._clock()
+        self._level = min(self.burst, self._level + (now - self._stamp) * self.rate)
+        self._stamp = now
+
+    def try_take(self, size: int) -> bool:
+        self._refill()
+        if size <= self._level or self._level >= self.burst:
+            self._level -= size
+            return True
+        return False
+
+    def retry_after(self, size: int) -> int:
+        """Whole seconds until ``size`` bytes would pass (or the bucket is full)."""
+        self._refill()
+        need = min(float(size), self.burst) - self._level
+        return max(1, math.ceil(max(0.0, need) / self.rate))
+
 
 class InflightBytes:
     """Request bytes at the door (read or declared, not yet answered), within a limit.
@@ -131,7 +174,10 @@ class BacklogTracker:
         self._count = count
         self.refresh_interval_s = refresh_interval_s
         self._counted = 0
-        self._recent: list[tuple[int | None, int]] = []  # (xid, items) not in the count
+        self._recent: list[tuple[int | None, int, str | None]] = []  # not in the count
+        # Per tenant, from counts that carry it (the queue's): counted, and recent local.
+        self._counted_by: dict[str, int] = {}
+        self._recent_by: dict[str, int] = {}
         self._snapshot: Snapshot | None = None
         self.known = False
         # From counts that carry them (the queue's): dead rows, the oldest item's age.
@@ -148,12 +194,18 @@ class BacklogTracker:
 
     @property
     def value(self) -> int:
-        return self._counted + sum(items for _, items in self._recent)
+        return self._counted + sum(entry[1] for entry in self._recent)
 
-    def add(self, items: int, xid: int | None = None) -> None:
+    def of(self, tenant: str) -> int:
+        """The tenant's share of :attr:`value`."""
+        return self._counted_by.get(tenant, 0) + self._recent_by.get(tenant, 0)
+
+    def add(self, items: int, xid: int | None = None, tenant: str | None = None) -> None:
         if xid is not None and self._snapshot is not None and self._snapshot.sees(xid):
             return  # the last count already saw this commit
-        self._recent.append((xid, items))
+        self._recent.append((xid, items, tenant))
+        if tenant is not None:
+            self._recent_by[tenant] = self._recent_by.get(tenant, 0) + items
 
     async def refresh(self) -> None:
         before = len(self._recent)
@@ -161,17 +213,24 @@ class BacklogTracker:
         counted, snapshot = (
             (result[0], Snapshot.parse(result[1])) if isinstance(result, tuple) else (result, None)
         )
-        kept: list[tuple[int | None, int]] = []
-        for index, (xid, items) in enumerate(self._recent):
+        kept: list[tuple[int | None, int, str | None]] = []
+        for index, entry in enumerate(self._recent):
+            xid = entry[0]
             if xid is not None and snapshot is not None:
                 if not snapshot.sees(xid):
-                    kept.append((xid, items))
+                    kept.append(entry)
             elif index >= before:
                 # No transaction id to compare: staged while the count ran, maybe not in
                 # it; keep it (overcount rather than undercount).
-                kept.append((xid, items))
+                kept.append(entry)
         self._counted = counted
         self._recent = kept
+        recent_by: dict[str, int] = {}
+        for _, items, tenant in kept:
+            if tenant is not None:
+                recent_by[tenant] = recent_by.get(tenant, 0) + items
+        self._recent_by = recent_by
+        self._counted_by = dict(getattr(result, "tenants", None) or {})
         self._snapshot = snapshot
         self.known = True
         self.dead = int(getattr(result, "dead", 0))
@@ -220,8 +279,13 @@ class OverflowGate:
     def saturated(self) -> bool:
         return self.backlog.value >= self.max_backlog
 
-    def decide(self) -> Verdict:
-        if not self.saturated:
+    def decide(self, tenant: str | None = None, tenant_max: int | None = None) -> Verdict:
+        """The verdict for a request of ``tenant``, whose share is ``tenant_max`` items."""
+        if not self.saturated and (
+            tenant_max is None
+            or tenant_max >= self.max_backlog
+            or self.backlog.of(tenant or "") < tenant_max
+        ):
             return Verdict.ACCEPT
         if self.policy is OverflowPolicy.REJECT:
             return Verdict.REJECT

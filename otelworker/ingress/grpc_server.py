@@ -54,14 +54,19 @@ def _trailers(refusal: Refused, code: grpc.StatusCode) -> tuple[tuple[str, bytes
     )
 
 
-def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> RequestId:
-    def given() -> str:
-        for key, value in context.invocation_metadata() or ():
-            if key == "x-request-id" and isinstance(value, str):
-                return value
-        return ""
+def _metadata(context: grpc.aio.ServicerContext[Any, Any], *keys: str) -> list[str | None]:
+    """The first value of each metadata key (keys lower case, as gRPC sends them)."""
+    found: list[str | None] = [None] * len(keys)
+    for key, value in context.invocation_metadata() or ():
+        if key in keys and isinstance(value, str):
+            index = keys.index(key)
+            if found[index] is None:
+                found[index] = value
+    return found
 
-    return RequestId(given)
+
+def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> RequestId:
+    return RequestId(lambda: _metadata(context, "x-request-id")[0] or "")
 
 
 class OtlpGrpc:
@@ -71,6 +76,7 @@ class OtlpGrpc:
         self.service = service
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
+        self._tenant_key = service.settings.tenant_header.lower()
 
     def _handler(
         self, signal: str
@@ -87,19 +93,33 @@ class OtlpGrpc:
         request_id = _request_id(context)
         inflight = self.service.inflight
         reserved = 0
+        tenant = None
         try:
-            verdict = intake.admit()
+            # Who sends, before any other work.
+            authorization, named = _metadata(context, "authorization", self._tenant_key)
+            tenant = intake.identify(authorization, named)
+            verdict = intake.admit(tenant)
             if inflight is not None:
                 if not inflight.reserve(len(request)):
                     raise intake.inflight_refused()
                 reserved = len(request)
+            intake.meter(tenant, len(request))
             message, records = intake.decode(signal, request, json=False)
             accepted = await intake.stage(
-                signal, GRPC, request, message, records, verdict, request_id, shed_status="OK"
+                tenant,
+                signal,
+                GRPC,
+                request,
+                message,
+                records,
+                verdict,
+                request_id,
+                shed_status="OK",
             )
         except Refused as refusal:
             code = grpc.StatusCode[refusal.kind.grpc_code]
-            intake.refused(signal, GRPC, refusal, code.name, request_id)
+            size = len(request) if tenant is not None else 0
+            intake.refused(signal, GRPC, refusal, code.name, request_id, tenant, size)
             intake.answered(signal, GRPC, code.name)
             await context.abort(code, refusal.message, trailing_metadata=_trailers(refusal, code))
             raise AssertionError("abort() returned") from None  # pragma: no cover
@@ -116,6 +136,10 @@ class OtlpGrpc:
         return _SUCCESS[signal]
 
     async def start(self, host: str, port: int) -> int:
+        from otelworker.tls import grpc_credentials
+
+        # TLS_CERT_FILE set: TLS (and with TLS_CLIENT_CA_FILE, client certificates) here too.
+        credentials = grpc_credentials(self.service.settings)
         limit = self.service.settings.max_request_body_bytes
         server = grpc.aio.server(
             options=[
@@ -132,7 +156,10 @@ class OtlpGrpc:
             ]
         )
         try:
-            bound: int = server.add_insecure_port(f"{host}:{port}")
+            if credentials is not None:
+                bound: int = server.add_secure_port(f"{host}:{port}", credentials)
+            else:
+                bound = server.add_insecure_port(f"{host}:{port}")
         except RuntimeError as exc:
             raise ConfigError(f"GRPC_PORT: cannot listen on {host}:{port}: {exc}") from None
         if not bound:

@@ -7,9 +7,12 @@ meaning for every transport (HTTP status, Status body code, gRPC code, retryable
 as the Collector's receiver errors do; the intake counts it and logs it once, the
 transport only renders it.
 
-Order: :meth:`Intake.admit` (rate limit, readiness, staging saturation: before the body
-is read where the transport allows), :meth:`Intake.decode`, :meth:`Intake.stage` (load
-shedding, or the group commit and its answer after the commit).
+Order: :meth:`Intake.identify` (the bearer token, else the tenant header: before any other
+work), :meth:`Intake.admit` (the tenant's request rate, readiness, staging saturation and
+the tenant's share of it: before the body is read where the transport allows),
+:meth:`Intake.meter` (the tenant's ingest bytes, on the decompressed body),
+:meth:`Intake.decode`, :meth:`Intake.stage` (load shedding, or the group commit and its
+answer after the commit).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from otelworker import otlp
 from otelworker.compression import ENCODING, compress
 from otelworker.exceptions import BadPayload, OtelWorkerError, StagingUnavailable
 from otelworker.ingress.admission import Verdict
+from otelworker.ingress.tenants import Tenant, Tenants, valid_tenant
 from otelworker.logs import log_event
 from otelworker.staging.queue import Facts
 
@@ -43,6 +47,7 @@ SHED_MESSAGE = "staging queue saturated; records shed by overflow policy {policy
 class Kind(enum.Enum):
     """What a refusal means: (HTTP status, Status body code, gRPC code name, retryable)."""
 
+    UNAUTHENTICATED = (401, otlp.CODE_UNAUTHENTICATED, "UNAUTHENTICATED", False)
     THROTTLED = (429, otlp.CODE_RESOURCE_EXHAUSTED, "RESOURCE_EXHAUSTED", True)
     UNAVAILABLE = (503, otlp.CODE_UNAVAILABLE, "UNAVAILABLE", True)
     TOO_LARGE = (413, otlp.CODE_INVALID_ARGUMENT, "RESOURCE_EXHAUSTED", False)
@@ -90,6 +95,10 @@ class Accepted:
     shed: str | None = None
 
 
+# The tenant name of a request refused before it had one (unauthenticated, invalid name).
+NO_TENANT = None
+
+
 class RequestId:
     """The client's request id, else a fresh one; made only when something is logged."""
 
@@ -110,21 +119,74 @@ class Intake:
         self.service = service
         self.settings = service.settings
         self.metrics = service.metrics
+        self.tenants: Tenants | None = None  # set by the service at start
+
+    # --- who sends ------------------------------------------------------------------------
+
+    def identify(self, authorization: str | None, named: str | None) -> Tenant:
+        """The request's tenant: the bearer token's (AUTH_MODE=bearer), else the tenant
+        header's (``named``), else DEFAULT_TENANT. Raises :class:`Refused` (401, 400)."""
+        tenants = self.tenants
+        if tenants is None:
+            raise Refused(
+                Kind.UNAVAILABLE,
+                "unavailable",
+                "service is shutting down or not ready",
+                retry_after=self.settings.unavailable_retry_after_s,
+            )
+        tokens = tenants.tokens
+        if tokens is not None:
+            if not authorization:
+                raise Refused(
+                    Kind.UNAUTHENTICATED,
+                    "unauthenticated",
+                    "missing bearer token: send Authorization: Bearer <token>",
+                    event=("auth_failed", "missing_token"),
+                )
+            scheme, _, token = authorization.strip().partition(" ")
+            name = tokens.tenant_of(token.strip()) if scheme.lower() == "bearer" else None
+            if name is None:
+                raise Refused(
+                    Kind.UNAUTHENTICATED,
+                    "unauthenticated",
+                    "invalid bearer token",
+                    event=("auth_failed", "invalid_token"),
+                )
+            return tenants.get(name)
+        if named is None:
+            if self.settings.require_tenant:
+                raise Refused(
+                    Kind.UNAUTHENTICATED,
+                    "tenant_required",
+                    f"missing tenant: send the {self.settings.tenant_header} header",
+                    event=("auth_failed", "missing_tenant"),
+                )
+            return tenants.get(self.settings.default_tenant)
+        if not valid_tenant(named):
+            raise Refused(
+                Kind.INVALID,
+                "invalid_tenant",
+                f"invalid tenant name in {self.settings.tenant_header}: 1 to 64 letters,"
+                " digits, '_', '.', '-', starting with a letter or digit",
+                event=("request_refused", "invalid_tenant"),
+            )
+        return tenants.get(named)
 
     # --- admission ------------------------------------------------------------------------
 
-    def admit(self) -> Verdict:
-        """Rate limit, readiness, staging saturation; raises :class:`Refused`."""
+    def admit(self, tenant: Tenant) -> Verdict:
+        """The tenant's request rate, readiness, staging saturation (in all and the
+        tenant's share); raises :class:`Refused`."""
         service = self.service
         settings = self.settings
-        limiter = service.limiter
-        if limiter is not None and not limiter.try_acquire():
+        if settings.enable_rate_limiting and not tenant.requests.try_acquire():
             raise Refused(
                 Kind.THROTTLED,
                 "rate_limited",
-                "rate limit exceeded; retry after the Retry-After delay",
-                retry_after=limiter.retry_after(),
+                "rate limit exceeded (RATE_LIMIT_RPS); retry after the Retry-After delay",
+                retry_after=tenant.requests.retry_after(),
                 event=("rate_limited", "limit_exceeded"),
+                limit="requests",
             )
         if not service.accepting or service.committer is None or service.gate is None:
             raise Refused(
@@ -133,17 +195,44 @@ class Intake:
                 "service is shutting down or not ready",
                 retry_after=settings.unavailable_retry_after_s,
             )
-        verdict = service.gate.decide()
+        gate = service.gate
+        verdict = gate.decide(tenant.name, tenant.limits.tenant_max_backlog)
         if verdict is Verdict.REJECT:
+            if gate.saturated:
+                message = "staging queue saturated; retry after the Retry-After delay"
+                scope = "instance"
+            else:
+                message = (
+                    "this tenant's share of the staging queue is full (TENANT_MAX_BACKLOG);"
+                    " retry after the Retry-After delay"
+                )
+                scope = "tenant"
             raise Refused(
                 Kind.THROTTLED,
                 "queue_full_reject",
-                "staging queue saturated; retry after the Retry-After delay",
+                message,
                 retry_after=settings.saturated_retry_after_s,
                 event=("queue_saturated", "queue_full_reject"),
-                backlog=service.gate.backlog.value,
+                backlog=gate.backlog.value,
+                scope=scope,
             )
         return verdict
+
+    def meter(self, tenant: Tenant, size: int) -> None:
+        """The tenant's ingest bytes per second, on the decompressed body; raises
+        :class:`Refused` (429) past INGEST_BYTES_PER_S / INGEST_BURST_BYTES."""
+        bucket = tenant.bytes
+        if bucket is not None and self.settings.enable_rate_limiting and not bucket.try_take(size):
+            raise Refused(
+                Kind.THROTTLED,
+                "ingest_rate_limited",
+                "ingest bytes limit exceeded (INGEST_BYTES_PER_S); retry after the"
+                " Retry-After delay",
+                retry_after=bucket.retry_after(size),
+                event=("rate_limited", "limit_exceeded"),
+                limit="bytes",
+                bytes=size,
+            )
 
     @staticmethod
     def inflight_refused() -> Refused:
@@ -170,6 +259,7 @@ class Intake:
 
     async def stage(
         self,
+        tenant: Tenant,
         signal: str,
         transport: str,
         payload: bytes,
@@ -185,8 +275,12 @@ class Intake:
         if verdict is not Verdict.ACCEPT:
             # Load shedding: nothing staged; partial_success tells a client that looks.
             policy = settings.overflow_policy.value
-            metrics.requests_refused.labels(transport, signal, verdict.value).inc()
-            metrics.records_refused.labels(transport, signal, verdict.value).inc(records)
+            reason = verdict.value
+            metrics.requests_refused.labels(transport, signal, reason).inc()
+            metrics.records_refused.labels(transport, signal, reason).inc(records)
+            metrics.tenant_requests_refused.labels(tenant.label, signal, reason).inc()
+            metrics.tenant_records_refused.labels(tenant.label, signal, reason).inc(records)
+            metrics.tenant_bytes_refused.labels(tenant.label, signal, reason).inc(len(payload))
             self.service.events.emit(
                 "load_shedding",
                 "queue_full_drop_or_sample",
@@ -197,6 +291,7 @@ class Intake:
                 policy=policy,
                 records=records,
                 request_id=str(request_id),
+                tenant=tenant.name,
             )
             return Accepted(records, SHED_MESSAGE.format(policy=policy))
         if records == 0:
@@ -223,7 +318,7 @@ class Intake:
         try:
             # Bounded by STAGING_COMMIT_TIMEOUT_S inside the committer, which withdraws an
             # entry no commit has taken, so a 503 always means "not stored".
-            xid = await committer.stage(signal, stored, records, facts)
+            xid = await committer.stage(signal, stored, records, facts, tenant.name)
         except StagingUnavailable as exc:
             raise Refused(
                 Kind.UNAVAILABLE,
@@ -235,10 +330,12 @@ class Intake:
             ) from None
         metrics.stage_duration.observe(time.monotonic() - started)
         if self.service.backlog is not None:
-            self.service.backlog.add(1, xid)
+            self.service.backlog.add(1, xid, tenant.name)
         metrics.records_accepted.labels(transport, signal).inc(records)
         metrics.request_bytes.labels(transport, signal).inc(len(payload))
         metrics.staged_bytes.labels(signal).inc(len(stored))
+        metrics.tenant_records_accepted.labels(tenant.label, signal).inc(records)
+        metrics.tenant_bytes_accepted.labels(tenant.label, signal).inc(len(payload))
         return Accepted(records)
 
     # --- accounting -----------------------------------------------------------------------
@@ -250,12 +347,27 @@ class Intake:
         refusal: Refused,
         status: int | str,
         request_id: RequestId,
+        tenant: Tenant | None = NO_TENANT,
+        size: int = 0,
     ) -> None:
-        """Count a refusal and log it (aggregated); ``status`` as the transport says it."""
+        """Count a refusal and log it (aggregated); ``status`` as the transport says it,
+        ``size`` the bytes refused as far as they were read (decompressed where known)."""
         metrics = self.metrics
-        metrics.requests_refused.labels(transport, signal, refusal.reason).inc()
+        reason_label = refusal.reason
+        metrics.requests_refused.labels(transport, signal, reason_label).inc()
         if refusal.records:
-            metrics.records_refused.labels(transport, signal, refusal.reason).inc(refusal.records)
+            metrics.records_refused.labels(transport, signal, reason_label).inc(refusal.records)
+        context = refusal.context
+        if tenant is not None:
+            label = tenant.label
+            metrics.tenant_requests_refused.labels(label, signal, reason_label).inc()
+            if refusal.records:
+                metrics.tenant_records_refused.labels(label, signal, reason_label).inc(
+                    refusal.records
+                )
+            if size:
+                metrics.tenant_bytes_refused.labels(label, signal, reason_label).inc(size)
+            context = {**context, "tenant": tenant.name}
         event, reason = refusal.event
         self.service.events.emit(
             event,
@@ -265,7 +377,7 @@ class Intake:
             transport=transport,
             status=status,
             request_id=str(request_id),
-            **refusal.context,
+            **context,
         )
 
     def answered(self, signal: str, transport: str, code: str) -> None:

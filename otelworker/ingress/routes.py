@@ -1,8 +1,10 @@
 """The OTLP/HTTP endpoints (POST /v1/traces, /v1/metrics, /v1/logs) and the probes.
 
-Order of work per request, cheapest refusal first: content type and encoding, rate limit
-(before the body is read), staging saturation (before it is decompressed and decoded),
-body size, decompression, decoding, then the group commit. A 200 is sent only after the
+Order of work per request, cheapest refusal first: who sends (the bearer token, else the
+tenant header: 401/400 before any other work), method, content type and encoding, the
+tenant's request rate (before the body is read), staging saturation (before it is
+decompressed and decoded), body size, decompression, the tenant's ingest bytes, decoding,
+then the group commit. A 200 is sent only after the
 commit. An answer given before the body is read whole keeps the connection usable
 through :class:`~otelworker.ingress.body.DrainUnreadBody`, the app's middleware.
 """
@@ -30,6 +32,7 @@ from otelworker.ingress.body import (
     read_limited,
 )
 from otelworker.ingress.intake import Intake, Kind, Refused, RequestId
+from otelworker.ingress.tenants import Tenant
 from otelworker.service import Service
 
 HTTP = "http"
@@ -67,13 +70,15 @@ class _NoAnswer(Response):
 class _Answer:
     """Renders a request's answers over HTTP and counts them."""
 
-    __slots__ = ("encoding", "intake", "request_id", "signal")
+    __slots__ = ("encoding", "intake", "request_id", "signal", "size", "tenant")
 
     def __init__(self, intake: Intake, signal: str, encoding: otlp.Encoding, request: Request):
         self.intake = intake
         self.signal = signal
         self.encoding = encoding
         self.request_id = RequestId(lambda: request.headers.get("x-request-id", ""))
+        self.tenant: Tenant | None = None  # once identified
+        self.size = 0  # bytes read so far (decompressed once decompressed)
 
     def respond(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> Response:
         self.intake.answered(self.signal, HTTP, str(status))
@@ -81,7 +86,14 @@ class _Answer:
 
     def refuse(self, refusal: Refused, headers: dict[str, str] | None = None) -> Response:
         kind = refusal.kind
-        self.intake.refused(self.signal, HTTP, refusal, kind.http_status, self.request_id)
+        self.intake.refused(
+            self.signal, HTTP, refusal, kind.http_status, self.request_id, self.tenant, self.size
+        )
+        if kind is Kind.UNAUTHENTICATED and refusal.reason == "unauthenticated":
+            challenge = 'Bearer realm="otelworker"'
+            if refusal.event[1] == "invalid_token":
+                challenge += ', error="invalid_token"'
+            headers = {**(headers or {}), "WWW-Authenticate": challenge}
         if refusal.retry_after is not None:
             headers = {**(headers or {}), "Retry-After": str(refusal.retry_after)}
         body = otlp.status_body(kind.body_code, refusal.message, self.encoding)
@@ -123,6 +135,14 @@ async def _export(request: Request, signal: str, service: Service) -> Response:
 
     # A refusal before the body is read is answered as any other: DrainUnreadBody (the
     # app's middleware) drains the rest, or closes cleanly, so the connection stays usable.
+    headers = request.headers
+    try:
+        # Who sends, before any other work.
+        tenant = answer.tenant = intake.identify(
+            headers.get("authorization"), headers.get(intake.settings.tenant_header)
+        )
+    except Refused as refusal:
+        return answer.refuse(refusal)
     if request.method != "POST":
         return answer.refuse(
             Refused(
@@ -142,9 +162,9 @@ async def _export(request: Request, signal: str, service: Service) -> Response:
         )
     try:
         # Several Content-Encoding lines are one list (RFC 9110 §5.3).
-        decoders = codings(",".join(request.headers.getlist("content-encoding")))
+        decoders = codings(",".join(headers.getlist("content-encoding")))
         # Rate limit, readiness, saturation: before the body is read.
-        verdict = intake.admit()
+        verdict = intake.admit(tenant)
     except UnsupportedEncoding as exc:
         return answer.refuse(Refused(Kind.UNSUPPORTED, "unsupported_encoding", str(exc)))
     except Refused as refusal:
@@ -169,7 +189,7 @@ async def _export(request: Request, signal: str, service: Service) -> Response:
                 return True
 
     try:
-        return await _receive(request, answer, verdict, decoders, reserve)
+        return await _receive(request, answer, tenant, verdict, decoders, reserve)
     finally:
         if inflight is not None and reserved:
             inflight.release(reserved)
@@ -178,6 +198,7 @@ async def _export(request: Request, signal: str, service: Service) -> Response:
 async def _receive(
     request: Request,
     answer: _Answer,
+    tenant: Tenant,
     verdict: Verdict,
     decoders: list[Decoder],
     reserve: Callable[[int], bool] | None,
@@ -192,13 +213,24 @@ async def _receive(
         return answer.refuse(Refused(Kind.TOO_LARGE, "too_large", str(exc)))
     except InflightFull:
         return answer.refuse(intake.inflight_refused())
+    answer.size = len(raw)
     try:
         data = decompress(raw, decoders, limit)
+        answer.size = len(data)
+        intake.meter(tenant, len(data))
         message, records = intake.decode(signal, data, encoding.json)
         # Stage durably (or shed by the overflow policy); answer after the commit.
         payload = message.SerializeToString() if encoding.json else data
         accepted = await intake.stage(
-            signal, HTTP, payload, message, records, verdict, answer.request_id, shed_status=202
+            tenant,
+            signal,
+            HTTP,
+            payload,
+            message,
+            records,
+            verdict,
+            answer.request_id,
+            shed_status=202,
         )
     except BodyTooLarge as exc:
         return answer.refuse(Refused(Kind.TOO_LARGE, "too_large", str(exc)))

@@ -1,4 +1,5 @@
-"""The batcher: groups buffered items per signal; flushes by size or by the flush timer.
+"""The batcher: groups buffered items per tenant and signal (a batch never mixes
+tenants); flushes by size or by the flush timer.
 
 A batch is flushed when it holds BATCH_MAX_SIZE items, or when BATCH_FLUSH_INTERVAL_MS
 has passed since its first item (the flush timer task's job). At most
@@ -44,7 +45,7 @@ class Batcher:
         self.max_size = max_size
         self.flush_interval_s = flush_interval_s
         self._slots = asyncio.Semaphore(concurrency)
-        self._open: dict[str, _Open] = {}
+        self._open: dict[tuple[str, str], _Open] = {}  # by (tenant, signal)
         self._opened = asyncio.Event()
         self.flushing: set[asyncio.Task[None]] = set()
 
@@ -52,13 +53,14 @@ class Batcher:
         """Take items from the buffer into open batches; dispatch full ones."""
         while True:
             item = await self.buffer.get()
-            batch = self._open.get(item.signal)
+            key = (item.tenant, item.signal)
+            batch = self._open.get(key)
             if batch is None:
-                batch = self._open[item.signal] = _Open(time.monotonic())
+                batch = self._open[key] = _Open(time.monotonic())
                 self._opened.set()
             batch.items.append(item)
             if len(batch.items) >= self.max_size:
-                await self._dispatch(item.signal)
+                await self._dispatch(key)
 
     async def run_timer(self) -> None:
         """The flush timer: dispatch batches whose first item is BATCH_FLUSH_INTERVAL_MS old."""
@@ -68,20 +70,21 @@ class Batcher:
                 await self._opened.wait()
                 continue
             now = time.monotonic()
-            signal, batch = min(self._open.items(), key=lambda kv: kv[1].opened)
+            key, batch = min(self._open.items(), key=lambda kv: kv[1].opened)
             due = batch.opened + self.flush_interval_s
             if due > now:
                 self._opened.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._opened.wait(), due - now)
                 continue
-            await self._dispatch(signal)
+            await self._dispatch(key)
 
-    async def _dispatch(self, signal: str) -> None:
-        batch = self._open.pop(signal, None)
+    async def _dispatch(self, key: tuple[str, str]) -> None:
+        batch = self._open.pop(key, None)
         if batch is None or not batch.items:
             return
         await self._slots.acquire()
+        signal = key[1]
         task = asyncio.create_task(self._run_flush(signal, batch.items), name=f"flush-{signal}")
         self.flushing.add(task)
         task.add_done_callback(self.flushing.discard)
@@ -119,8 +122,9 @@ class Batcher:
                 item = self.buffer.get_nowait()
             except asyncio.QueueEmpty:
                 break
-            self._open.setdefault(item.signal, _Open(time.monotonic())).items.append(item)
-            if len(self._open[item.signal].items) >= self.max_size:
-                await self._dispatch(item.signal)
-        for signal in list(self._open):
-            await self._dispatch(signal)
+            key = (item.tenant, item.signal)
+            self._open.setdefault(key, _Open(time.monotonic())).items.append(item)
+            if len(self._open[key].items) >= self.max_size:
+                await self._dispatch(key)
+        for key in list(self._open):
+            await self._dispatch(key)

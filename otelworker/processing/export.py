@@ -145,9 +145,11 @@ class Exporter:
         if not prepared.good:
             return
         ids = prepared.good
+        tenant = items[0].tenant  # the batcher never mixes tenants in a batch
         batch_id = uuid.uuid4()
-        key = object_key(self.prefix, signal, batch_id, datetime.now(UTC), self.compression)
+        key = object_key(self.prefix, signal, batch_id, datetime.now(UTC), self.compression, tenant)
         context: dict[str, Any] = {
+            "tenant": tenant,
             "signal": signal,
             "batch_id": str(batch_id),
             "items": len(ids),
@@ -174,6 +176,7 @@ class Exporter:
                 min_time=prepared.min_time,
                 max_time=prepared.max_time,
                 service_names=prepared.service_names,
+                tenant=tenant,
             )
             committed = await self.queue.complete(manifest, ids, self.token)
         except (ObjectStoreError, StagingUnavailable) as exc:

@@ -18,16 +18,24 @@ EXTENSIONS = {
 
 
 def object_key(
-    prefix: str, signal: str, batch_id: uuid.UUID, at: datetime, compression: Compression
+    prefix: str,
+    signal: str,
+    batch_id: uuid.UUID,
+    at: datetime,
+    compression: Compression,
+    tenant: str | None = None,
 ) -> str:
-    """The OpenTelemetry Collector awss3exporter layout for ``otlp_proto``.
+    """The OpenTelemetry Collector awss3exporter layout for ``otlp_proto``, per tenant.
 
-    ``{prefix}/year=YYYY/month=MM/day=DD/hour=HH/minute=mm/{signal}_{uuid}.binpb[.gz|.zst]``
-    (UTC), so that the Collector's awss3receiver can replay the objects.
+    ``{prefix}/{tenant}/year=YYYY/month=MM/day=DD/hour=HH/minute=mm/{signal}_{uuid}.binpb[.gz|.zst]``
+    (UTC), so that the Collector's awss3receiver replays one tenant's objects with
+    ``s3_prefix: {prefix}/{tenant}``. The tenant name is validated at the door (no ``/``,
+    no ``..``); ``tenant=None`` is the layout of objects stored before tenants.
     """
     partition = at.strftime("year=%Y/month=%m/day=%d/hour=%H/minute=%M")
     name = f"{signal}_{batch_id}{EXTENSIONS[compression]}"
-    return f"{prefix.strip('/')}/{partition}/{name}" if prefix.strip("/") else f"{partition}/{name}"
+    parts = [p for p in (prefix.strip("/"), tenant) if p]
+    return "/".join([*parts, partition, name])
 
 
 @dataclass(frozen=True, slots=True)

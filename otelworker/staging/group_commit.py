@@ -25,7 +25,9 @@ from otelworker.exceptions import StagingUnavailable
 from otelworker.logs import log_event
 from otelworker.staging.queue import Facts
 
-StageMany = Callable[[list[str], list[bytes], list[int], list[Facts | None]], Awaitable[int | None]]
+StageMany = Callable[
+    [list[str], list[bytes], list[int], list[Facts | None], list[str]], Awaitable[int | None]
+]
 
 
 @dataclass(slots=True, eq=False)
@@ -35,6 +37,7 @@ class _Entry:
     records: int
     done: asyncio.Future[int | None]
     facts: Facts | None = None
+    tenant: str = "default"
     taken: bool = False  # in a commit: only the commit's outcome answers it now
     withdrawn: bool = False  # timed out before any commit took it: never inserted
 
@@ -72,14 +75,19 @@ class GroupCommitter:
         return len(self._waiting)
 
     async def stage(
-        self, signal: str, payload: bytes, records: int, facts: Facts | None = None
+        self,
+        signal: str,
+        payload: bytes,
+        records: int,
+        facts: Facts | None = None,
+        tenant: str = "default",
     ) -> int | None:
         """Return once the payload is committed (with the commit's transaction id, where the
         store gives one); raise StagingUnavailable if it was not."""
         if self._closed:
             raise StagingUnavailable("shutting down")
         loop = asyncio.get_running_loop()
-        entry = _Entry(signal, payload, records, loop.create_future(), facts)
+        entry = _Entry(signal, payload, records, loop.create_future(), facts, tenant)
         entry.done.add_done_callback(_retrieve)
         self._waiting.append(entry)
         self._idle.clear()
@@ -148,6 +156,7 @@ class GroupCommitter:
                     [e.payload for e in batch],
                     [e.records for e in batch],
                     [e.facts for e in batch],
+                    [e.tenant for e in batch],
                 )
         except TimeoutError:
             # The outcome is unknown (as with a lost connection): answered 503.

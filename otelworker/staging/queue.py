@@ -50,6 +50,7 @@ class Claimed:
     record_count: int
     attempts: int
     facts: Facts | None = None
+    tenant: str = "default"
 
     @classmethod
     def from_row(cls, row: Any) -> Claimed:
@@ -63,7 +64,13 @@ class Claimed:
                 tuple(row["service_names"] or ()),
             )
         return cls(
-            row["id"], row["signal"], row["payload"], row["record_count"], row["attempts"], facts
+            row["id"],
+            row["signal"],
+            row["payload"],
+            row["record_count"],
+            row["attempts"],
+            facts,
+            row["tenant"],
         )
 
 
@@ -81,6 +88,7 @@ class Manifest:
     min_time: datetime | None
     max_time: datetime | None
     service_names: Sequence[str]
+    tenant: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +126,7 @@ class BacklogCount(NamedTuple):
     snapshot: str
     dead: int
     oldest_age_s: float
+    tenants: dict[str, int] = {}  # a NamedTuple default, never mutated
 
 
 async def fetch(pool: asyncpg.Pool, name: str, *args: Any) -> list[Any]:
@@ -133,8 +142,10 @@ async def fetch(pool: asyncpg.Pool, name: str, *args: Any) -> list[Any]:
 class StagingQueue:
     """The asyncpg adapter of :class:`QueuePort`, plus the ingress and admin operations."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, default_tenant: str = "default") -> None:
         self.pool = pool
+        # Rows staged before tenants (migration 0004) have none: they are this one's.
+        self.default_tenant = default_tenant
 
     async def _fetch(self, name: str, *args: Any) -> list[Any]:
         return await fetch(self.pool, name, *args)
@@ -154,6 +165,7 @@ class StagingQueue:
         payloads: list[bytes],
         record_counts: list[int],
         facts: Sequence[Facts | None] | None = None,
+        tenants: Sequence[str] | None = None,
     ) -> int:
         """Insert the rows in one transaction, wake idle pollers once; return the xid.
 
@@ -166,6 +178,7 @@ class StagingQueue:
         low = [min(f.min_ns, _MAX_NS) if f and f.min_ns is not None else None for f in facts]
         high = [min(f.max_ns, _MAX_NS) if f and f.max_ns is not None else None for f in facts]
         names = [SERVICE_SEPARATOR.join(f.services) if f else None for f in facts]
+        owners = list(tenants) if tenants is not None else [self.default_tenant] * len(signals)
         try:
             async with self.pool.acquire() as conn:
                 xid = await conn.fetchval(
@@ -178,6 +191,7 @@ class StagingQueue:
                     low,
                     high,
                     names,
+                    owners,
                     column=1,
                 )
         except DB_ERRORS as exc:
@@ -186,16 +200,22 @@ class StagingQueue:
 
     async def backlog(self) -> BacklogCount:
         """Items staged and not exported, with the snapshot the count saw (and more)."""
-        rows = await self._fetch("backlog")
-        items, snapshot, dead, oldest_age_s = rows[0]
-        return BacklogCount(int(items), str(snapshot), int(dead), float(oldest_age_s))
+        rows = await self._fetch("backlog", self.default_tenant)
+        items, snapshot, dead, oldest_age_s, names, counts = rows[0]
+        return BacklogCount(
+            int(items),
+            str(snapshot),
+            int(dead),
+            float(oldest_age_s),
+            dict(zip(names, (int(c) for c in counts), strict=True)),
+        )
 
     # --- processing ----------------------------------------------------------------
     async def claim(
         self, limit: int, lease_s: float, token: uuid.UUID, max_bytes: int = 1 << 62
     ) -> list[Claimed]:
         """Up to ``limit`` rows, as many as start within ``max_bytes`` (the first always)."""
-        rows = await self._fetch("claim", limit, lease_s, token, max_bytes)
+        rows = await self._fetch("claim", limit, lease_s, token, max_bytes, self.default_tenant)
         return sorted((Claimed.from_row(r) for r in rows), key=lambda c: c.id)
 
     async def renew(self, ids: Sequence[int], lease_s: float, token: uuid.UUID) -> None:
@@ -228,6 +248,7 @@ class StagingQueue:
                         manifest.min_time,
                         manifest.max_time,
                         list(manifest.service_names),
+                        manifest.tenant,
                     )
                 except BaseException:
                     await tx.rollback()

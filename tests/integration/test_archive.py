@@ -391,9 +391,12 @@ async def test_replay_sends_exactly_the_window_of_one_service_to_a_second_instan
     summary = re.search(r"replayed (\d+) records in (\d+) requests .* from (\d+) objects", run.out)
     assert summary, run.out
     assert int(summary[1]) == records
-    # At least a request per object; how many more depends on how the first instance's
-    # flushes happened to batch (the cutting itself: tests/unit/test_archive.py).
-    assert int(summary[2]) >= int(summary[3])
+    # How many requests depends on how the first instance's flushes happened to batch
+    # (an object can overlap the window by its time range and still hold no record in
+    # it: the cutting itself is in tests/unit/test_archive.py); cut at 2,000 bytes, more
+    # than one per object that had records in the window.
+    assert 0 < int(summary[2]) <= records
+    assert int(summary[3]) >= 1
     assert all(row["service_names"] == ["checkout"] for row in replayed.manifest)
 
 

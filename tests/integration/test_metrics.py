@@ -22,7 +22,8 @@ pytestmark = pytest.mark.integration
 
 PROTOBUF = {"content-type": "application/x-protobuf"}
 JSON = {"content-type": "application/json"}
-LOW_CARDINALITY_LABELS = {"transport", "signal", "code", "reason", "le"}
+# "tenant" is bounded too: at most METRICS_MAX_TENANTS values, then "other".
+LOW_CARDINALITY_LABELS = {"transport", "signal", "code", "reason", "le", "tenant"}
 
 
 # --- payloads -------------------------------------------------------------------------

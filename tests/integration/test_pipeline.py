@@ -151,7 +151,7 @@ async def test_sdk_records_land_in_s3_exactly_once(
     assert_exactly_once(sent, exported)
     assert_counts_add_up(sent, exported)
     assert_manifest_consistent(
-        exported, store, prefix="otel", compression=compression, service_name="e2e"
+        exported, store, prefix="otel/default", compression=compression, service_name="e2e"
     )
     # Every object in the bucket is in the manifest: no orphans on the happy path.
     assert store.keys() == sorted(exported.keys)
@@ -183,7 +183,7 @@ async def test_local_directory_store(database_url: str, tmp_path: Path) -> None:
     assert_exactly_once(sent, exported)
     assert_counts_add_up(sent, exported)
     assert_manifest_consistent(
-        exported, store, prefix="local/otel", compression="gzip", service_name="local-e2e"
+        exported, store, prefix="local/otel/default", compression="gzip", service_name="local-e2e"
     )
     assert store.keys() == sorted(exported.keys)  # no temp files left behind
 

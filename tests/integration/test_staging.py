@@ -273,10 +273,14 @@ async def test_group_commit_coalesces_concurrent_requests(pool: asyncpg.Pool) ->
     calls: list[int] = []
 
     async def counting_stage_many(
-        signals: list[str], payloads: list[bytes], counts: list[int], facts: list[Any]
+        signals: list[str],
+        payloads: list[bytes],
+        counts: list[int],
+        facts: list[Any],
+        tenants: list[str],
     ) -> None:
         calls.append(len(signals))
-        await queue.stage_many(signals, payloads, counts, facts)
+        await queue.stage_many(signals, payloads, counts, facts, tenants)
 
     committer = GroupCommitter(counting_stage_many, max_items=64, max_bytes=1 << 20)
     workers = [asyncio.create_task(committer.run()) for _ in range(2)]
@@ -308,11 +312,15 @@ async def test_a_cancelled_request_is_still_committed(pool: asyncpg.Pool) -> Non
     release = asyncio.Event()
 
     async def held_stage_many(
-        signals: list[str], payloads: list[bytes], counts: list[int], facts: list[Any]
+        signals: list[str],
+        payloads: list[bytes],
+        counts: list[int],
+        facts: list[Any],
+        tenants: list[str],
     ) -> int:
         started.set()
         await release.wait()
-        return await queue.stage_many(signals, payloads, counts, facts)
+        return await queue.stage_many(signals, payloads, counts, facts, tenants)
 
     committer = GroupCommitter(held_stage_many, max_items=64, max_bytes=1 << 20)
     worker = asyncio.create_task(committer.run())

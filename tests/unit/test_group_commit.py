@@ -26,7 +26,12 @@ class HeldStore:
         self.committed: list[list[bytes]] = []
 
     async def stage_many(
-        self, signals: list[str], payloads: list[bytes], counts: list[int], facts: list[Any]
+        self,
+        signals: list[str],
+        payloads: list[bytes],
+        counts: list[int],
+        facts: list[Any],
+        tenants: list[str],
     ) -> int:
         self.started.set()
         await self.release.wait()

@@ -69,6 +69,16 @@ def test_key_prefix_normalised(prefix: str, expected_start: str) -> None:
     assert not key.startswith("/")
 
 
+@pytest.mark.parametrize(
+    ("prefix", "expected_start"),
+    [("otel", "otel/team-a/year="), ("", "team-a/year="), ("/a/b/", "a/b/team-a/year=")],
+)
+def test_key_puts_the_tenant_under_the_prefix(prefix: str, expected_start: str) -> None:
+    key = object_key(prefix, "logs", BATCH, AT, Compression.GZIP, "team-a")
+    assert key.startswith(expected_start), key
+    assert LAYOUT.match(key) is not None
+
+
 def test_key_fields_are_zero_padded() -> None:
     at = datetime(2025, 1, 2, 3, 4, tzinfo=UTC)
     key = object_key("p", "metrics", BATCH, at, Compression.NONE)
@@ -156,7 +166,8 @@ async def test_exporter_writes_under_layout_at_utc_now(
     manifest = queue.manifests[0]
     match = LAYOUT.match(manifest.object_key)
     assert match is not None, manifest.object_key
-    assert match["prefix"] == "otel/"
+    assert match["prefix"] == "otel/default/"  # {S3_PREFIX}/{tenant}/
+    assert manifest.tenant == "default"
     assert match["signal"] == "traces"
     assert uuid.UUID(match["uuid"]) == manifest.batch_id
     expected_ext = {

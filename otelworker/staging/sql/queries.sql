@@ -26,32 +26,44 @@ SELECT coalesce(max(version), 0) FROM otelworker_migrations;
 -- idle pollers (delivered at commit) and returns the transaction id, which the backlog
 -- figure compares with its count's snapshot so a commit is never counted twice.
 -- Each row's facts ride along ($4..$8: encoding, decompressed size, time range, service
--- names joined by U+001F, one string per row since arrays of arrays do not unnest).
+-- names joined by U+001F, one string per row since arrays of arrays do not unnest), and
+-- its tenant ($9).
 WITH staged AS (
     INSERT INTO ingestion_queue (signal, payload, record_count, payload_encoding, raw_bytes,
-                                 min_time_ns, max_time_ns, service_names)
-    SELECT s, p, r, coalesce(e, 'identity'), b, lo, hi, string_to_array(n, E'\x1f')
+                                 min_time_ns, max_time_ns, service_names, tenant)
+    SELECT s, p, r, coalesce(e, 'identity'), b, lo, hi, string_to_array(n, E'\x1f'), t
     FROM unnest($1::text[], $2::bytea[], $3::integer[], $4::text[], $5::integer[],
-                $6::bigint[], $7::bigint[], $8::text[]) AS t(s, p, r, e, b, lo, hi, n)
+                $6::bigint[], $7::bigint[], $8::text[], $9::text[])
+         AS u(s, p, r, e, b, lo, hi, n, t)
 )
 SELECT pg_notify('otelworker_staged', ''), pg_current_xact_id()::text;
 
 -- name: backlog --
--- Items staged and not yet exported: pending, processing and failed (dead rows excluded).
--- With the snapshot the count saw, so commits made while it ran are told apart; and, in
--- the same scan, the dead rows and the age in seconds of the oldest item not yet exported.
-SELECT count(*) FILTER (WHERE status <> 'dead'),
+-- Items staged and not yet exported: pending, processing and failed (dead rows excluded),
+-- in all and per tenant (NULL: $1, DEFAULT_TENANT). With the snapshot the count saw, so
+-- commits made while it ran are told apart; and, in the same scan, the dead rows and the
+-- age in seconds of the oldest item not yet exported.
+WITH per_tenant AS (
+    SELECT coalesce(tenant, $1) AS tenant,
+           count(*) FILTER (WHERE status <> 'dead') AS items,
+           count(*) FILTER (WHERE status = 'dead') AS dead,
+           min(received_at) FILTER (WHERE status <> 'dead') AS oldest
+    FROM ingestion_queue
+    GROUP BY 1
+)
+SELECT coalesce(sum(items), 0)::bigint,
        pg_current_snapshot()::text,
-       count(*) FILTER (WHERE status = 'dead'),
-       coalesce(extract(epoch FROM now() - min(received_at) FILTER (WHERE status <> 'dead')),
-                0)::float8
-FROM ingestion_queue;
+       coalesce(sum(dead), 0)::bigint,
+       coalesce(extract(epoch FROM now() - min(oldest)), 0)::float8,
+       coalesce(array_agg(tenant) FILTER (WHERE items > 0), '{}'),
+       coalesce(array_agg(items) FILTER (WHERE items > 0), '{}')
+FROM per_tenant;
 
 -- name: claim --
 -- Claim up to $1 available rows: pending, failed whose backoff has passed, or
 -- processing whose lease has expired (a crashed or stalled worker's); and only as many,
 -- in id order, as start within $4 payload bytes (the first always, so a payload larger
--- than the budget still moves). octet_length reads the out-of-line value's size from its
+-- than the budget still moves); with each row's tenant (NULL: $5, DEFAULT_TENANT). octet_length reads the out-of-line value's size from its
 -- TOAST pointer, without fetching it.
 WITH candidates AS (
     SELECT id, octet_length(payload) AS size FROM ingestion_queue
@@ -74,7 +86,8 @@ SET status = 'processing',
 FROM chosen c
 WHERE q.id = c.id
 RETURNING q.id, q.signal, q.payload, q.record_count, q.attempts, q.payload_encoding,
-          q.raw_bytes, q.min_time_ns, q.max_time_ns, q.service_names;
+          q.raw_bytes, q.min_time_ns, q.max_time_ns, q.service_names,
+          coalesce(q.tenant, $5) AS tenant;
 
 -- name: renew_leases --
 UPDATE ingestion_queue
@@ -83,8 +96,9 @@ WHERE id = ANY($1::bigint[]) AND lease_token = $3 AND status = 'processing';
 
 -- name: insert_manifest --
 INSERT INTO export_batches (batch_id, signal, object_key, item_count, record_count,
-                            compressed_bytes, raw_bytes, min_time, max_time, service_names)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10);
+                            compressed_bytes, raw_bytes, min_time, max_time, service_names,
+                            tenant)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11);
 
 -- name: delete_claimed --
 -- Rows whose lease has passed to another worker are not ours to delete: the caller

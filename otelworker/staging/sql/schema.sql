@@ -17,7 +17,8 @@ CREATE TABLE ingestion_queue (
     raw_bytes        integer,
     min_time_ns      bigint,
     max_time_ns      bigint,
-    service_names    text[]
+    service_names    text[],
+    tenant           text
 );
 
 ALTER TABLE ingestion_queue ALTER COLUMN payload SET STORAGE EXTERNAL;
@@ -37,7 +38,8 @@ CREATE TABLE export_batches (
     min_time         timestamptz,
     max_time         timestamptz,
     service_names    text[]      NOT NULL DEFAULT '{}',
-    created_at       timestamptz NOT NULL DEFAULT now()
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    tenant           text
 );
 
 CREATE INDEX export_batches_created_idx ON export_batches (signal, created_at);
