@@ -8,12 +8,14 @@ the tests that need it; nothing is skipped (under CI=true least of all).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import pytest
 
+from otelworker.logs import JSONFormatter
 from tests.support.provision import (
     PgServer,
     ProvisionError,
@@ -26,8 +28,34 @@ from tests.support.provision import (
 )
 from tests.support.provision import s3_server as provision_s3_server
 from tests.support.proxy import TcpProxy
+from tests.support.secrets import ISSUED
 
 T = TypeVar("T")
+
+
+class _SecretsWatch(logging.Handler):
+    """Every log record of the session, formatted as the service writes it (JSON)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.json = JSONFormatter()
+        self.leaks: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        line = self.json.format(record)
+        if any(token in line for token in ISSUED):
+            self.leaks.append(line[:300])
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_token_in_any_log_line() -> Iterator[None]:
+    """No bearer token of tests/support/secrets.py appears in any log line of the session."""
+    watch = _SecretsWatch()
+    root = logging.getLogger()
+    root.addHandler(watch)
+    yield
+    root.removeHandler(watch)
+    assert not watch.leaks, f"tokens in log lines: {watch.leaks[:3]}"
 
 
 def _provisioned(what: str, manager: contextlib.AbstractContextManager[T]) -> Iterator[T]:
