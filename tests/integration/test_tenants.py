@@ -34,7 +34,16 @@ from opentelemetry.sdk.trace.export import SpanExportResult
 
 from otelworker import otlp
 from tests.integration.test_failures import FAST, s3_settings
-from tests.support.objects import KEY_LAYOUT, Store, Telemetry, read_exported, wait_drained
+from tests.support.objects import (
+    KEY_LAYOUT,
+    Store,
+    Telemetry,
+    migrate,
+    read_exported,
+    span_request,
+    stage_rows,
+    wait_drained,
+)
 from tests.support.payloads import traces
 from tests.support.secrets import new_token
 from tests.support.server import RunningService, running_service
@@ -428,3 +437,24 @@ async def test_tenant_labels_are_capped(database_url: str) -> None:
     assert not any('tenant="t3"' in line or 'tenant="t4"' in line for line in accepted)
     # The rows keep the real names.
     assert await staged_by_tenant(database_url) == {"t1": 1, "t2": 1, "t3": 1, "t4": 1}
+
+
+async def test_rows_staged_before_tenants_belong_to_the_default_tenant(
+    database_url: str, tmp_path: Path
+) -> None:
+    """A row with no tenant (as migration 0004 leaves older rows) is DEFAULT_TENANT's: its
+    object goes under that tenant's prefix and its manifest row names it."""
+    await migrate(database_url)
+    await stage_rows(database_url, [("traces", span_request([b"\x01" * 8, b"\x02" * 8]), 2)])
+    objects = tmp_path / "objects"
+    async with running_service(
+        database_url=database_url,
+        default_tenant="legacy",
+        local_object_dir=str(objects),
+        **FAST,
+    ):
+        await wait_drained(database_url, within_s=DEADLINE_S)
+    exported = await read_exported(database_url, Store(local_dir=objects))
+    assert [row["tenant"] for row in exported.manifest] == ["legacy"]
+    assert exported.manifest[0]["object_key"].startswith("otel/legacy/year=")
+    assert sorted(exported.ids("traces")) == sorted([(b"\x01" * 8).hex(), (b"\x02" * 8).hex()])
