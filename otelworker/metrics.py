@@ -201,6 +201,16 @@ class Metrics:
             ["signal", "reason"],
             registry=r,
         )
+        self.queue_vacuums = Counter(
+            "otelworker_queue_vacuums",
+            "VACUUMs of ingestion_queue this process ran (QUEUE_VACUUM_INTERVAL_S).",
+            registry=r,
+        )
+        self.queue_vacuum_seconds = Counter(
+            "otelworker_queue_vacuum_seconds",
+            "Time spent in those VACUUMs.",
+            registry=r,
+        )
         self.orphans = Counter(
             "otelworker_orphan_objects",
             "Uploaded objects left out of the manifest (their index transaction did not commit).",

@@ -27,6 +27,7 @@ from otelworker.sinks.base import ObjectStore
 from otelworker.sinks.factory import open_store
 from otelworker.staging.database import DB_ERRORS, create_pool, migrate, schema_is_current
 from otelworker.staging.group_commit import GroupCommitter
+from otelworker.staging.maintenance import QueueVacuum
 from otelworker.staging.queue import Facts, StagingQueue
 from otelworker.supervisor import Supervisor
 
@@ -172,6 +173,11 @@ class Service:
             self.pipeline = Pipeline(s, self.queue, self.store, self.metrics, self.events)
             self.metrics.buffer_depth.set_function(self._buffer_depth)
             self.pipeline.start(self.supervisor, self.dsn)
+            if s.queue_vacuum_interval_s > 0 and self.dsn is not None:
+                vacuum = QueueVacuum(
+                    self.dsn, s.queue_vacuum_interval_s, self.metrics, s.db_connect_timeout_s
+                )
+                self.supervisor.spawn(vacuum.run(), "queue-vacuum")
 
         self.intake.tenants = self.tenants
         self.accepting = True

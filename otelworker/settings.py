@@ -145,6 +145,7 @@ class Settings(BaseSettings):
     max_attempts: int = Field(10, ge=1, le=1000)
     retry_backoff_initial_ms: int = Field(1000, ge=1)
     retry_backoff_max_ms: int = Field(60_000, ge=1)
+    queue_vacuum_interval_s: float = Field(10.0, ge=0.0, le=86_400.0)
 
     # --- object storage --------------------------------------------------------------
     s3_endpoint_url: str | None = None

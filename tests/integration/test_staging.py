@@ -12,8 +12,10 @@ import asyncpg
 import pytest
 
 from otelworker.exceptions import StagingUnavailable
+from otelworker.metrics import Metrics
 from otelworker.staging.database import create_pool, latest_version, migrate, schema_is_current
 from otelworker.staging.group_commit import GroupCommitter
+from otelworker.staging.maintenance import QueueVacuum
 from otelworker.staging.queue import StagingQueue
 from otelworker.staging.sql import migrations, query, schema
 from tests.support.provision import PgServer, create_database, drop_database
@@ -410,3 +412,58 @@ async def test_claim_takes_only_the_rows_that_start_within_the_byte_budget(
     assert [len(c.payload) for c in second] == [1000]
     rest = await queue.claim(10, 30.0, token)
     assert [len(c.payload) for c in rest] == [10]
+
+
+# --- the queue's own VACUUM (otelworker/staging/maintenance.py) ----------------------------
+
+
+async def test_queue_vacuum_reclaims_dead_rows_one_process_at_a_time(
+    pool: asyncpg.Pool, database_url: str
+) -> None:
+    queue = StagingQueue(pool)
+    payloads = [bytes([i % 251]) * 4000 for i in range(200)]  # TOASTed
+    await queue.stage_many(["logs"] * 200, payloads, [1] * 200)
+    async with pool.acquire() as conn:
+        await conn.execute("DELETE FROM ingestion_queue")
+    metrics = Metrics()
+    vacuum = QueueVacuum(database_url, 60.0, metrics)
+
+    async def dead_tuples() -> int:
+        async with pool.acquire() as conn:
+            # The statistics are sent at the end of each transaction: ask for fresh ones.
+            await conn.execute("SELECT pg_stat_clear_snapshot()")
+            return int(
+                await conn.fetchval(
+                    "SELECT n_dead_tup FROM pg_stat_user_tables WHERE relname = 'ingestion_queue'"
+                )
+            )
+
+    assert await vacuum.vacuum_once() is True
+    assert await dead_tuples() == 0
+    async with pool.acquire() as conn:
+        vacuumed = await conn.fetchval(
+            "SELECT vacuum_count FROM pg_stat_user_tables WHERE relname = 'ingestion_queue'"
+        )
+    assert vacuumed >= 1
+
+    # Another process holds the turn: this one skips it (and leaves no lock behind).
+    holder = await asyncpg.connect(database_url)
+    try:
+        assert await holder.fetchval(query("vacuum_lock")) is True
+        assert await vacuum.vacuum_once() is False
+    finally:
+        await holder.close()
+    assert await vacuum.vacuum_once() is True
+
+    # The task: runs every interval, counted.
+    fast = QueueVacuum(database_url, 0.02, metrics)
+    task = asyncio.create_task(fast.run(), name="queue-vacuum")
+    try:
+        deadline = asyncio.get_running_loop().time() + 20
+        while metrics.queue_vacuums._value.get() < 2:
+            assert asyncio.get_running_loop().time() < deadline, "no vacuum ran"
+            await asyncio.sleep(0.02)
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task

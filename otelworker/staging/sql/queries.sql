@@ -157,22 +157,28 @@ SELECT object_key FROM export_batches WHERE object_key = ANY($1::text[]);
 -- name: archive_batches --
 -- The archive commands' selection, one signal ($1) at a time so that the scan follows
 -- export_batches_created_idx: rows whose data time range overlaps [$2, $3) (NULL: open),
--- that name the service $4 (NULL: any), in (created_at, batch_id) order after the page
--- key ($5, $6), at most $7 of them.
+-- that name the service $4 (NULL: any), of the tenant $8 (NULL: any), in (created_at,
+-- batch_id) order after the page key ($5, $6), at most $7 of them. A row without a
+-- tenant (stored before tenants) is $9's, DEFAULT_TENANT's: the filter means
+-- coalesce(tenant, $9) = $8, spelt so that the planner estimates it from the column's
+-- statistics (an expression has none, and a guess of 0.5% makes a seq scan and a sort
+-- look cheaper than the index for every page); it filters the rows the index gives.
 SELECT batch_id, signal, object_key, item_count, record_count, compressed_bytes, raw_bytes,
-       min_time, max_time, service_names, created_at
+       min_time, max_time, service_names, created_at, coalesce(tenant, $9::text) AS tenant
 FROM export_batches
 WHERE signal = $1
   AND ($2::timestamptz IS NULL OR max_time >= $2)
   AND ($3::timestamptz IS NULL OR min_time < $3)
   AND ($4::text IS NULL OR $4 = ANY(service_names))
+  AND ($8::text IS NULL OR tenant = $8 OR (tenant IS NULL AND $8 = $9::text))
   AND created_at >= $5
   AND (created_at > $5 OR batch_id > $6)
 ORDER BY created_at, batch_id
 LIMIT $7;
 
 -- name: archive_totals --
--- Objects, records and stored bytes of the same selection (the first $5 rows of it).
+-- Objects, records and stored bytes of the same selection (the first $5 rows of it), of
+-- the tenant $6 (NULL: any; a row without one is $7's, DEFAULT_TENANT's).
 SELECT count(*), coalesce(sum(record_count), 0)::bigint,
        coalesce(sum(compressed_bytes), 0)::bigint
 FROM (
@@ -182,17 +188,20 @@ FROM (
       AND ($2::timestamptz IS NULL OR max_time >= $2)
       AND ($3::timestamptz IS NULL OR min_time < $3)
       AND ($4::text IS NULL OR $4 = ANY(service_names))
+      AND ($6::text IS NULL OR tenant = $6 OR (tenant IS NULL AND $6 = $7::text))
     ORDER BY created_at, batch_id
     LIMIT $5
 ) selected;
 
 -- name: archive_expire --
--- prune: delete up to $3 manifest rows of signal $1 stored before $2, returning what
--- their objects were. Its own transaction: the objects go only after it has committed.
+-- prune: delete up to $3 manifest rows of signal $1 stored before $2, of the tenant $4
+-- (NULL: any; a row without one is $5's, DEFAULT_TENANT's), returning what their objects
+-- were. Its own transaction: the objects go only after it has committed.
 DELETE FROM export_batches
 WHERE batch_id IN (
     SELECT batch_id FROM export_batches
     WHERE signal = $1 AND created_at < $2
+      AND ($4::text IS NULL OR tenant = $4 OR (tenant IS NULL AND $4 = $5::text))
     ORDER BY created_at
     LIMIT $3
     FOR UPDATE SKIP LOCKED
@@ -200,7 +209,18 @@ WHERE batch_id IN (
 RETURNING object_key, compressed_bytes;
 
 -- name: archive_expired_totals --
--- prune --dry-run: the rows (and their stored bytes) stored before $1.
+-- prune --dry-run: the rows (and their stored bytes) stored before $1, of the tenant $2
+-- (NULL: any; a row without one is $3's, DEFAULT_TENANT's).
 SELECT count(*), coalesce(sum(compressed_bytes), 0)::bigint
 FROM export_batches
-WHERE created_at < $1;
+WHERE created_at < $1
+  AND ($2::text IS NULL OR tenant = $2 OR (tenant IS NULL AND $2 = $3::text));
+
+-- name: vacuum_lock --
+-- One process vacuums the queue at a time (a session lock: its connection is closed after).
+SELECT pg_try_advisory_lock(hashtext('otelworker.vacuum'));
+
+-- name: vacuum_queue --
+-- Not FULL: no lock that blocks inserts, claims or deletes; rows and pages locked by a
+-- claim are skipped, not waited for. Vacuums the table's TOAST too.
+VACUUM (SKIP_LOCKED) ingestion_queue;
