@@ -73,6 +73,10 @@ class Service:
         self.metrics.group_commit_size.observe(len(signals))
         return xid
 
+    def _exported(self, items: int, xid: int | None, tenant: str) -> None:
+        if self.backlog is not None:
+            self.backlog.add(-items, xid, tenant)
+
     def _backlog_value(self) -> float:
         return float(self.backlog.value) if self.backlog is not None else 0.0
 
@@ -172,6 +176,10 @@ class Service:
             self.store = await open_store(s)
             self.pipeline = Pipeline(s, self.queue, self.store, self.metrics, self.events)
             self.metrics.buffer_depth.set_function(self._buffer_depth)
+            if self.backlog is not None:
+                # ROLE=all: this process's own exports leave the backlog figure at once,
+                # not only at the next recount (no early shedding while the drain keeps up).
+                self.pipeline.exporter.on_completed = self._exported
             self.pipeline.start(self.supervisor, self.dsn)
             if s.queue_vacuum_interval_s > 0 and self.dsn is not None:
                 vacuum = QueueVacuum(

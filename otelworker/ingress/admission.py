@@ -96,6 +96,13 @@ class ByteBucket:
         self._level = min(self.burst, self._level + (now - self._stamp) * self.rate)
         self._stamp = now
 
+    def reconfigure(self, rate: float, burst: int) -> None:
+        """New rate and capacity (a limits file re-read): the level (or debt) kept, capped."""
+        self._refill()
+        self.rate = rate
+        self.burst = float(burst)
+        self._level = min(self._level, self.burst)
+
     def try_take(self, size: int) -> bool:
         self._refill()
         if size <= self._level or self._level >= self.burst:
@@ -194,13 +201,14 @@ class BacklogTracker:
 
     @property
     def value(self) -> int:
-        return self._counted + sum(entry[1] for entry in self._recent)
+        return max(0, self._counted + sum(entry[1] for entry in self._recent))
 
     def of(self, tenant: str) -> int:
         """The tenant's share of :attr:`value`."""
-        return self._counted_by.get(tenant, 0) + self._recent_by.get(tenant, 0)
+        return max(0, self._counted_by.get(tenant, 0) + self._recent_by.get(tenant, 0))
 
     def add(self, items: int, xid: int | None = None, tenant: str | None = None) -> None:
+        """Items this process staged (or, negative, exported) in transaction ``xid``."""
         if xid is not None and self._snapshot is not None and self._snapshot.sees(xid):
             return  # the last count already saw this commit
         self._recent.append((xid, items, tenant))

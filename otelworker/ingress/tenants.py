@@ -78,7 +78,10 @@ class _Watched:
         except OSError as exc:
             self._reload_failed(None, f"cannot read the file: {exc.strerror}")
             return self.value
-        if stamp == self._stamp or stamp == self._failed_stamp:
+        if stamp == self._stamp:
+            self._failed_stamp = None
+            return self.value
+        if stamp == self._failed_stamp:
             return self.value
         try:
             with open(self.path, "rb") as fh:
@@ -144,6 +147,9 @@ def parse_tokens(data: bytes) -> tuple[_Token, ...]:
         tenant, secret = parts
         if not valid_tenant(tenant):
             raise ValueError(f"line {number}: invalid tenant name (must match {TENANT_PATTERN})")
+        if not secret.isascii() or not secret.isprintable():
+            # A header carries visible ASCII only (RFC 6750's b64token is narrower still).
+            raise ValueError(f"line {number}: a token is visible ASCII characters only")
         if secret.startswith("sha256:"):
             try:
                 digest = bytes.fromhex(secret[7:])
@@ -261,7 +267,10 @@ class Tenant:
     def _set_bytes(self, limits: Limits) -> None:
         if limits.ingest_bytes_per_s > 0:
             burst = limits.ingest_burst_bytes or max(1, int(limits.ingest_bytes_per_s))
-            self.bytes = ByteBucket(limits.ingest_bytes_per_s, burst)
+            if self.bytes is not None:
+                self.bytes.reconfigure(limits.ingest_bytes_per_s, burst)
+            else:
+                self.bytes = ByteBucket(limits.ingest_bytes_per_s, burst)
         else:
             self.bytes = None
 

@@ -122,6 +122,7 @@ class Exporter:
         retry: RetryPolicy,
         compression_level: int | None = None,
         on_uploaded: Callable[[list[int]], None] | None = None,
+        on_completed: Callable[[int, int | None, str], None] | None = None,
     ) -> None:
         self.queue = queue
         self.store = store
@@ -133,6 +134,8 @@ class Exporter:
         self.retry = retry
         # Told the ids of a batch whose object is stored (the buffer frees their room).
         self.on_uploaded = on_uploaded
+        # Told (items, commit xid, tenant) of each batch deleted from the queue.
+        self.on_completed = on_completed
 
     async def flush(self, signal: str, items: list[Claimed]) -> None:
         """Flush one batch. Takes ownership of ``items``: the list is emptied once the
@@ -194,6 +197,8 @@ class Exporter:
                 **context,
             )
             return
+        if self.on_completed is not None:
+            self.on_completed(len(ids), committed if committed is not True else None, tenant)
         self.metrics.batches.labels(signal).inc()
         self.metrics.batch_items.labels(signal).observe(len(ids))
         self.metrics.batch_records.labels(signal).inc(prepared.record_count)

@@ -107,7 +107,9 @@ class QueuePort(Protocol):
 
     async def renew(self, ids: Sequence[int], lease_s: float, token: uuid.UUID) -> None: ...
 
-    async def complete(self, manifest: Manifest, ids: Sequence[int], token: uuid.UUID) -> bool: ...
+    async def complete(
+        self, manifest: Manifest, ids: Sequence[int], token: uuid.UUID
+    ) -> int | bool: ...
 
     async def fail(
         self, ids: Sequence[int], token: uuid.UUID, error: str, policy: RetryPolicy
@@ -221,8 +223,10 @@ class StagingQueue:
     async def renew(self, ids: Sequence[int], lease_s: float, token: uuid.UUID) -> None:
         await self._execute("renew_leases", list(ids), lease_s, token)
 
-    async def complete(self, manifest: Manifest, ids: Sequence[int], token: uuid.UUID) -> bool:
-        """Index the object and delete its items in one transaction.
+    async def complete(
+        self, manifest: Manifest, ids: Sequence[int], token: uuid.UUID
+    ) -> int | bool:
+        """Index the object and delete its items in one transaction; its transaction id.
 
         Returns False, committing nothing, when some rows are no longer ours (their lease
         expired and another worker claimed them): the object is then an orphan.
@@ -232,8 +236,8 @@ class StagingQueue:
                 tx = conn.transaction()
                 await tx.start()
                 try:
-                    status = await conn.execute(query("delete_claimed"), list(ids), token)
-                    if int(status.split()[-1]) != len(ids):
+                    deleted, xid = await conn.fetchrow(query("delete_claimed"), list(ids), token)
+                    if deleted != len(ids):
                         await tx.rollback()
                         return False
                     await conn.execute(
@@ -254,7 +258,7 @@ class StagingQueue:
                     await tx.rollback()
                     raise
                 await tx.commit()
-                return True
+                return int(xid)
         except DB_ERRORS as exc:
             raise StagingUnavailable(f"complete: {type(exc).__name__}") from exc
 

@@ -15,12 +15,14 @@ import pytest
 from otelworker.exceptions import StagingUnavailable
 from otelworker.ingress.admission import (
     BacklogTracker,
+    ByteBucket,
     OverflowGate,
     Snapshot,
     TokenBucket,
     Verdict,
 )
 from otelworker.settings import OverflowPolicy
+from otelworker.staging.queue import BacklogCount
 
 
 class FakeClock:
@@ -342,3 +344,332 @@ def test_verdict_values_are_the_metric_reasons() -> None:
         "queue_full_drop",
         "queue_full_sample",
     }
+
+
+# --- TokenBucket.reconfigure ----------------------------------------------------------
+
+
+def test_reconfigure_keeps_the_level_and_caps_it() -> None:
+    clock = FakeClock()
+    bucket = TokenBucket(rate=1.0, burst=10, clock=clock)
+    for _ in range(7):
+        assert bucket.try_acquire()
+    bucket.reconfigure(2.0, 20)  # larger: not refilled by the change
+    assert (bucket.rate, bucket.burst) == (2.0, 20.0)
+    assert bucket.tokens == pytest.approx(3.0)
+    clock.advance(1.0)  # the new rate from now on
+    assert bucket.tokens == pytest.approx(5.0)
+    clock.advance(100.0)  # and the new burst
+    assert bucket.tokens == pytest.approx(20.0)
+    bucket.reconfigure(2.0, 4)  # smaller: capped at once
+    assert bucket.tokens == pytest.approx(4.0)
+    assert sum(bucket.try_acquire() for _ in range(10)) == 4
+
+
+def test_reconfigure_refills_at_the_old_rate_up_to_the_change() -> None:
+    clock = FakeClock()
+    bucket = TokenBucket(rate=10.0, burst=100, clock=clock)
+    for _ in range(100):
+        assert bucket.try_acquire()
+    clock.advance(1.0)  # 10 tokens earned at the old rate...
+    bucket.reconfigure(1.0, 100)
+    assert bucket.tokens == pytest.approx(10.0)  # ...kept, not recomputed at the new one
+    clock.advance(1.0)
+    assert bucket.tokens == pytest.approx(11.0)
+
+
+def test_reconfigure_then_retry_after_uses_the_new_rate() -> None:
+    clock = FakeClock()
+    bucket = TokenBucket(rate=100.0, burst=1, clock=clock, rng=random.Random(3))
+    assert bucket.try_acquire()
+    bucket.reconfigure(0.1, 1)  # one token every 10 s
+    assert all(10 <= bucket.retry_after() <= 11 for _ in range(100))
+
+
+# --- ByteBucket -----------------------------------------------------------------------
+
+
+def test_byte_bucket_full_at_start_takes_within_burst() -> None:
+    clock = FakeClock()
+    bucket = ByteBucket(rate=100.0, burst=1000, clock=clock)
+    assert bucket.try_take(400)
+    assert bucket.try_take(600)  # exactly what is left
+    assert not bucket.try_take(1)
+    clock.advance(0.5)  # 50 bytes back
+    assert not bucket.try_take(51)
+    assert bucket.try_take(50)
+
+
+def test_byte_bucket_refused_when_not_enough_and_not_full_takes_nothing() -> None:
+    clock = FakeClock()
+    bucket = ByteBucket(rate=10.0, burst=100, clock=clock)
+    assert bucket.try_take(60)  # 40 left
+    for _ in range(50):
+        assert not bucket.try_take(41)
+    assert bucket.try_take(40)  # the refusals took nothing
+    clock.advance(10.0)  # full again
+    assert bucket.try_take(100)
+
+
+def test_byte_bucket_never_holds_more_than_burst() -> None:
+    clock = FakeClock()
+    bucket = ByteBucket(rate=1000.0, burst=10, clock=clock)
+    assert bucket.try_take(4)
+    clock.advance(3600)  # an hour at 1000 B/s: still only 10 held
+    assert bucket.try_take(6)
+    assert bucket.try_take(4)
+    assert not bucket.try_take(1)
+
+
+def test_byte_bucket_oversized_request_passes_only_when_full_then_debt() -> None:
+    clock = FakeClock()
+    bucket = ByteBucket(rate=1.0, burst=10, clock=clock)
+    assert bucket.try_take(1)  # not full any more
+    assert not bucket.try_take(50)  # larger than the burst, bucket not full: refused
+    clock.advance(1.0)  # full again
+    assert bucket.try_take(50)  # full: passes, into debt (-40)
+    assert not bucket.try_take(1)  # in debt: even a small one is refused
+    assert bucket.retry_after(1) == 41
+    clock.advance(40.0)  # back to 0
+    assert not bucket.try_take(1)
+    clock.advance(1.0)  # one byte
+    assert bucket.try_take(1)
+    clock.advance(10.0)  # full again
+    assert bucket.try_take(50)  # an oversized request is slowed, never refused forever
+
+
+def test_byte_bucket_a_refused_oversized_request_passes_once_full() -> None:
+    clock = FakeClock()
+    bucket = ByteBucket(rate=10.0, burst=100, clock=clock)
+    assert bucket.try_take(100)
+    assert not bucket.try_take(150)
+    wait = bucket.retry_after(150)
+    assert wait == 10  # until full, not until 150 bytes (it never holds 150)
+    clock.advance(wait - 1)
+    assert not bucket.try_take(150)
+    clock.advance(1)
+    assert bucket.try_take(150)
+
+
+@pytest.mark.parametrize(
+    ("rate", "burst", "taken", "elapsed", "size", "expected"),
+    [
+        (100.0, 1000, 0, 0.0, 10, 1),  # it would pass now: still at least 1 s
+        (100.0, 1000, 1000, 0.0, 100, 1),  # exactly 1 s
+        (100.0, 1000, 1000, 0.0, 101, 2),  # a little over 1 s: rounded up
+        (100.0, 1000, 1000, 0.0, 1000, 10),
+        (100.0, 1000, 1000, 0.0, 50_000, 10),  # larger than the burst: until full
+        (100.0, 1000, 1000, 2.5, 1000, 8),  # 750 needed
+        (1.0, 10, 10, 0.0, 3, 3),
+        (0.5, 10, 10, 0.0, 3, 6),
+        (1000.0, 500, 3000, 0.0, 100, 3),  # in debt (-2500): 2600 needed
+        (1000.0, 500, 3000, 0.0, 10_000, 3),  # in debt, oversized: until full (3000)
+    ],
+)
+def test_byte_bucket_retry_after(
+    rate: float, burst: int, taken: int, elapsed: float, size: int, expected: int
+) -> None:
+    clock = FakeClock()
+    bucket = ByteBucket(rate, burst, clock=clock)
+    if taken:
+        assert bucket.try_take(taken)
+    clock.advance(elapsed)
+    value = bucket.retry_after(size)
+    assert isinstance(value, int)
+    assert value == expected
+    assert bucket.retry_after(size) == expected  # no jitter, and it takes nothing
+
+
+def test_byte_bucket_waiting_retry_after_is_enough() -> None:
+    rng = random.Random(11)
+    for _ in range(500):
+        clock = FakeClock(0.0)
+        rate = rng.choice([1.0, 3.0, 7.5, 100.0, 1024.0])
+        burst = rng.randint(1, 5000)
+        bucket = ByteBucket(rate, burst, clock=clock)
+        bucket.try_take(rng.randint(0, 3 * burst))  # may go into debt (it is full)
+        clock.advance(rng.random() * 3)
+        size = rng.randint(0, 2 * burst)
+        if bucket.try_take(size):
+            continue
+        wait = bucket.retry_after(size)
+        clock.advance(wait - 1)
+        if wait > 1:
+            assert not bucket.try_take(size), (rate, burst, size, wait)
+        clock.advance(1 + 1e-9)
+        assert bucket.try_take(size), (rate, burst, size, wait)
+
+
+# --- BacklogTracker, per tenant -------------------------------------------------------
+
+
+class TenantCounter:
+    """A count source returning the queue's BacklogCount, with a per-tenant breakdown."""
+
+    def __init__(self, tenants: dict[str, int], snapshot: str = "100:100:") -> None:
+        self.tenants = tenants
+        self.snapshot = snapshot
+        self.gate: asyncio.Event | None = None
+
+    async def __call__(self) -> BacklogCount:
+        observed = BacklogCount(
+            sum(self.tenants.values()), self.snapshot, 0, 0.0, dict(self.tenants)
+        )
+        if self.gate is not None:
+            await self.gate.wait()
+        return observed
+
+
+async def test_backlog_of_is_counted_tenants_plus_recent_local_adds() -> None:
+    counter = TenantCounter({"a": 5, "b": 2})
+    tracker = BacklogTracker(counter, refresh_interval_s=60)
+    assert tracker.of("a") == 0  # nothing counted yet
+    tracker.add(1, tenant="a")  # local adds count before the first count
+    assert tracker.of("a") == 1
+    await tracker.refresh()
+    assert (tracker.of("a"), tracker.of("b"), tracker.of("c")) == (5, 2, 0)
+    assert tracker.value == 7
+    tracker.add(1, xid=100, tenant="a")  # after the snapshot: not in the count
+    tracker.add(3, xid=101, tenant="c")
+    tracker.add(2, xid=102)  # no tenant: in the total only
+    assert (tracker.of("a"), tracker.of("b"), tracker.of("c")) == (6, 2, 3)
+    assert tracker.value == 13
+    counter.tenants = {"a": 1, "c": 3}  # b exported; 100 and 101 now in the count
+    counter.snapshot = "103:103:"
+    await tracker.refresh()
+    assert (tracker.of("a"), tracker.of("b"), tracker.of("c")) == (1, 0, 3)
+    assert tracker.value == 4
+
+
+async def test_backlog_of_a_commit_seen_by_the_snapshot_is_not_double_counted() -> None:
+    # As the instance test above: 105 committed during the count and seen by it, 106
+    # committed during it and not seen; per tenant the same must hold.
+    counter = TenantCounter({"a": 4, "b": 6}, "101:107:106")
+    counter.gate = asyncio.Event()
+    tracker = BacklogTracker(counter, refresh_interval_s=60)
+    tracker.add(1, xid=100, tenant="a")
+    refreshing = asyncio.create_task(tracker.refresh())
+    await asyncio.sleep(0)
+    tracker.add(1, xid=105, tenant="a")  # in the count's 4
+    tracker.add(1, xid=106, tenant="b")  # not in the count's 6
+    counter.gate.set()
+    await refreshing
+    assert (tracker.of("a"), tracker.of("b")) == (4, 7)
+    assert tracker.value == 11
+    tracker.add(1, xid=104, tenant="a")  # acknowledged late, but the count saw it
+    assert tracker.of("a") == 4
+    tracker.add(1, xid=107, tenant="a")  # after the snapshot
+    assert tracker.of("a") == 5
+    assert tracker.value == 12
+    assert tracker.of("a") + tracker.of("b") == tracker.value
+
+
+async def test_backlog_of_keeps_untagged_adds_made_while_the_count_runs() -> None:
+    counter = TenantCounter({"a": 3})
+    counter.gate = asyncio.Event()
+    tracker = BacklogTracker(counter, refresh_interval_s=60)
+    tracker.add(2, tenant="a")  # before the count: folded into it
+    refreshing = asyncio.create_task(tracker.refresh())
+    await asyncio.sleep(0)
+    tracker.add(1, tenant="a")  # during it, no xid: kept (overcount, never under)
+    counter.gate.set()
+    await refreshing
+    assert tracker.of("a") == 4
+    assert tracker.value == 4
+
+
+async def test_backlog_of_with_a_count_that_has_no_tenants() -> None:
+    tracker = BacklogTracker(Counter(10), refresh_interval_s=60)
+    await tracker.refresh()
+    assert tracker.of("a") == 0
+    tracker.add(2, tenant="a")
+    assert tracker.of("a") == 2
+    assert tracker.value == 12
+    await tracker.refresh()
+    assert tracker.of("a") == 0  # folded into the count, which has no breakdown
+
+
+# --- OverflowGate, per tenant -----------------------------------------------------------
+
+
+async def tenant_gate_at(
+    tenants: dict[str, int], cap: int, policy: OverflowPolicy = OverflowPolicy.REJECT
+) -> OverflowGate:
+    tracker = BacklogTracker(TenantCounter(tenants), refresh_interval_s=60)
+    await tracker.refresh()
+    return OverflowGate(tracker, cap, policy, 0.0, seed=1)
+
+
+async def test_gate_tenant_accepted_under_both() -> None:
+    gate = await tenant_gate_at({"a": 2, "b": 3}, cap=10)
+    assert gate.decide("a", 3) is Verdict.ACCEPT
+    assert gate.decide("b", 4) is Verdict.ACCEPT
+    assert gate.decide("new", 1) is Verdict.ACCEPT
+
+
+async def test_gate_tenant_share_full_while_instance_is_not() -> None:
+    gate = await tenant_gate_at({"a": 3, "b": 1}, cap=10)
+    assert not gate.saturated
+    assert gate.decide("a", 3) is Verdict.REJECT  # reaching the share is enough
+    assert gate.decide("a", 2) is Verdict.REJECT
+    assert gate.decide("a", 4) is Verdict.ACCEPT
+    assert gate.decide("b", 3) is Verdict.ACCEPT  # the others are not affected
+    assert gate.decide() is Verdict.ACCEPT
+    gate.backlog.add(2, xid=100, tenant="b")  # a local stage counts at once
+    assert gate.decide("b", 3) is Verdict.REJECT
+    assert gate.decide("a", 4) is Verdict.ACCEPT
+
+
+@pytest.mark.parametrize(
+    ("policy", "verdict"),
+    [
+        (OverflowPolicy.REJECT, Verdict.REJECT),
+        (OverflowPolicy.DROP, Verdict.DROP),
+        (OverflowPolicy.SAMPLE, Verdict.SAMPLE_DROP),  # sample rate 0
+    ],
+)
+async def test_gate_tenant_share_full_follows_the_policy(
+    policy: OverflowPolicy, verdict: Verdict
+) -> None:
+    gate = await tenant_gate_at({"a": 5}, cap=100, policy=policy)
+    assert {gate.decide("a", 5) for _ in range(50)} == {verdict}
+    assert gate.decide("b", 5) is Verdict.ACCEPT
+
+
+async def test_gate_tenant_max_at_or_above_the_cap_is_instance_only() -> None:
+    gate = await tenant_gate_at({"a": 9}, cap=10)
+    for share in (10, 11, 1000):
+        assert gate.decide("a", share) is Verdict.ACCEPT
+    assert gate.decide("a", None) is Verdict.ACCEPT
+    assert gate.decide("a", 9) is Verdict.REJECT  # below the cap it is a share
+    gate.backlog.add(1, xid=100, tenant="a")  # now the instance is at its cap
+    assert gate.saturated
+    for share in (10, 11, 1000, None):
+        assert gate.decide("a", share) is Verdict.REJECT
+
+
+async def test_gate_saturated_instance_rejects_every_tenant() -> None:
+    gate = await tenant_gate_at({"a": 9, "b": 1}, cap=10)
+    assert gate.saturated
+    assert gate.decide("b", 5) is Verdict.REJECT  # b is well under its share
+    assert gate.decide("c", 5) is Verdict.REJECT
+
+
+async def test_backlog_own_exports_leave_the_figure_at_once_and_once_only() -> None:
+    """ROLE=all: a batch deleted by this process (negative items, with its commit's xid)
+    lowers the figure before the next recount, and a recount that saw it gone does not
+    subtract it again."""
+    counter = TenantCounter({"a": 10}, "200:200:")
+    tracker = BacklogTracker(counter, refresh_interval_s=60)
+    await tracker.refresh()
+    assert tracker.value == 10
+    tracker.add(-4, xid=201, tenant="a")  # exported after the count
+    assert (tracker.value, tracker.of("a")) == (6, 6)
+    tracker.add(-1, xid=150, tenant="a")  # a delete the count already saw gone
+    assert tracker.value == 6
+    counter.tenants = {"a": 6}
+    counter.snapshot = "202:202:"
+    await tracker.refresh()
+    assert (tracker.value, tracker.of("a")) == (6, 6)
+    tracker.add(-50, xid=203, tenant="a")  # another process's rows: never below zero
+    assert (tracker.value, tracker.of("a")) == (0, 0)

@@ -103,8 +103,14 @@ VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11);
 -- name: delete_claimed --
 -- Rows whose lease has passed to another worker are not ours to delete: the caller
 -- compares the count and rolls back.
-DELETE FROM ingestion_queue
-WHERE id = ANY($1::bigint[]) AND lease_token = $2 AND status = 'processing';
+-- With the transaction's id, so that the backlog figure of an ingress in the same process
+-- subtracts the deleted rows until a count sees them gone.
+WITH deleted AS (
+    DELETE FROM ingestion_queue
+    WHERE id = ANY($1::bigint[]) AND lease_token = $2 AND status = 'processing'
+    RETURNING 1
+)
+SELECT count(*), pg_current_xact_id()::text FROM deleted;
 
 -- name: fail_claimed --
 -- Failed rows wait an exponential backoff with full jitter; past $4 attempts they are dead.
