@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 import time
 from datetime import UTC, datetime, timedelta
@@ -21,6 +22,7 @@ from otelworker.archive.prune import gc_orphans, prune
 from otelworker.archive.replay import DEFAULT_MAX_REQUEST_BYTES, Replay, ReplayOptions, summary
 from otelworker.archive.selection import Selection, TimeSpec, parse_duration
 from otelworker.archive.sender import RetryPolicy, Sender, redact
+from otelworker.ingress.tenants import valid_tenant
 from otelworker.logs import JSONFormatter, log_event
 from otelworker.otlp import SIGNALS
 from otelworker.settings import Settings
@@ -29,6 +31,12 @@ from otelworker.sinks.factory import open_store
 COMMANDS = ("batches", "replay", "prune", "gc-orphans")
 
 _TIME_HELP = "RFC 3339 such as 2024-05-01T10:00:00Z, or an age: 2h is two hours ago"
+_TENANT_HELP = (
+    "only tenant NAME's objects (default: every tenant's); objects stored before tenants"
+    " are DEFAULT_TENANT's"
+)
+DEFAULT_TENANT_HEADER = "X-Scope-OrgID"
+_HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")  # an HTTP token
 
 
 def _argtype(parse: Any) -> Any:
@@ -63,6 +71,21 @@ def _header(text: str) -> tuple[str, str]:
     return name.strip(), value.strip()
 
 
+def _tenant(text: str) -> str:
+    if not valid_tenant(text):
+        raise ValueError(
+            f"not a tenant name: {text!r} (1 to 64 letters, digits, '_', '.', '-',"
+            " starting with a letter or digit)"
+        )
+    return text
+
+
+def _header_name(text: str) -> str:
+    if not _HEADER_NAME.fullmatch(text):
+        raise ValueError(f"not an HTTP header name: {text!r}")
+    return text
+
+
 def _target(text: str) -> str:
     parts = urlsplit(text)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -92,6 +115,11 @@ def _selection_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--limit", type=_argtype(_positive_int), metavar="N", help="at most N objects"
     )
+    _tenant_argument(parser)
+
+
+def _tenant_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tenant", type=_argtype(_tenant), metavar="NAME", help=_TENANT_HELP)
 
 
 def add_commands(sub: Any) -> None:
@@ -132,6 +160,21 @@ def add_commands(sub: Any) -> None:
         default=[],
         metavar="NAME=VALUE",
         help="an HTTP header for every request (repeatable), e.g. Authorization='Bearer ...'",
+    )
+    tenancy = replay.add_mutually_exclusive_group()
+    tenancy.add_argument(
+        "--tenant-header",
+        type=_argtype(_header_name),
+        default=DEFAULT_TENANT_HEADER,
+        metavar="NAME",
+        help="the header that names each request's tenant (its object's) for a target that"
+        f" separates tenants (default {DEFAULT_TENANT_HEADER}); a --header of that name is"
+        " sent instead",
+    )
+    tenancy.add_argument(
+        "--no-tenant-header",
+        action="store_true",
+        help="send no tenant header (the target stores everything as one tenant's)",
     )
     replay.add_argument(
         "--max-request-bytes",
@@ -191,6 +234,7 @@ def add_commands(sub: Any) -> None:
         metavar="AGE",
         help="e.g. 30d, 12h, 90m, 3600s",
     )
+    _tenant_argument(prune_)
     prune_.add_argument("--dry-run", action="store_true", help="count, delete nothing")
 
     gc = sub.add_parser("gc-orphans", help="remove uploaded objects that no manifest row names")
@@ -225,11 +269,12 @@ def selection(args: argparse.Namespace, now: datetime) -> Selection:
         until=args.until.resolve(now) if args.until else None,
         service=args.service,
         limit=args.limit,
+        tenant=args.tenant,
     )
 
 
 async def run(args: argparse.Namespace, settings: Settings, pool: asyncpg.Pool) -> int:
-    index = ArchiveIndex(pool)
+    index = ArchiveIndex(pool, settings.default_tenant)
     if args.command == "batches":
         chosen = selection(args, datetime.now(UTC))
         if chosen.since and chosen.until and chosen.since >= chosen.until:
@@ -247,13 +292,16 @@ async def run(args: argparse.Namespace, settings: Settings, pool: asyncpg.Pool) 
                 older_than=args.older_than,
                 prefix=settings.s3_prefix,
                 dry_run=args.dry_run,
+                tenant=args.tenant,
+                default_tenant=settings.default_tenant,
             )
             verb = "would delete" if args.dry_run else "deleted"
             assert result.cutoff is not None
+            whose = f" of tenant {args.tenant}" if args.tenant else ""
             print(
                 f"{verb} {result.rows} manifest row(s) and their objects"
-                f" ({human_bytes(result.bytes)}) stored before {result.cutoff.isoformat()};"
-                f" {'would remove' if args.dry_run else 'removed'} {result.orphans}"
+                f" ({human_bytes(result.bytes)}) stored before {result.cutoff.isoformat()}"
+                f"{whose}; {'would remove' if args.dry_run else 'removed'} {result.orphans}"
                 " orphan object(s)"
             )
             return 0
@@ -292,6 +340,10 @@ async def _replay(args: argparse.Namespace, index: ArchiveIndex, store: Any) -> 
     checkpoint = Checkpoint.open(args.checkpoint) if args.checkpoint else None
     progress = Progress(sys.stderr, Counts(objects_total=totals.objects, bytes_total=totals.bytes))
     target = redact(args.to) if args.to else None
+    given = {name.lower() for name, _ in args.header}
+    tenant_header = None if args.no_tenant_header else args.tenant_header
+    if tenant_header is not None and tenant_header.lower() in given:
+        tenant_header = None  # the operator's --header of that name is sent instead
     log_event(
         "replay_started",
         "replay started",
@@ -300,6 +352,8 @@ async def _replay(args: argparse.Namespace, index: ArchiveIndex, store: Any) -> 
         stored_bytes=totals.bytes,
         dry_run=args.dry_run,
         headers=sorted(name for name, _ in args.header),  # names only: values carry tokens
+        tenant=args.tenant,
+        tenant_header=tenant_header,
         checkpointed=len(checkpoint.done) if checkpoint else 0,
     )
     started = time.monotonic()
@@ -314,6 +368,7 @@ async def _replay(args: argparse.Namespace, index: ArchiveIndex, store: Any) -> 
                 concurrency=args.concurrency,
                 timeout_s=args.timeout_s,
                 retry=RetryPolicy(max_attempts=args.max_attempts),
+                tenant_header=tenant_header,
             )
             async with sender:
                 replay = Replay(store, sender, options, progress, checkpoint=checkpoint)

@@ -1,7 +1,8 @@
 """``batches``: the selected manifest rows, as a table for people or JSON lines for scripts.
 
 ``--json`` writes one JSON object per line per object, then one last line
-``{"totals": {"objects": N, "records": N, "bytes": N}}``.
+``{"totals": {"objects": N, "records": N, "bytes": N}}``. Each row names its tenant (a
+row stored before tenants: DEFAULT_TENANT).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import orjson
 from otelworker.archive.manifest import BatchRow, Totals
 from otelworker.archive.progress import human_bytes
 
-# (header, width, right-aligned); the key column, first, takes the width of its page.
+# (header, width, right-aligned); the key column, first, and the tenant column, after
+# these, take the width of their page.
 _COLUMNS = (
     ("SIGNAL", 7, False),
     ("RECORDS", 9, True),
@@ -45,14 +47,16 @@ def as_json(row: BatchRow) -> dict[str, Any]:
         "max_time": row.max_time.isoformat() if row.max_time else None,
         "service_names": list(row.service_names),
         "created_at": row.created_at.isoformat(),
+        "tenant": row.tenant,
     }
 
 
 def _table_lines(rows: list[BatchRow]) -> list[str]:
     key_width = max([len("KEY"), *(len(r.object_key) for r in rows)])
+    tenant_width = max([len("TENANT"), *(len(r.tenant) for r in rows)])
     header = [f"{'KEY':<{key_width}}"]
     header += [f"{h:>{w}}" if right else f"{h:<{w}}" for h, w, right in _COLUMNS]
-    lines = ["  ".join([*header, "SERVICES"])]
+    lines = ["  ".join([*header, f"{'TENANT':<{tenant_width}}", "SERVICES"])]
     for r in rows:
         cells = [
             f"{r.object_key:<{key_width}}",
@@ -61,6 +65,7 @@ def _table_lines(rows: list[BatchRow]) -> list[str]:
             f"{r.compressed_bytes:>11}",
             f"{_time(r.min_time):<24}",
             f"{_time(r.max_time):<24}",
+            f"{r.tenant:<{tenant_width}}",
             ",".join(r.service_names) or "-",
         ]
         lines.append("  ".join(cells))

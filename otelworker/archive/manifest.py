@@ -1,7 +1,9 @@
 """The manifest (``export_batches``) as the archive commands read and prune it.
 
 Queries are in ``staging/sql/queries.sql`` (``archive_*``); driver errors become
-:class:`~otelworker.exceptions.StagingUnavailable`.
+:class:`~otelworker.exceptions.StagingUnavailable`. A row without a tenant (stored before
+tenants, migration 0004) is DEFAULT_TENANT's: the queries resolve it, so every
+:class:`BatchRow` names its tenant.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class BatchRow:
     max_time: datetime | None
     service_names: tuple[str, ...]
     created_at: datetime
+    tenant: str = "default"  # whose data (a row without one: DEFAULT_TENANT, resolved)
 
     @classmethod
     def from_row(cls, row: Any) -> BatchRow:
@@ -55,6 +58,7 @@ class BatchRow:
             row["max_time"],
             tuple(row["service_names"] or ()),
             row["created_at"],
+            row["tenant"],
         )
 
 
@@ -87,9 +91,11 @@ class KnownKeys(Protocol):
 class ExpiringIndex(KnownKeys, Protocol):
     """What ``prune`` needs of the manifest."""
 
-    async def expire(self, signal: str, before: datetime, limit: int) -> Expired: ...
+    async def expire(
+        self, signal: str, before: datetime, limit: int, tenant: str | None = None
+    ) -> Expired: ...
 
-    async def expired_totals(self, before: datetime) -> Totals: ...
+    async def expired_totals(self, before: datetime, tenant: str | None = None) -> Totals: ...
 
 
 def _filters(selection: Selection) -> tuple[datetime | None, datetime | None, str | None]:
@@ -99,10 +105,14 @@ def _filters(selection: Selection) -> tuple[datetime | None, datetime | None, st
 
 
 class ArchiveIndex:
-    """The asyncpg adapter: selection pages, totals, and the prune's deletes."""
+    """The asyncpg adapter: selection pages, totals, and the prune's deletes.
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    ``default_tenant`` (DEFAULT_TENANT) is whose the rows without a tenant are.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, default_tenant: str = "default") -> None:
         self.pool = pool
+        self.default_tenant = default_tenant
 
     async def _fetch(self, name: str, *args: Any) -> list[Any]:
         return await fetch(self.pool, name, *args)
@@ -120,7 +130,15 @@ class ArchiveIndex:
             while remaining is None or remaining > 0:
                 page = PAGE_ROWS if remaining is None else min(PAGE_ROWS, remaining)
                 rows = await self._fetch(
-                    "archive_batches", signal, since, until, service, *after, page
+                    "archive_batches",
+                    signal,
+                    since,
+                    until,
+                    service,
+                    *after,
+                    page,
+                    selection.tenant,
+                    self.default_tenant,
                 )
                 for row in rows:
                     yield BatchRow.from_row(row)
@@ -138,7 +156,16 @@ class ArchiveIndex:
         for signal in selection.signals:
             if remaining is not None and remaining <= 0:
                 break
-            [row] = await self._fetch("archive_totals", signal, since, until, service, remaining)
+            [row] = await self._fetch(
+                "archive_totals",
+                signal,
+                since,
+                until,
+                service,
+                remaining,
+                selection.tenant,
+                self.default_tenant,
+            )
             part = Totals(int(row[0]), int(row[1]), int(row[2]))
             total += part
             if remaining is not None:
@@ -149,13 +176,18 @@ class ArchiveIndex:
         rows = await self._fetch("manifest_keys_among", list(keys))
         return {r[0] for r in rows}
 
-    async def expire(self, signal: str, before: datetime, limit: int) -> Expired:
-        """Delete (and commit) up to ``limit`` rows of ``signal`` stored before ``before``."""
-        rows = await self._fetch("archive_expire", signal, before, limit)
+    async def expire(
+        self, signal: str, before: datetime, limit: int, tenant: str | None = None
+    ) -> Expired:
+        """Delete (and commit) up to ``limit`` rows of ``signal`` stored before ``before``
+        (only ``tenant``'s, unless None)."""
+        rows = await self._fetch(
+            "archive_expire", signal, before, limit, tenant, self.default_tenant
+        )
         return Expired(
             [r["object_key"] for r in rows], sum(int(r["compressed_bytes"]) for r in rows)
         )
 
-    async def expired_totals(self, before: datetime) -> Totals:
-        [row] = await self._fetch("archive_expired_totals", before)
+    async def expired_totals(self, before: datetime, tenant: str | None = None) -> Totals:
+        [row] = await self._fetch("archive_expired_totals", before, tenant, self.default_tenant)
         return Totals(int(row[0]), 0, int(row[1]))

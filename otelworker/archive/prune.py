@@ -9,6 +9,11 @@ row names (orphans), never a row naming a missing object. It then sweeps orphans
 ``gc-orphans`` deletes objects under ``S3_PREFIX`` that no manifest row names and that
 are older than an age. The age protects uploads in progress: a worker writes the object
 first and commits its row after, so a young object without a row may be about to get one.
+
+Objects live under ``{S3_PREFIX}/{tenant}/year=...`` and, stored before tenants, under
+``{S3_PREFIX}/year=...`` (DEFAULT_TENANT's): listing ``{S3_PREFIX}/`` finds both. A
+``prune`` of one tenant deletes only that tenant's rows and sweeps only that tenant's
+keys (:func:`tenant_prefixes`).
 """
 
 from __future__ import annotations
@@ -37,6 +42,22 @@ class PruneError(OtelWorkerError):
     """Manifest rows were deleted but some of their objects could not be."""
 
 
+def tenant_prefixes(prefix: str, tenant: str | None, default_tenant: str) -> list[str]:
+    """The key prefixes to list for ``tenant``'s objects (None: everything under ``prefix``).
+
+    A tenant's objects are under ``{prefix}/{tenant}/``; DEFAULT_TENANT's also under
+    ``{prefix}/year=`` (stored before tenants). A tenant name has no ``=`` or ``/``, so
+    the prefixes of two tenants, and those of the old layout, never overlap.
+    """
+    root = f"{prefix.strip('/')}/" if prefix.strip("/") else ""
+    if tenant is None:
+        return [root]
+    prefixes = [f"{root}{tenant}/"]
+    if tenant == default_tenant:
+        prefixes.append(f"{root}year=")
+    return prefixes
+
+
 @dataclass
 class PruneResult:
     rows: int = 0  # manifest rows deleted (or, in a dry run, to delete)
@@ -54,10 +75,12 @@ async def gc_orphans(
     older_than: timedelta,
     dry_run: bool = False,
     now: datetime | None = None,
+    tenant: str | None = None,
+    default_tenant: str = "default",
 ) -> int:
-    """Delete objects under ``prefix`` that no manifest row names, older than the age."""
+    """Delete objects under ``prefix`` that no manifest row names, older than the age
+    (only ``tenant``'s keys, unless None: :func:`tenant_prefixes`)."""
     cutoff = (now or datetime.now(UTC)) - older_than
-    prefix = prefix.strip("/")
     found = 0
     page: list[str] = []
 
@@ -68,12 +91,13 @@ async def gc_orphans(
             await delete_objects(store, orphans)
         return len(orphans)
 
-    async for obj in store.list(f"{prefix}/" if prefix else ""):
-        if obj.last_modified <= cutoff:
-            page.append(obj.key)
-        if len(page) >= SWEEP_PAGE:
-            found += await sweep(page)
-            page = []
+    for under in tenant_prefixes(prefix, tenant, default_tenant):
+        async for obj in store.list(under):
+            if obj.last_modified <= cutoff:
+                page.append(obj.key)
+            if len(page) >= SWEEP_PAGE:
+                found += await sweep(page)
+                page = []
     if page:
         found += await sweep(page)
     return found
@@ -105,23 +129,33 @@ async def prune(
     dry_run: bool = False,
     now: datetime | None = None,
     chunk_rows: int = CHUNK_ROWS,
+    tenant: str | None = None,
+    default_tenant: str = "default",
 ) -> PruneResult:
-    """Delete the manifest rows stored before ``now - older_than``, then their objects."""
+    """Delete the manifest rows stored before ``now - older_than``, then their objects
+    (only ``tenant``'s rows, and orphans among its keys, unless None)."""
     now = now or datetime.now(UTC)
     cutoff = now - older_than
     result = PruneResult(cutoff=cutoff)
     orphan_age = max(older_than, ORPHAN_MIN_AGE)
     if dry_run:
-        totals = await index.expired_totals(cutoff)
+        totals = await index.expired_totals(cutoff, tenant)
         result.rows = result.objects = totals.objects
         result.bytes = totals.bytes
         result.orphans = await gc_orphans(
-            store, index, prefix=prefix, older_than=orphan_age, dry_run=True, now=now
+            store,
+            index,
+            prefix=prefix,
+            older_than=orphan_age,
+            dry_run=True,
+            now=now,
+            tenant=tenant,
+            default_tenant=default_tenant,
         )
         return result
     for signal in SIGNALS:
         while True:
-            expired = await index.expire(signal, cutoff, chunk_rows)  # committed
+            expired = await index.expire(signal, cutoff, chunk_rows, tenant)  # committed
             if not expired.keys:
                 break
             result.rows += len(expired.keys)
@@ -153,10 +187,19 @@ async def prune(
             )
             if len(expired.keys) < chunk_rows:
                 break
-    result.orphans = await gc_orphans(store, index, prefix=prefix, older_than=orphan_age, now=now)
+    result.orphans = await gc_orphans(
+        store,
+        index,
+        prefix=prefix,
+        older_than=orphan_age,
+        now=now,
+        tenant=tenant,
+        default_tenant=default_tenant,
+    )
     log_event(
         "archive_pruned",
         "manifest rows older than the cut and their objects deleted",
+        tenant=tenant,
         rows=result.rows,
         bytes=result.bytes,
         orphans=result.orphans,

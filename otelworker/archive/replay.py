@@ -4,7 +4,8 @@ Objects are read one at a time, in the manifest's order; each is decoded, cut in
 requests (:mod:`.split`) of the records in the window, and those are gzip'd and queued
 for ``concurrency`` senders. The queue holds at most ``concurrency`` requests, so memory
 is one decoded object plus the requests queued and in flight. An object is finished
-when every one of its requests is acknowledged; only then is it checkpointed.
+when every one of its requests is acknowledged; only then is it checkpointed. Each
+request goes with its object's tenant (the sender names it in the tenant header).
 
 The first request that cannot be delivered (refused for good, or out of attempts) ends
 the replay: requests in flight are abandoned, their objects are not checkpointed, and a
@@ -37,7 +38,9 @@ DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
 
 
 class Sending(Protocol):
-    async def send(self, signal: str, body: bytes, *, object_key: str) -> Ack: ...
+    async def send(
+        self, signal: str, body: bytes, *, object_key: str, tenant: str | None = None
+    ) -> Ack: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +69,7 @@ class _Request:
     signal: str
     body: bytes  # gzip'd
     records: int
+    tenant: str  # the object's
 
 
 @dataclass(slots=True)
@@ -99,7 +103,9 @@ def _requests(row: BatchRow, message: Any, options: ReplayOptions) -> Iterator[_
                 bytes=len(piece.body),
                 max_request_bytes=options.max_request_bytes,
             )
-        yield _Request(row.object_key, row.signal, igzip.compress(piece.body, 1), piece.records)
+        yield _Request(
+            row.object_key, row.signal, igzip.compress(piece.body, 1), piece.records, row.tenant
+        )
 
 
 async def _read(store: Any, row: BatchRow) -> Any:
@@ -207,7 +213,10 @@ class Replay:
                 if self._bucket is not None:
                     await self._bucket.take(request.records)
                 ack = await self.sender.send(
-                    request.signal, request.body, object_key=request.object_key
+                    request.signal,
+                    request.body,
+                    object_key=request.object_key,
+                    tenant=request.tenant,
                 )
                 self._count(request, ack)
                 entry = self._open[request.object_key]

@@ -87,8 +87,9 @@ class Selection:
     """The filters of ``batches``, ``replay`` (and what they share with ``prune``).
 
     An object is selected when its data's ``[min_time, max_time]`` overlaps
-    ``[since, until)``, its signal is ``signal`` and ``service`` is among its service
-    names; at most ``limit`` objects.
+    ``[since, until)``, its signal is ``signal``, ``service`` is among its service
+    names and it is ``tenant``'s (None: any tenant's; a manifest row without a tenant,
+    from before tenants, is DEFAULT_TENANT's); at most ``limit`` objects.
     """
 
     signals: tuple[str, ...] = ("traces", "metrics", "logs")
@@ -96,6 +97,7 @@ class Selection:
     until: datetime | None = None
     service: str | None = None
     limit: int | None = None
+    tenant: str | None = None
 
     @property
     def window(self) -> Window:

@@ -1,11 +1,15 @@
 """The replay's OTLP/HTTP client: one request at a time, retried as OTLP says.
 
 Protobuf bodies, gzip ``Content-Encoding``, the operator's extra headers (``--header``,
-typically a token: never logged). 429, 502, 503 and 504 and transport errors are retried
-with exponential backoff, or after the ``Retry-After`` the target gave (seconds or an
-HTTP date); any other status ends the replay (:class:`RequestRejected`), as does running
-out of attempts (:class:`RetriesExhausted`). A 2xx is acknowledged; its
-``partial_success`` (records the target rejected for good) is reported, not retried.
+typically a token: never logged), and the tenant header (``--tenant-header``, default
+``X-Scope-OrgID``) naming each request's object's tenant, so that a target which
+separates tenants (another otelworker, Loki, Mimir, Tempo) stores it as that tenant's;
+an operator's ``--header`` of the same name wins over it. 429, 502, 503 and 504 and
+transport errors are retried with exponential backoff, or after the ``Retry-After`` the
+target gave (seconds or an HTTP date); any other status ends the replay
+(:class:`RequestRejected`), as does running out of attempts (:class:`RetriesExhausted`).
+A 2xx is acknowledged; its ``partial_success`` (records the target rejected for good) is
+reported, not retried.
 """
 
 from __future__ import annotations
@@ -166,10 +170,17 @@ class Sender:
         timeout_s: float = 30.0,
         retry: RetryPolicy | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        tenant_header: str | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.target = redact(self.base_url)
         self._headers = dict(headers)
+        # The header that names each request's tenant (None: none); an operator's header
+        # of the same name (HTTP header names are case-insensitive) is sent instead.
+        given = {name.lower() for name in self._headers}
+        self.tenant_header = (
+            tenant_header if tenant_header and tenant_header.lower() not in given else None
+        )
         self._concurrency = concurrency
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self.retry = retry or RetryPolicy()
@@ -192,10 +203,20 @@ class Sender:
     def url(self, signal: str) -> str:
         return f"{self.base_url}/v1/{signal}"
 
-    async def send(self, signal: str, body: bytes, *, object_key: str) -> Ack:
-        """Send one gzip'd request until it is acknowledged; raise if it cannot be."""
-        assert self._session is not None, "use Sender as an async context manager"
+    def request_headers(self, tenant: str | None) -> dict[str, str]:
+        """A request's own headers (the session adds the operator's): its tenant's too."""
         headers = {"Content-Type": "application/x-protobuf", "Content-Encoding": "gzip"}
+        if self.tenant_header is not None and tenant is not None:
+            headers[self.tenant_header] = tenant
+        return headers
+
+    async def send(
+        self, signal: str, body: bytes, *, object_key: str, tenant: str | None = None
+    ) -> Ack:
+        """Send one gzip'd request (of ``tenant``'s object) until it is acknowledged; raise
+        if it cannot be."""
+        assert self._session is not None, "use Sender as an async context manager"
+        headers = self.request_headers(tenant)
         last = ""
         for attempt in range(self.retry.max_attempts):
             wait: float | None = None

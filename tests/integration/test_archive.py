@@ -157,13 +157,13 @@ class Timed:
             "metrics": metrics.SerializeToString(),
         }
 
-    async def send(self, base_url: str) -> None:
+    async def send(self, base_url: str, headers: dict[str, str] | None = None) -> None:
         async with httpx.AsyncClient() as client:
             for signal, body in self.requests.items():
                 response = await client.post(
                     f"{base_url}/v1/{signal}",
                     content=body,
-                    headers={"Content-Type": "application/x-protobuf"},
+                    headers={"Content-Type": "application/x-protobuf", **(headers or {})},
                 )
                 assert response.status_code == 200, response.text
 
@@ -662,3 +662,157 @@ async def test_batches_filters_and_totals(
     assert {line.split()[0] for line in lines[1:-1]} == logs
     records = sum(rows[k]["record_count"] for k in logs)
     assert lines[-1].startswith(f"total: {len(logs)} objects, {records} records,")
+
+
+# --- tenants ------------------------------------------------------------------------------------
+
+
+async def test_tenants_select_list_replay_and_prune_one_tenant(
+    database_url: str, pg_server: Any, s3_server: Any, s3_bucket: str, tmp_path: Path
+) -> None:
+    now = time.time_ns()
+    sent = {
+        "team-a": Timed("svc-a", {"a": now - HOUR_NS // 2, "a-early": now - 3 * HOUR_NS}),
+        "team-b": Timed("svc-b", {"b": now - HOUR_NS // 2}),
+        "default": Timed("svc-d", {"d": now - HOUR_NS // 2}),  # sent without a tenant
+    }
+    async with running_service(
+        database_url=database_url, **s3_settings(s3_server, s3_bucket), **FAST
+    ) as first:
+        for tenant, timed in sent.items():
+            headers = {"X-Scope-OrgID": tenant} if tenant != "default" else None
+            await timed.send(first.url, headers)
+        await wait_drained(database_url, within_s=DEADLINE_S)
+    access = S3Access.of(s3_server, s3_bucket)
+    source = Store(s3=access)
+    manifest = (await read_exported(database_url, source)).manifest
+    assert {row["tenant"] for row in manifest} == set(sent)
+    assert all(row["object_key"].startswith(f"otel/{row['tenant']}/year=") for row in manifest)
+
+    # An object of before tenants: its key without the tenant, its row without one.
+    [legacy] = [r for r in manifest if r["tenant"] == "default" and r["signal"] == "traces"]
+    legacy_key = legacy["object_key"].replace("otel/default/", "otel/", 1)
+    source.put(legacy_key, source.get(legacy["object_key"]))
+    access.client().delete_object(Bucket=s3_bucket, Key=legacy["object_key"])
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            "UPDATE export_batches SET object_key = $1, tenant = NULL WHERE batch_id = $2",
+            legacy_key,
+            legacy["batch_id"],
+        )
+    finally:
+        await conn.close()
+    exported = await read_exported(database_url, source)  # every row's object is there
+    tenant_of = {row["object_key"]: row["tenant"] or "default" for row in exported.manifest}
+    ids_of = {  # record id -> tenant
+        i: tenant for obj in exported.objects for i in obj.ids for tenant in [tenant_of[obj.key]]
+    }
+    env = cli_env(database_url, s3_server, s3_bucket)
+
+    async def listed(*args: str) -> dict[str, str]:
+        """batches --json: object key -> the tenant it shows."""
+        *objects, last = json_lines(
+            ok(await run_cli(env, tmp_path, "batches", "--json", *args)).out
+        )
+        assert last["totals"]["objects"] == len(objects)
+        return {o["object_key"]: o["tenant"] for o in objects}
+
+    assert await listed() == tenant_of  # the row without a tenant shown as the default's
+    assert tenant_of[legacy_key] == "default"
+    for tenant in ("team-a", "default"):  # the default's: with the object of before tenants
+        assert await listed("--tenant", tenant) == {
+            k: t for k, t in tenant_of.items() if t == tenant
+        }, tenant
+    # The other filters still apply, the tenant on top.
+    [a_traces] = [r for r in manifest if r["tenant"] == "team-a" and r["signal"] == "traces"]
+    assert await listed("--tenant", "team-a", "--signal", "traces") == {
+        a_traces["object_key"]: "team-a"
+    }
+    table = ok(await run_cli(env, tmp_path, "batches", "--tenant", "team-a")).out.splitlines()
+    column = table[0].index("TENANT")
+    assert {line[column:].split()[0] for line in table[1:-1]} == {"team-a"}
+    assert table[-1].startswith("total: 3 objects, 18 records,"), table[-1]
+    refused = await run_cli(env, tmp_path, "batches", "--tenant", "team/a")
+    assert refused.code == 2 and "argument --tenant: not a tenant name" in refused.err
+
+    # replay one tenant into a second otelworker, which stores it as that tenant's.
+    second_dsn = create_database(pg_server.dsn)
+    second_bucket = create_bucket(s3_server)
+    try:
+        async with running_service(
+            database_url=second_dsn, **s3_settings(s3_server, second_bucket), **FAST
+        ) as second:
+            run = ok(
+                await run_cli(env, tmp_path, "replay", "--tenant", "team-a", "--to", second.url)
+            )
+            await wait_drained(second_dsn, within_s=DEADLINE_S)
+            replayed = await read_exported(
+                second_dsn, Store(s3=S3Access.of(s3_server, second_bucket))
+            )
+    finally:
+        drop_database(pg_server.dsn, second_dsn)
+        delete_bucket(s3_server, second_bucket)
+    expected = merged(sent["team-a"].ids["a"], sent["team-a"].ids["a-early"])
+    for signal in SIGNALS:
+        assert Counter(replayed.ids(signal)) == expected[signal], signal
+    assert replayed.manifest and {row["tenant"] for row in replayed.manifest} == {"team-a"}
+    assert all(row["object_key"].startswith("otel/team-a/year=") for row in replayed.manifest)
+    assert "replayed 18 records" in run.out, run.out
+    [started] = [r for r in json_lines_of(run.err) if r.get("event") == "replay_started"]
+    assert (started["tenant"], started["tenant_header"]) == ("team-a", "X-Scope-OrgID")
+
+    # The tenant header: each request names its object's tenant (the default's by name),
+    # under another name if told, or not at all.
+    async with fake_target() as target:
+        ok(await run_cli(env, tmp_path, "replay", "--to", target.url))
+        everything = list(target.arrivals)
+        assert Counter(i for a in everything for i in a.ids) == Counter(
+            i for obj in exported.objects for i in obj.ids
+        )
+        for arrival in everything:
+            assert {arrival.headers["X-Scope-OrgID"]} == {ids_of[i] for i in arrival.ids}
+        target.arrivals.clear()
+        ok(
+            await run_cli(
+                env,
+                tmp_path,
+                "replay",
+                "--to",
+                target.url,
+                "--tenant",
+                "team-b",
+                "--tenant-header",
+                "X-Tenant",
+            )
+        )
+        assert Counter(target.accepted()) == Counter(
+            i for ids in sent["team-b"].ids["b"].values() for i in ids
+        )
+        assert all(a.headers["X-Tenant"] == "team-b" for a in target.arrivals)
+        assert not any("x-scope-orgid" in map(str.lower, a.headers) for a in target.arrivals)
+        target.arrivals.clear()
+        ok(await run_cli(env, tmp_path, "replay", "--to", target.url, "--no-tenant-header"))
+        assert len(target.accepted()) == len(ids_of)
+        assert not any("x-scope-orgid" in map(str.lower, a.headers) for a in target.arrivals)
+
+    # gc-orphans: orphans of both layouts under S3_PREFIX go, nothing else does.
+    orphans = [
+        f"otel/year=2020/month=01/day=01/hour=00/minute=00/traces_{uuid.uuid4()}.binpb.gz",
+        f"otel/team-a/year=2020/month=01/day=01/hour=00/minute=00/logs_{uuid.uuid4()}.binpb.gz",
+    ]
+    outside = f"elsewhere/team-a/year=2020/traces_{uuid.uuid4()}.binpb.gz"
+    for key in [*orphans, outside]:
+        source.put(key, b"no row names it")
+    await asyncio.sleep(1.1)  # S3 times are whole seconds: older than --older-than-s 0
+    run = ok(await run_cli(env, tmp_path, "gc-orphans", "--older-than-s", "0"))
+    assert "removed 2 orphan object(s)" in run.out, run.out
+    assert source.keys() == sorted([*tenant_of, outside])
+
+    # prune of one tenant: its rows and objects only.
+    run = ok(await run_cli(env, tmp_path, "prune", "--older-than", "0s", "--tenant", "team-b"))
+    b_keys = [k for k, t in tenant_of.items() if t == "team-b"]
+    assert f"deleted {len(b_keys)} manifest row(s)" in run.out, run.out
+    assert "of tenant team-b" in run.out
+    assert await listed() == {k: t for k, t in tenant_of.items() if t != "team-b"}
+    assert source.keys() == sorted([*(k for k in tenant_of if k not in b_keys), outside])

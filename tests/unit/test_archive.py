@@ -3,11 +3,14 @@ and rate decisions, the checkpoint, progress, and the order of prune's deletes."
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import io
+import re
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
@@ -23,17 +26,26 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
 from otelworker import otlp
 from otelworker.archive.checkpoint import Checkpoint
+from otelworker.archive.cli import add_commands
+from otelworker.archive.cli import selection as cli_selection
 from otelworker.archive.listing import print_batches
-from otelworker.archive.manifest import BatchRow, Expired, Totals
+from otelworker.archive.manifest import ArchiveIndex, BatchRow, Expired, Totals
 from otelworker.archive.progress import Counts, Progress, eta_s, human_bytes, render
-from otelworker.archive.prune import ORPHAN_MIN_AGE, PruneError, gc_orphans, prune
+from otelworker.archive.prune import (
+    ORPHAN_MIN_AGE,
+    PruneError,
+    gc_orphans,
+    prune,
+    tenant_prefixes,
+)
 from otelworker.archive.rate import TokenBucket
 from otelworker.archive.reader import decompress, filtered, service_name
 from otelworker.archive.replay import Replay, ReplayOptions
-from otelworker.archive.selection import TimeSpec, Window, parse_duration, to_ns
+from otelworker.archive.selection import Selection, TimeSpec, Window, parse_duration, to_ns
 from otelworker.archive.sender import (
     Ack,
     RequestRejected,
+    Sender,
     backoff_s,
     parse_retry_after,
     redact,
@@ -42,6 +54,7 @@ from otelworker.archive.sender import (
 from otelworker.archive.split import pieces
 from otelworker.exceptions import BadPayload, ObjectStoreError
 from otelworker.sinks.base import StoredObject
+from otelworker.staging.sql import query
 
 NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 T0 = to_ns(NOW)
@@ -456,10 +469,14 @@ class FakeSender:
     def __init__(self, refuse: str | None = None) -> None:
         self.refuse = refuse
         self.sent: list[tuple[str, int]] = []
+        self.tenants: dict[str, set[str | None]] = {}  # object key -> tenants sent with
         self.in_flight = 0
         self.max_in_flight = 0
 
-    async def send(self, signal: str, body: bytes, *, object_key: str) -> Ack:
+    async def send(
+        self, signal: str, body: bytes, *, object_key: str, tenant: str | None = None
+    ) -> Ack:
+        self.tenants.setdefault(object_key, set()).add(tenant)
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
@@ -548,24 +565,44 @@ async def test_dry_run_prints_and_sends_nothing() -> None:
 
 
 class FakeIndex:
-    """Manifest rows by key with their created_at; expire() 'commits' at once."""
+    """Manifest rows by key with their created_at; expire() 'commits' at once.
 
-    def __init__(self, rows: dict[str, datetime], store: MemoryStore) -> None:
+    ``tenants`` names rows' tenants; a row not in it has none (DEFAULT_TENANT's).
+    """
+
+    def __init__(
+        self,
+        rows: dict[str, datetime],
+        store: MemoryStore,
+        tenants: dict[str, str] | None = None,
+        default_tenant: str = "default",
+    ) -> None:
         self.rows = rows
         self.store = store
+        self.tenants = tenants or {}
+        self.default_tenant = default_tenant
+
+    def _whose(self, key: str, tenant: str | None) -> bool:
+        return tenant is None or self.tenants.get(key, self.default_tenant) == tenant
 
     async def manifest_keys_among(self, keys: Sequence[str]) -> set[str]:
         return set(keys) & set(self.rows)
 
-    async def expire(self, signal: str, before: datetime, limit: int) -> Expired:
-        keys = sorted(k for k, at in self.rows.items() if signal in k and at < before)[:limit]
+    async def expire(
+        self, signal: str, before: datetime, limit: int, tenant: str | None = None
+    ) -> Expired:
+        keys = sorted(
+            k
+            for k, at in self.rows.items()
+            if signal in k and at < before and self._whose(k, tenant)
+        )[:limit]
         for key in keys:
             del self.rows[key]
             self.store.events.append(f"commit {key}")
         return Expired(keys, 10 * len(keys))
 
-    async def expired_totals(self, before: datetime) -> Totals:
-        keys = [k for k, at in self.rows.items() if at < before]
+    async def expired_totals(self, before: datetime, tenant: str | None = None) -> Totals:
+        keys = [k for k, at in self.rows.items() if at < before and self._whose(k, tenant)]
         return Totals(len(keys), 0, 10 * len(keys))
 
 
@@ -643,7 +680,310 @@ async def test_batches_json_lines_end_with_the_totals_and_the_table_too() -> Non
         "TIME",
         "MAX",
         "TIME",
+        "TENANT",
         "SERVICES",
     ]
     assert table[1].split()[:4] == ["otel/a", "traces", "1", "10"]
     assert table[-1] == "total: 2 objects, 2 records, 42 bytes (42 B) stored"
+
+
+# --- tenants: the options, the selection's parameters, what each command does with them --------
+
+
+def archive_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="otelworker")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["batches"],
+        ["replay", "--dry-run"],
+        ["prune", "--older-than", "30d"],
+    ],
+)
+def test_tenant_option_selects_one_tenant_or_every_tenant(argv: list[str]) -> None:
+    args = archive_parser().parse_args([*argv, "--tenant", "team-a"])
+    assert args.tenant == "team-a"
+    assert archive_parser().parse_args(argv).tenant is None
+    if argv[0] != "prune":
+        assert cli_selection(args, NOW).tenant == "team-a"
+        assert cli_selection(archive_parser().parse_args(argv), NOW).tenant is None
+
+
+@pytest.mark.parametrize("command", ["batches", "replay", "prune"])
+@pytest.mark.parametrize("name", ["", "a/b", "..", "-x", ".x", "a b", "a=b", "x" * 65, "ü"])
+def test_an_invalid_tenant_is_a_usage_error_naming_the_option(
+    command: str, name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    extra = ["--older-than", "30d"] if command == "prune" else []
+    with pytest.raises(SystemExit) as exited:
+        archive_parser().parse_args([command, *extra, f"--tenant={name}"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --tenant: not a tenant name" in err, err
+
+
+def test_gc_orphans_takes_no_tenant(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        archive_parser().parse_args(["gc-orphans", "--tenant", "team-a"])
+    assert exited.value.code == 2
+    assert "--tenant" in capsys.readouterr().err
+
+
+def test_replay_tenant_header_options(capsys: pytest.CaptureFixture[str]) -> None:
+    args = archive_parser().parse_args(["replay", "--to", "http://t:4318"])
+    assert (args.tenant_header, args.no_tenant_header) == ("X-Scope-OrgID", False)
+    args = archive_parser().parse_args(["replay", "--tenant-header", "X-Tenant"])
+    assert args.tenant_header == "X-Tenant"
+    assert archive_parser().parse_args(["replay", "--no-tenant-header"]).no_tenant_header
+    # The existing --header (NAME=VALUE, repeatable) stays as it was.
+    args = archive_parser().parse_args(
+        ["replay", "--header", "Authorization=Bearer a=b", "--header", "X-A= 1 "]
+    )
+    assert args.header == [("Authorization", "Bearer a=b"), ("X-A", "1")]
+    for argv in (
+        ["replay", "--tenant-header", "X-Tenant", "--no-tenant-header"],
+        ["replay", "--tenant-header", "X Tenant"],
+        ["replay", "--tenant-header", "X-Tenant:"],
+    ):
+        with pytest.raises(SystemExit) as exited:
+            archive_parser().parse_args(argv)
+        assert exited.value.code == 2, argv
+    err = capsys.readouterr().err
+    assert "not allowed with argument --tenant-header" in err, err
+    assert "argument --tenant-header: not an HTTP header name" in err, err
+
+
+class RecordingIndex(ArchiveIndex):
+    """The real adapter with the database replaced by canned answers; records each call."""
+
+    def __init__(self, rows: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(None, default_tenant="main")  # type: ignore[arg-type]
+        self.calls: list[tuple[str, tuple[Any, ...]]] = []
+        self.canned = rows or []
+
+    async def _fetch(self, name: str, *args: Any) -> list[Any]:
+        # Every placeholder of the query has its argument, and no more.
+        placeholders = {int(n) for n in re.findall(r"\$(\d+)", query(name))}
+        assert placeholders == set(range(1, len(args) + 1)), (name, placeholders, len(args))
+        self.calls.append((name, args))
+        if name == "archive_batches":
+            return self.canned if args[0] == "traces" else []
+        if name == "archive_totals":
+            return [(len(self.canned), 0, 0)]
+        if name == "archive_expired_totals":
+            return [(0, 0)]
+        return []
+
+
+def manifest_row(key: str, tenant: str) -> dict[str, Any]:
+    return {
+        "batch_id": uuid.uuid4(),
+        "signal": "traces",
+        "object_key": key,
+        "item_count": 1,
+        "record_count": 2,
+        "compressed_bytes": 3,
+        "raw_bytes": 4,
+        "min_time": None,
+        "max_time": None,
+        "service_names": ["a"],
+        "created_at": NOW,
+        "tenant": tenant,
+    }
+
+
+async def test_selection_passes_the_tenant_and_the_default_tenant_to_every_query() -> None:
+    index = RecordingIndex([manifest_row("otel/team-a/k", "team-a")])
+    chosen = Selection(signals=("traces", "logs"), service="svc", tenant="team-a")
+    rows = [r async for r in index.rows(chosen)]
+    assert [(r.object_key, r.tenant) for r in rows] == [("otel/team-a/k", "team-a")]
+    batches = [args for name, args in index.calls if name == "archive_batches"]
+    assert [args[0] for args in batches] == ["traces", "logs"]  # one signal at a time
+    assert all(args[3] == "svc" and args[7:] == ("team-a", "main") for args in batches)
+
+    await index.totals(chosen)
+    totals = [args for name, args in index.calls if name == "archive_totals"]
+    assert [args[5:] for args in totals] == [("team-a", "main")] * 2
+
+    # Without --tenant: every tenant's rows (NULL), with the default for rows without one.
+    index = RecordingIndex()
+    [_ async for _ in index.rows(Selection())]
+    await index.totals(Selection())
+    assert {args[7:] for name, args in index.calls if name == "archive_batches"} == {(None, "main")}
+    assert {args[5:] for name, args in index.calls if name == "archive_totals"} == {(None, "main")}
+
+
+async def test_prune_queries_take_the_tenant() -> None:
+    index = RecordingIndex()
+    await index.expire("logs", NOW, 10, "team-b")
+    await index.expired_totals(NOW, "team-b")
+    await index.expire("logs", NOW, 10)
+    await index.expired_totals(NOW)
+    assert index.calls == [
+        ("archive_expire", ("logs", NOW, 10, "team-b", "main")),
+        ("archive_expired_totals", (NOW, "team-b", "main")),
+        ("archive_expire", ("logs", NOW, 10, None, "main")),
+        ("archive_expired_totals", (NOW, None, "main")),
+    ]
+
+
+def test_the_tenant_filter_keeps_the_index_and_resolves_rows_without_a_tenant() -> None:
+    """The tenant is one more filter in each archive query (the signal and created_at, the
+    index's columns, lead as before), and a row without a tenant is the default's."""
+    for name, tenant, default in (
+        ("archive_batches", 8, 9),
+        ("archive_totals", 6, 7),
+        ("archive_expire", 4, 5),
+        ("archive_expired_totals", 2, 3),
+    ):
+        sql = " ".join(query(name).split())
+        assert (
+            f"(${tenant}::text IS NULL OR tenant = ${tenant}"
+            f" OR (tenant IS NULL AND ${tenant} = ${default}::text))"
+        ) in sql, name
+        if name != "archive_expired_totals":
+            assert "WHERE signal = $1" in sql, name
+    assert "coalesce(tenant, $9::text) AS tenant" in query("archive_batches")
+
+
+def test_batch_row_reads_its_tenant() -> None:
+    assert BatchRow.from_row(manifest_row("otel/team-a/k", "team-a")).tenant == "team-a"
+
+
+async def test_batches_show_each_rows_tenant_in_the_table_and_the_json() -> None:
+    rows = [
+        replace(row("otel/year=2024/a"), tenant="default"),
+        replace(row("otel/a-long-tenant-name/year=2024/b", "logs"), tenant="a-long-tenant-name"),
+    ]
+    out = io.StringIO()
+    await print_batches(rows_of(rows), out, json=True)
+    *lines, _ = [orjson.loads(line) for line in out.getvalue().splitlines()]
+    assert [line["tenant"] for line in lines] == ["default", "a-long-tenant-name"]
+    out = io.StringIO()
+    await print_batches(rows_of(rows), out, json=False)
+    header, first, second, _ = out.getvalue().splitlines()
+    column = header.index("TENANT")
+    assert first[column:].split()[0] == "default"
+    assert second[column:].split() == ["a-long-tenant-name", "a"]  # then the services
+    assert header.index("SERVICES") == column + len("a-long-tenant-name") + 2
+
+
+def test_request_headers_name_the_tenant_unless_told_not_to_or_overridden() -> None:
+    base = {"Content-Type": "application/x-protobuf", "Content-Encoding": "gzip"}
+    sender = Sender("http://t:4318", {}, concurrency=1, tenant_header="X-Scope-OrgID")
+    assert sender.request_headers("team-a") == {**base, "X-Scope-OrgID": "team-a"}
+    assert sender.request_headers(None) == base
+    assert Sender("http://t", {}, concurrency=1).request_headers("team-a") == base
+    # An operator's --header of that name (any case) is sent instead, on every request.
+    overridden = Sender(
+        "http://t", {"x-scope-orgid": "fixed"}, concurrency=1, tenant_header="X-Scope-OrgID"
+    )
+    assert overridden.tenant_header is None
+    assert overridden.request_headers("team-a") == base
+    other = Sender("http://t", {"Authorization": "Bearer x"}, concurrency=1, tenant_header="X-T")
+    assert other.request_headers("team-b") == {**base, "X-T": "team-b"}
+
+
+async def test_replay_sends_each_request_with_its_objects_tenant() -> None:
+    store, rows = archive(4)
+    rows = [replace(r, tenant=t) for r, t in zip(rows, ["a", "b", "a", "default"], strict=True)]
+    sender = FakeSender()
+    options = ReplayOptions(max_request_bytes=600, concurrency=2)
+    progress = Progress(io.StringIO(), Counts(objects_total=4), tty=False)
+    result = await Replay(store, sender, options, progress).run(rows_of(rows))
+    assert result.ok
+    assert sender.tenants == {r.object_key: {r.tenant} for r in rows}
+
+
+def test_tenant_prefixes() -> None:
+    assert tenant_prefixes("otel", None, "default") == ["otel/"]
+    assert tenant_prefixes("/otel/", "team-a", "default") == ["otel/team-a/"]
+    # The default tenant's objects from before tenants have no tenant segment.
+    assert tenant_prefixes("otel", "default", "default") == ["otel/default/", "otel/year="]
+    assert tenant_prefixes("", None, "default") == [""]
+    assert tenant_prefixes("", "main", "main") == ["main/", "year="]
+
+
+def two_layouts() -> MemoryStore:
+    """Objects of before tenants ({prefix}/year=...) and after ({prefix}/{tenant}/year=...)."""
+    part = "year=2024/month=05/day=01/hour=12/minute=00"
+    return MemoryStore(
+        {
+            f"otel/{part}/traces_old.binpb.gz": b"x",  # a row names it
+            f"otel/{part}/traces_old-orphan.binpb.gz": b"x",
+            f"otel/team-a/{part}/traces_a.binpb.gz": b"x",  # a row names it
+            f"otel/team-a/{part}/traces_a-orphan.binpb.gz": b"x",
+            f"otel/default/{part}/logs_d-orphan.binpb.gz": b"x",
+            f"otel/team-b/{part}/logs_b-orphan.binpb.gz": b"x",
+            f"otelx/{part}/traces_elsewhere.binpb.gz": b"x",  # not under the prefix
+            f"other/team-a/{part}/traces_elsewhere.binpb.gz": b"x",
+        }
+    )
+
+
+async def test_gc_orphans_finds_orphans_of_both_layouts_under_the_prefix_and_nothing_else() -> None:
+    store = two_layouts()
+    part = "year=2024/month=05/day=01/hour=12/minute=00"
+    named = {f"otel/{part}/traces_old.binpb.gz": NOW, f"otel/team-a/{part}/traces_a.binpb.gz": NOW}
+    index = FakeIndex(dict(named), store)
+    found = await gc_orphans(store, index, prefix="otel", older_than=timedelta(hours=1), now=NOW)
+    assert found == 4
+    assert sorted(store.deleted) == sorted(
+        [
+            f"otel/{part}/traces_old-orphan.binpb.gz",
+            f"otel/team-a/{part}/traces_a-orphan.binpb.gz",
+            f"otel/default/{part}/logs_d-orphan.binpb.gz",
+            f"otel/team-b/{part}/logs_b-orphan.binpb.gz",
+        ]
+    )
+    assert sorted(store.objects) == sorted(
+        [
+            *named,
+            f"otelx/{part}/traces_elsewhere.binpb.gz",
+            f"other/team-a/{part}/traces_elsewhere.binpb.gz",
+        ]
+    )
+
+
+async def test_prune_of_one_tenant_deletes_its_rows_and_sweeps_only_its_keys() -> None:
+    store = two_layouts()
+    part = "year=2024/month=05/day=01/hour=12/minute=00"
+    old, a = f"otel/{part}/traces_old.binpb.gz", f"otel/team-a/{part}/traces_a.binpb.gz"
+    ages = {old: NOW - timedelta(days=40), a: NOW - timedelta(days=40)}
+
+    index = FakeIndex(dict(ages), store, tenants={a: "team-a"})  # old: no tenant, default's
+    result = await prune(
+        index, store, older_than=timedelta(days=30), prefix="otel", now=NOW, tenant="team-a"
+    )
+    assert (result.rows, result.orphans) == (1, 1)
+    assert sorted(store.deleted) == sorted([a, f"otel/team-a/{part}/traces_a-orphan.binpb.gz"])
+    assert list(index.rows) == [old]
+
+    # The default tenant: its new objects' keys and those from before tenants.
+    store.deleted.clear()
+    dry = await prune(
+        index,
+        store,
+        older_than=timedelta(days=30),
+        prefix="otel",
+        now=NOW,
+        tenant="default",
+        dry_run=True,
+    )
+    assert (dry.rows, dry.orphans, store.deleted) == (1, 2, [])
+    result = await prune(
+        index, store, older_than=timedelta(days=30), prefix="otel", now=NOW, tenant="default"
+    )
+    assert (result.rows, result.orphans) == (1, 2)
+    assert sorted(store.deleted) == sorted(
+        [
+            old,
+            f"otel/{part}/traces_old-orphan.binpb.gz",
+            f"otel/default/{part}/logs_d-orphan.binpb.gz",
+        ]
+    )
+    assert f"otel/team-b/{part}/logs_b-orphan.binpb.gz" in store.objects
