@@ -12,15 +12,24 @@ OK with partial_success 202, RESOURCE_EXHAUSTED 429: :mod:`loadtest.otlp_grpc`).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import dataclasses
 import itertools
 import json
 import math
+import os
+import random
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
+import httpx
+import psutil
 from google.rpc import status_pb2
+from isal import igzip
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceResponse
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceResponse,
@@ -45,6 +54,7 @@ from loadtest.stress_env import (
     wait_until,
 )
 from loadtest.stress_proxy import TcpProxy
+from loadtest.stress_records import Template
 
 RESOURCE_EXHAUSTED = 8
 RESPONSE_TYPES = {
@@ -741,6 +751,454 @@ def _grpc_codes(sents: list[Sent]) -> str:
     return ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
 
 
+# --- 7. 200 concurrent near-maximum bodies: peak RSS within a stated bound ---------------
+
+MiB = 1 << 20
+KiB = 1 << 10
+BIG_MAX_BODY = 2 * MiB  # MAX_REQUEST_BODY_BYTES
+BIG_INFLIGHT = 32 * MiB  # MAX_INFLIGHT_BYTES: 16 near-maximum bodies at the door at once
+BIG_COMMIT_BYTES = 8 * MiB  # GROUP_COMMIT_MAX_BYTES
+BIG_COMMITTERS = 2  # GROUP_COMMIT_WORKERS
+BIG_QUEUE_BYTES = 16 * MiB  # PROCESSING_QUEUE_MAX_BYTES
+BIG_BATCH = 4  # BATCH_MAX_SIZE
+BIG_FLUSHES = 2  # WORKER_CONCURRENCY
+BIG_SETTINGS = {
+    "MAX_REQUEST_BODY_BYTES": str(BIG_MAX_BODY),
+    "MAX_INFLIGHT_BYTES": str(BIG_INFLIGHT),
+    "GROUP_COMMIT_MAX_BYTES": str(BIG_COMMIT_BYTES),
+    "GROUP_COMMIT_WORKERS": str(BIG_COMMITTERS),
+    "PROCESSING_QUEUE_MAX_BYTES": str(BIG_QUEUE_BYTES),
+    "PROCESSING_QUEUE_MAX_DEPTH": "100",  # high, so that the bytes bind
+    "BATCH_MAX_SIZE": str(BIG_BATCH),
+    "WORKER_CONCURRENCY": str(BIG_FLUSHES),
+    "LEASE_TIMEOUT_S": "30",
+    "S3_TIMEOUT_S": "30",
+}
+# What hypercorn holds per connection before the app reads the body, counted by no
+# setting of ours: max_app_queue_size (10) chunks of up to 64 KiB, its StreamReader's
+# buffer (it pauses reading past 2 x 64 KiB) and one 64 KiB read in h11's buffer.
+BIG_PER_CONNECTION = (10 + 2 + 1) * 64 * KiB
+BIG_REQUESTS = 200  # at once, one connection each
+BIG_RECORDS = 64
+BIG_FILL = 0.97  # each body (decompressed) is this fraction of MAX_REQUEST_BODY_BYTES
+BIG_DEADLINE_S = 60.0  # per wave: every request acknowledged by then
+BIG_BACKOFF_MAX_S = 8.0
+BIG_WRITE_CHUNK = 256 * KiB
+BIG_SAMPLE_S = 0.05
+# MAX_INFLIGHT_BYTES counts what an HTTP request sends, so a gzip body reserves its
+# compressed bytes only, and its decompressed body and decoded message count against
+# nothing but the connections (docs/stress-testing.md). Set True once the door reserves
+# the decompressed bytes too: the gzip wave is then held to the same bound as the plain.
+BIG_GZIP_COUNTED = True
+
+
+def big_bound(
+    baseline: int, connections: int, compressed: bool
+) -> tuple[int, list[tuple[str, int]]]:
+    """The peak RSS the settings allow the serving process, and its terms (bytes).
+
+    At the door, each admitted body is held as read, decoded (upb: ~0.9 x its bytes) and
+    compressed for staging (gzip level 1: <= 1 x) until its commit answers, and asyncpg
+    encodes each group commit into one more copy; hypercorn buffers every connection's
+    first chunks. In the worker, the buffer's payloads (plus one), the rows of a claim as
+    asyncpg reads them, and per flush the joined object (at most a batch of payloads, or
+    the buffer; kept until its index commits), what the HTTP client copies to send it and
+    one payload decompressed for its check. Unless BIG_GZIP_COUNTED, a gzip
+    request's decompressed body and decoded message are a term of their own, bounded by
+    the connections alone.
+    """
+    batch = min(BIG_BATCH * BIG_MAX_BODY, BIG_QUEUE_BYTES + BIG_MAX_BODY)  # one object
+    terms = [
+        ("baseline", baseline),
+        ("3 x MAX_INFLIGHT_BYTES", 3 * BIG_INFLIGHT),
+        ("GROUP_COMMIT_WORKERS x GROUP_COMMIT_MAX_BYTES", BIG_COMMITTERS * BIG_COMMIT_BYTES),
+        (
+            f"{connections} connections x {BIG_PER_CONNECTION // KiB} KiB",
+            connections * BIG_PER_CONNECTION,
+        ),
+        (
+            "2 x (PROCESSING_QUEUE_MAX_BYTES + MAX_REQUEST_BODY_BYTES)",
+            2 * (BIG_QUEUE_BYTES + BIG_MAX_BODY),
+        ),
+        (
+            "WORKER_CONCURRENCY x (2 x BATCH_MAX_SIZE + 1) x MAX_REQUEST_BODY_BYTES",
+            BIG_FLUSHES * (2 * batch + BIG_MAX_BODY),
+        ),
+    ]
+    if compressed and not BIG_GZIP_COUNTED:
+        terms.append(
+            (
+                f"{connections} gzip requests x 2 x MAX_REQUEST_BODY_BYTES",
+                connections * 2 * BIG_MAX_BODY,
+            )
+        )
+    return sum(v for _, v in terms), terms
+
+
+def _vm(pid: int) -> dict[str, int]:
+    """The Vm* lines of /proc/<pid>/status (VmRSS, VmHWM, ...), in bytes; without /proc,
+    only VmRSS (from psutil)."""
+    if not os.path.exists("/proc/self/status"):
+        return {"VmRSS": int(psutil.Process(pid).memory_info().rss)}
+    out: dict[str, int] = {}
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            key, _, value = line.partition(":")
+            parts = value.split()
+            if key.startswith("Vm") and len(parts) == 2 and parts[1] == "kB":
+                out[key] = int(parts[0]) * KiB
+    return out
+
+
+def _reset_hwm(pid: int) -> bool:
+    """VmHWM back to the current RSS (``clear_refs`` 5, Linux >= 4.0); False if refused."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def _cpu_s(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
+
+
+def _big_template(signal_name: str, compressible: bool, seed: int) -> Template:
+    """BIG_RECORDS records whose ``stress.pad`` values make the body BIG_FILL of the limit.
+
+    Incompressible: random base64 text (gzip keeps ~77 % of it), so what is staged and
+    exported is about as large as what arrived. Compressible: a log line repeated, for
+    the wave sent gzip-compressed (~1/150 of it on the wire).
+    """
+    goal = int(BIG_MAX_BODY * BIG_FILL)
+    rng = random.Random(seed)
+
+    def text(size: int) -> str:
+        if compressible:
+            line = "GET /api/items/42 200 12ms user=alice region=eu-west-1 cache=miss; "
+            return (line * (size // len(line) + 1))[:size]
+        return base64.b64encode(rng.randbytes(size)).decode()[:size]
+
+    probe = Template(signal_name, BIG_RECORDS, pad_text=text(1024), with_json=False)
+    overhead = probe.size - BIG_RECORDS * 1024  # the records' own bytes, measured
+    pad = (goal - overhead) // BIG_RECORDS
+    return Template(signal_name, BIG_RECORDS, pad_text=text(pad), with_json=False)
+
+
+@dataclass
+class Wave:
+    """One burst of BIG_REQUESTS and what it cost the service."""
+
+    name: str
+    encoding: str  # protobuf or gzip
+    templates: dict[str, Template]
+    count: int = BIG_REQUESTS
+    final: list[Sent] = field(default_factory=list)  # each request's last attempt
+    refused: list[Sent] = field(default_factory=list)  # every 429 answer (as it came)
+    answers: Counter[int] = field(default_factory=Counter)  # every attempt's answer
+    attempts: int = 0
+    wire_bytes: int = 0  # the bodies as sent (compressed if gzip), one per request
+    raw_bytes: int = 0  # the same decompressed
+    refused_sent_bytes: int = 0  # body bytes written before each 429 ended the write
+    elapsed_s: float = 0.0  # first request to last answer
+    drained_s: float = 0.0  # first request to the queue drained
+    cpu_s: float = 0.0  # the serving process's CPU time, to the drain
+    start_rss: int = 0
+    peak: int = 0  # VmHWM after the drain (reset before the wave)
+    peak_sampled: int = 0  # the highest VmRSS sample
+    samples: list[tuple[float, int]] = field(default_factory=list)
+
+    @property
+    def acked(self) -> int:
+        return sum(s.status == 200 for s in self.final)
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    sent_bytes: int  # of the request body, when the answer came or the write ended
+
+
+async def _read_answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        key, sep, value = line.partition(":")
+        if sep:
+            headers[key.strip().lower()] = value.strip()
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return status, headers, body
+
+
+async def post_reading_early(url: str, path: str, headers: dict[str, str], body: bytes) -> Answer:
+    """POST on a connection of its own, reading the answer while the body is written.
+
+    An answer that comes before the body is written whole (a 429 by its Content-Length)
+    ends the write, as Go's net/http client (the OpenTelemetry Collector's) does, and
+    the connection is dropped. (httpx would write the whole body first.)
+    """
+    parts = urlsplit(url)
+    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+    writer.transport.set_write_buffer_limits(high=BIG_WRITE_CHUNK)
+    try:
+        lines = [f"POST {path} HTTP/1.1", f"Host: {parts.netloc}", f"Content-Length: {len(body)}"]
+        lines += [f"{k}: {v}" for k, v in headers.items()]
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+        answer = asyncio.ensure_future(_read_answer(reader))
+        view = memoryview(body)
+        sent = 0
+        try:
+            while sent < len(body) and not answer.done():
+                writer.write(view[sent : sent + BIG_WRITE_CHUNK])
+                sent = min(len(body), sent + BIG_WRITE_CHUNK)
+                drain = asyncio.ensure_future(writer.drain())
+                await asyncio.wait((drain, answer), return_when=asyncio.FIRST_COMPLETED)
+                if not drain.done():
+                    drain.cancel()
+                    with contextlib.suppress(BaseException):
+                        await drain
+                elif drain.exception() is not None:
+                    break  # the service closed while we wrote: its answer may be there
+            status, answer_headers, answer_body = await answer
+        finally:
+            answer.cancel()
+        return Answer(status, answer_headers, answer_body, sent)
+    finally:
+        writer.transport.abort()  # whatever is left of the body is dropped, not sent
+
+
+async def _send_wave(service: Service, ledger: Ledger, wave: Wave, seed: int) -> None:
+    """``wave.count`` requests at once, each retried on 429 after its Retry-After or its
+    own backoff, whichever is longer (1 s doubling to 8 s, jittered by +-50 %, as a
+    client would) until it is answered otherwise or the deadline passes. A 503 or a lost
+    answer is retried under fresh ids: the first stays in the ledger as refused (absent)
+    or unanswered (stored whole or not at all)."""
+    rng = random.Random(seed)
+    deadline = time.monotonic() + BIG_DEADLINE_S
+    signals = list(wave.templates)
+    t0 = time.monotonic()
+    headers = {"Content-Type": "application/x-protobuf"}
+    if wave.encoding == "gzip":
+        headers["Content-Encoding"] = "gzip"
+
+    async def one(i: int) -> None:
+        signal_name = signals[i % len(signals)]
+        template = wave.templates[signal_name]
+        backoff = 1.0
+        first = True
+        while True:
+            sent = ledger.new(signal_name, BIG_RECORDS, wave.encoding)
+            body = template.make(sent.index)
+            if first:
+                wave.raw_bytes += len(body)
+            if wave.encoding == "gzip":
+                body = await asyncio.to_thread(igzip.compress, body, 1)
+            if first:
+                wave.wire_bytes += len(body)
+                first = False
+            fresh = False
+            while not fresh:
+                wave.attempts += 1
+                started = time.monotonic()
+                try:
+                    async with asyncio.timeout(BIG_DEADLINE_S):
+                        answer = await post_reading_early(
+                            service.url, f"/v1/{signal_name}", headers, body
+                        )
+                except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
+                    sent.status, sent.error = UNKNOWN, type(exc).__name__
+                    wave.answers[UNKNOWN] += 1
+                    wait, fresh = 1.0, True
+                else:
+                    sent.latency_s = time.monotonic() - started
+                    sent.status = answer.status
+                    sent.retry_after = answer.headers.get("retry-after")
+                    sent.body = answer.body
+                    wave.answers[sent.status] += 1
+                    if sent.status == 429:
+                        wave.refused.append(dataclasses.replace(sent))
+                        wave.refused_sent_bytes += answer.sent_bytes
+                    if sent.status not in (429, 503):
+                        wave.final.append(sent)
+                        return
+                    after = sent.retry_after or ""
+                    wait = max(int(after) if after.isdigit() else 1, backoff)
+                    backoff = min(2 * backoff, BIG_BACKOFF_MAX_S)
+                    fresh = sent.status == 503
+                wait *= 0.5 + rng.random()
+                if time.monotonic() + wait > deadline:
+                    wave.final.append(sent)
+                    return
+                await asyncio.sleep(wait)
+
+    await asyncio.gather(*(one(i) for i in range(wave.count)))
+    wave.elapsed_s = time.monotonic() - t0
+
+
+async def _sample_rss(pid: int, out: list[tuple[float, int]]) -> None:
+    t0 = time.monotonic()
+    while True:
+        with contextlib.suppress(OSError, KeyError):
+            out.append((time.monotonic() - t0, _vm(pid)["VmRSS"]))
+        await asyncio.sleep(BIG_SAMPLE_S)
+
+
+async def _run_wave(
+    service: Service, ledger: Ledger, stores: Stores, pid: int, wave: Wave, seed: int
+) -> None:
+    """Send the wave and wait for the drain: VmHWM is reset before, read after."""
+    _reset_hwm(pid)
+    wave.start_rss = _vm(pid)["VmRSS"]
+    cpu = _cpu_s(pid)
+    sampler = asyncio.create_task(_sample_rss(pid, wave.samples))
+    t0 = time.monotonic()
+    try:
+        await _send_wave(service, ledger, wave, seed)
+        await stores.wait_drained(120)
+        wave.drained_s = time.monotonic() - t0
+    finally:
+        sampler.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sampler
+    wave.cpu_s = _cpu_s(pid) - cpu
+    wave.peak_sampled = max((rss for _, rss in wave.samples), default=0)
+    wave.peak = max(_vm(pid).get("VmHWM", 0), wave.peak_sampled)
+
+
+def _mib(n: float) -> str:
+    return f"{n / MiB:.0f}"
+
+
+async def big_bodies(h: Harness, report: Report) -> None:
+    """200 concurrent bodies near MAX_REQUEST_BODY_BYTES, ROLE=all.
+
+    MAX_INFLIGHT_BYTES sheds what does not fit with 429 before it is read, every request
+    is acknowledged after its client's retries, and the serving process's peak RSS stays
+    within :func:`big_bound`. A second wave sends bodies of the same decompressed size
+    gzip-compressed: they reserve only their compressed bytes at the door.
+    """
+    target = await h.target("bigbodies")
+    service = h.service(target, "big", BIG_SETTINGS)
+    ledger = Ledger()
+    stores = Stores(target)
+    client = httpx.AsyncClient(timeout=10)
+    try:
+        plain = {s: _big_template(s, False, n) for n, s in enumerate(("traces", "logs", "metrics"))}
+        packed = {s: _big_template(s, True, n) for n, s in enumerate(("logs", "traces"))}
+        await service.start()
+        proc = service.server_process()
+        check(proc is not None, "big_server_process", "no serving process under hypercorn")
+        assert proc is not None
+        pid = proc.pid
+        # A warm-up of each kind, drained, so that the baseline has paid for the code
+        # paths, the thread pools and the connections.
+        warm = [Wave("warm-up", "protobuf", plain, 3), Wave("warm-up", "gzip", packed, 2)]
+        for n, wave in enumerate(warm):
+            await _send_wave(service, ledger, wave, n)
+        await stores.wait_drained(60)
+        baseline = _vm(pid)["VmRSS"]
+        hwm_reset = _reset_hwm(pid)
+        waves = [Wave("plain", "protobuf", plain), Wave("gzip", "gzip", packed)]
+        for n, wave in enumerate(waves):
+            await _run_wave(service, ledger, stores, pid, wave, 10 + n)
+        refused_seen = sum(len(w.refused) for w in warm + waves)
+        metrics = await service.metrics(client)
+        refused_served = metrics.value("otelworker_requests_refused_total", reason="inflight_bytes")
+        accounting = await check_accounting(ledger, stores)
+        await service.stop()
+        no_bug_events(service)
+        for wave in warm + waves:
+            check(
+                wave.acked == wave.count,
+                "big_all_acknowledged",
+                f"{wave.name} ({wave.encoding}): {wave.acked} of {wave.count} answered 200 "
+                f"within {BIG_DEADLINE_S:.0f} s; answers {dict(wave.answers)}",
+            )
+            _check_429s(wave.refused, "big")
+        check(
+            bool(waves[0].refused),
+            "big_door_sheds",
+            f"no 429 with {BIG_REQUESTS} x {_mib(waves[0].raw_bytes / BIG_REQUESTS)} MiB at once "
+            f"and MAX_INFLIGHT_BYTES {_mib(BIG_INFLIGHT)} MiB",
+        )
+        check(
+            refused_served == refused_seen,
+            "big_refusals_counted",
+            f"/metrics counts {refused_served:.0f} inflight_bytes refusals, the client saw "
+            f"{refused_seen} x 429",
+        )
+        if not hwm_reset:
+            report.add("(VmHWM could not be reset: each peak is the process's since start)")
+        for wave in waves:
+            bound, terms = big_bound(baseline, wave.count, wave.encoding == "gzip")
+            per = wave.raw_bytes / wave.count
+            sizes = f"{per / MiB:.2f} MiB"
+            if wave.encoding == "gzip":
+                sizes = f"{wave.wire_bytes / wave.count / KiB:.0f} KiB gzip ({sizes} decompressed)"
+            refused = len(wave.refused)
+            report.add(
+                f"{wave.name}: {wave.count} x {sizes} at once: {wave.attempts} attempts, "
+                f"{refused} x 429"
+                + (
+                    f" (the body sent before it: {wave.refused_sent_bytes / refused / MiB:.2f} "
+                    f"of {per / MiB:.2f} MiB on average)"
+                    if refused
+                    else ""
+                )
+                + f", all 200 in {wave.elapsed_s:.1f} s, drained at {wave.drained_s:.1f} s, "
+                f"{wave.cpu_s:.1f} s CPU"
+            )
+            report.add(
+                f"  RSS {_mib(wave.start_rss)} MiB at the start, peak {_mib(wave.peak)} MiB "
+                f"(VmHWM; samples {_mib(wave.peak_sampled)}) "
+                f"<= bound {_mib(bound)} MiB = "
+                + " + ".join(f"{name} {_mib(v)}" for name, v in terms)
+            )
+            check(
+                wave.peak <= bound,
+                "memory_bounded",
+                f"{wave.name}: peak RSS {_mib(wave.peak)} MiB > bound {_mib(bound)} MiB "
+                f"(baseline {_mib(baseline)} MiB; see {service.log_path})",
+            )
+            report.data[wave.name] = {
+                "peak": wave.peak,
+                "peak_sampled": wave.peak_sampled,
+                "bound": bound,
+                "attempts": wave.attempts,
+                "refused": refused,
+                "elapsed_s": wave.elapsed_s,
+                "drained_s": wave.drained_s,
+                "cpu_s": wave.cpu_s,
+            }
+        plain_wave, gzip_wave = waves
+        plain_bound, _ = big_bound(baseline, plain_wave.count, False)
+        uncounted, _ = big_bound(baseline, gzip_wave.count, False)
+        over = gzip_wave.peak - uncounted
+        report.lines.insert(
+            0,
+            f"{BIG_REQUESTS} x {_mib(BIG_MAX_BODY)} MiB bodies at once: peak RSS "
+            f"{_mib(plain_wave.peak)} MiB <= {_mib(plain_bound)} MiB "
+            f"({len(plain_wave.refused)} x 429); gzip: peak {_mib(gzip_wave.peak)} MiB, "
+            + (
+                f"{_mib(over)} MiB over the settings' bound (decompressed bodies that "
+                "MAX_INFLIGHT_BYTES does not count)"
+                if over > 0
+                else "within the settings' bound"
+            ),
+        )
+        report.add(accounting.line())
+        report.data.update(baseline=baseline)
+    finally:
+        await client.aclose()
+        await stores.close()
+
+
 SCENARIOS: dict[str, Scenario] = {
     "rate_limit": rate_limit,
     "saturation": saturation,
@@ -748,4 +1206,5 @@ SCENARIOS: dict[str, Scenario] = {
     "store_outage": store_outage,
     "sigkill": sigkill,
     "grpc": grpc_transport,
+    "big_bodies": big_bodies,
 }

@@ -65,8 +65,18 @@ def _pad(rng: random.Random, size: int) -> str:
     return bytes(rng.choice(_ALPHABET) for _ in range(size)).decode()
 
 
-def _build(signal: str, placeholders: list[bytes], trace_slot: bytes, pad: int) -> Any:
-    """One request whose record n carries ``placeholders[n]`` where its id goes."""
+def _build(
+    signal: str,
+    placeholders: list[bytes],
+    trace_slot: bytes,
+    pad: int,
+    pad_text: str | None = None,
+) -> Any:
+    """One request whose record n carries ``placeholders[n]`` where its id goes.
+
+    Each record's ``stress.pad`` attribute is ``pad`` random characters, or ``pad_text``
+    itself when given (big bodies: built in microseconds, compressible or not as chosen).
+    """
     rng = random.Random(len(placeholders) * 7919 + pad)
     now = time.time_ns()
     resource = [
@@ -90,7 +100,9 @@ def _build(signal: str, placeholders: list[bytes], trace_slot: bytes, pad: int) 
                 end_time_unix_nano=now - 1_000_000 * n,
             )
             span.attributes.extend([_kv("http.request.method", "GET"), _kv("seq", n)])
-            if pad:
+            if pad_text is not None:
+                span.attributes.append(_kv("stress.pad", pad_text))
+            elif pad:
                 span.attributes.append(_kv("stress.pad", _pad(rng, pad)))
     elif signal == "logs":
         rl = message.resource_logs.add()
@@ -106,7 +118,9 @@ def _build(signal: str, placeholders: list[bytes], trace_slot: bytes, pad: int) 
             )
             rec.body.string_value = f"request handled in {n % 97} ms"
             rec.attributes.extend([_kv(ID_KEY, slot), _kv("seq", n)])
-            if pad:
+            if pad_text is not None:
+                rec.attributes.append(_kv("stress.pad", pad_text))
+            elif pad:
                 rec.attributes.append(_kv("stress.pad", _pad(rng, pad)))
     else:
         rm = message.resource_metrics.add()
@@ -119,7 +133,9 @@ def _build(signal: str, placeholders: list[bytes], trace_slot: bytes, pad: int) 
                 time_unix_nano=now - 1_000_000 * n, as_int=n % 1000
             )
             point.attributes.extend([_kv(ID_KEY, slot)])
-            if pad:
+            if pad_text is not None:
+                point.attributes.append(_kv("stress.pad", pad_text))
+            elif pad:
                 point.attributes.append(_kv("stress.pad", _pad(rng, pad)))
     return message
 
@@ -159,9 +175,21 @@ def _b64(value: bytes) -> bytes:
 
 
 class Template:
-    """A serialized request (protobuf, and its OTLP/JSON form) with holes where ids go."""
+    """A serialized request (protobuf, and its OTLP/JSON form) with holes where ids go.
 
-    def __init__(self, signal: str, records: int, pad: int = 0) -> None:
+    ``pad_text``, when given, is every record's ``stress.pad`` value instead of ``pad``
+    random characters; ``with_json=False`` skips the OTLP/JSON form (no ``make_json``).
+    """
+
+    def __init__(
+        self,
+        signal: str,
+        records: int,
+        pad: int = 0,
+        *,
+        pad_text: str | None = None,
+        with_json: bool = True,
+    ) -> None:
         if not 1 <= records < MAX_RECORDS:
             raise ValueError(f"records per request must be in 1..{MAX_RECORDS - 1}")
         self.signal = signal
@@ -170,10 +198,13 @@ class Template:
         while True:
             slots = [os.urandom(8) for _ in range(records)]
             trace_slot = os.urandom(16)
-            data = _build(signal, slots, trace_slot, pad).SerializeToString()
+            data = _build(signal, slots, trace_slot, pad, pad_text).SerializeToString()
             holes = _holes(data, slots, trace_slot if traces else None)
             if not holes:
                 continue
+            if not with_json:
+                text, json_holes = b"", []
+                break
             text = to_json(signal, data)
             # In OTLP/JSON trace and span ids are hex; other bytes values are base64.
             encode = (lambda b: b.hex().encode()) if traces else _b64
@@ -209,6 +240,8 @@ class Template:
 
     def make_json(self, request: int) -> bytes:
         """The same request as OTLP/JSON."""
+        if not self._json[0] and not self._json[2]:
+            raise ValueError("this template was built with_json=False")
         base = request << 16
         raw = [(base | n).to_bytes(8, "big") for n in range(self.records)]
         if self.signal == "traces":

@@ -130,9 +130,11 @@ class InflightBytes:
         self.limit = limit
         self.value = 0
 
-    def reserve(self, size: int) -> bool:
-        if self.value + size > self.limit and self.value > 0:
-            return False  # a lone request always fits: MAX_REQUEST_BODY_BYTES bounds it
+    def reserve(self, size: int, own: int = 0) -> bool:
+        """``size`` more bytes for a request that holds ``own`` already. A lone request
+        (nothing in flight but its own) always fits: MAX_REQUEST_BODY_BYTES bounds it."""
+        if self.value + size > self.limit and self.value > own:
+            return False
         self.value += size
         return True
 

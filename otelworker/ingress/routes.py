@@ -183,13 +183,24 @@ async def _export(request: Request, signal: str, service: Service) -> Response:
 
             def reserve(size: int) -> bool:
                 nonlocal reserved
-                if not inflight.reserve(size):
+                if not inflight.reserve(size, own=reserved):
                     return False
                 reserved += size
                 return True
 
+    def hold(size: int) -> bool:
+        """The decompressed body's bytes too: it is held beside the compressed one, so a
+        small gzip body of a large payload counts as what it costs."""
+        nonlocal reserved
+        if inflight is None:
+            return True
+        if not inflight.reserve(size, own=reserved):
+            return False
+        reserved += size
+        return True
+
     try:
-        return await _receive(request, answer, tenant, verdict, decoders, reserve)
+        return await _receive(request, answer, tenant, verdict, decoders, reserve, hold)
     finally:
         if inflight is not None and reserved:
             inflight.release(reserved)
@@ -202,6 +213,7 @@ async def _receive(
     verdict: Verdict,
     decoders: list[Decoder],
     reserve: Callable[[int], bool] | None,
+    hold: Callable[[int], bool],
 ) -> Response:
     """Body: bounded read, bounded decompression, decode; then stage (or shed)."""
     intake, signal, encoding = answer.intake, answer.signal, answer.encoding
@@ -216,6 +228,8 @@ async def _receive(
     answer.size = len(raw)
     try:
         data = decompress(raw, decoders, limit)
+        if data is not raw and not hold(len(data)):
+            return answer.refuse(intake.inflight_refused())
         answer.size = len(data)
         intake.meter(tenant, len(data))
         message, records = intake.decode(signal, data, encoding.json)

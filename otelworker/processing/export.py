@@ -151,13 +151,14 @@ class Exporter:
         tenant = items[0].tenant  # the batcher never mixes tenants in a batch
         batch_id = uuid.uuid4()
         key = object_key(self.prefix, signal, batch_id, datetime.now(UTC), self.compression, tenant)
+        size = len(prepared.body)
         context: dict[str, Any] = {
             "tenant": tenant,
             "signal": signal,
             "batch_id": str(batch_id),
             "items": len(ids),
             "records": prepared.record_count,
-            "bytes": len(prepared.body),
+            "bytes": size,
         }
         try:
             started = time.monotonic()
@@ -165,6 +166,8 @@ class Exporter:
                 key, prepared.body, "application/x-protobuf", CONTENT_ENCODING[self.compression]
             )
             self.metrics.upload_duration.observe(time.monotonic() - started)
+            # Stored: neither the object nor the payloads are kept while the index commits.
+            prepared.body = b""
             items.clear()
             if self.on_uploaded is not None:
                 self.on_uploaded(ids)
@@ -174,7 +177,7 @@ class Exporter:
                 object_key=key,
                 item_count=len(ids),
                 record_count=prepared.record_count,
-                compressed_bytes=len(prepared.body),
+                compressed_bytes=size,
                 raw_bytes=prepared.raw_bytes,
                 min_time=prepared.min_time,
                 max_time=prepared.max_time,
@@ -202,7 +205,7 @@ class Exporter:
         self.metrics.batches.labels(signal).inc()
         self.metrics.batch_items.labels(signal).observe(len(ids))
         self.metrics.batch_records.labels(signal).inc(prepared.record_count)
-        self.metrics.batch_bytes.labels(signal).inc(len(prepared.body))
+        self.metrics.batch_bytes.labels(signal).inc(size)
         log_event(
             "batch_flushed",
             "batch uploaded and indexed",

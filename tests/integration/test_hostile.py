@@ -542,6 +542,66 @@ async def test_bytes_in_flight_past_the_limit_are_429_before_the_body_is_read(
     assert [r["record_count"] for r in await staged_rows(database_url)] == [300, 2]
 
 
+async def test_a_compressed_body_is_counted_decompressed_too(database_url: str) -> None:
+    """A small gzip body of a large payload reserves its decompressed bytes once
+    decompressed: past the limit (with another request holding bytes), 429."""
+    async with running_service(
+        database_url=database_url,
+        role="ingress",
+        max_inflight_bytes=24 * 1024,
+        log_aggregation_window_s=0,
+    ) as svc:
+        body = payloads.traces(300).SerializeToString()
+        assert 12 * 1024 < len(body) <= 24 * 1024
+        packed = gzip.compress(body)
+        assert len(packed) < 12 * 1024
+        slow, other = [await Connection.open(svc) for _ in range(2)]
+        try:
+            await slow.send_head(
+                "/v1/traces", {"Content-Type": PROTOBUF, "Content-Length": str(len(body))}
+            )
+            slow.writer.write(body[:100])
+            await slow.writer.drain()
+            inflight = svc.service.inflight
+            assert inflight is not None
+            deadline = asyncio.get_running_loop().time() + 10
+            while inflight.value < len(body):
+                assert asyncio.get_running_loop().time() < deadline, "never reserved"
+                await asyncio.sleep(0.01)
+            # Its compressed bytes fit beside the slow one; its decompressed ones do not.
+            refused = await other.request(
+                "/v1/traces",
+                packed,
+                {
+                    "Content-Type": PROTOBUF,
+                    "Content-Encoding": "gzip",
+                    "Content-Length": str(len(packed)),
+                },
+            )
+            assert refused.status == 429
+            assert "MAX_INFLIGHT_BYTES" in rpc_status(refused).message
+            slow.writer.write(body[100:])
+            await slow.writer.drain()
+            assert (await slow.read_answer()).status == 200
+            assert inflight.value == 0
+            # Alone, the same gzip request fits (a lone request always does).
+            alone = await other.request(
+                "/v1/traces",
+                packed,
+                {
+                    "Content-Type": PROTOBUF,
+                    "Content-Encoding": "gzip",
+                    "Content-Length": str(len(packed)),
+                },
+            )
+            assert alone.status == 200
+            assert inflight.value == 0
+        finally:
+            for conn in (slow, other):
+                conn.close()
+    assert [r["record_count"] for r in await staged_rows(database_url)] == [300, 300]
+
+
 # --- answers the router gives (unknown paths, methods) keep the connection too --------------
 
 
