@@ -35,6 +35,7 @@ from otelworker.logs import log_event
 from otelworker.staging.queue import Facts
 
 if TYPE_CHECKING:
+    from otelworker.metrics import Metrics
     from otelworker.service import Service
 
 # Larger payloads are compressed in a thread (ISA-L and zstd release the GIL), smaller ones
@@ -114,12 +115,29 @@ class RequestId:
         return self._value
 
 
+class _Staged:
+    """The counters a staged request moves, for one (transport, signal, tenant label):
+    looked up once, not by ``labels()`` on every request."""
+
+    __slots__ = ("records", "request_bytes", "staged_bytes", "tenant_bytes", "tenant_records")
+
+    def __init__(self, metrics: Metrics, transport: str, signal: str, label: str) -> None:
+        self.records = metrics.records_accepted.labels(transport, signal)
+        self.request_bytes = metrics.request_bytes.labels(transport, signal)
+        self.staged_bytes = metrics.staged_bytes.labels(signal)
+        self.tenant_records = metrics.tenant_records_accepted.labels(label, signal)
+        self.tenant_bytes = metrics.tenant_bytes_accepted.labels(label, signal)
+
+
 class Intake:
     def __init__(self, service: Service) -> None:
         self.service = service
         self.settings = service.settings
         self.metrics = service.metrics
         self.tenants: Tenants | None = None  # set by the service at start
+        # Metric children of the hot path, by their labels (bounded: the tenant label is).
+        self._staged: dict[tuple[str, str, str], _Staged] = {}
+        self._answered: dict[tuple[str, str, str], Any] = {}
 
     # --- who sends ------------------------------------------------------------------------
 
@@ -331,11 +349,15 @@ class Intake:
         metrics.stage_duration.observe(time.monotonic() - started)
         if self.service.backlog is not None:
             self.service.backlog.add(1, xid, tenant.name)
-        metrics.records_accepted.labels(transport, signal).inc(records)
-        metrics.request_bytes.labels(transport, signal).inc(len(payload))
-        metrics.staged_bytes.labels(signal).inc(len(stored))
-        metrics.tenant_records_accepted.labels(tenant.label, signal).inc(records)
-        metrics.tenant_bytes_accepted.labels(tenant.label, signal).inc(len(payload))
+        key = (transport, signal, tenant.label)
+        counters = self._staged.get(key)
+        if counters is None:
+            counters = self._staged[key] = _Staged(metrics, *key)
+        counters.records.inc(records)
+        counters.request_bytes.inc(len(payload))
+        counters.staged_bytes.inc(len(stored))
+        counters.tenant_records.inc(records)
+        counters.tenant_bytes.inc(len(payload))
         return Accepted(records)
 
     # --- accounting -----------------------------------------------------------------------
@@ -381,7 +403,11 @@ class Intake:
         )
 
     def answered(self, signal: str, transport: str, code: str) -> None:
-        self.metrics.requests.labels(transport, signal, code).inc()
+        key = (transport, signal, code)
+        counter = self._answered.get(key)
+        if counter is None:
+            counter = self._answered[key] = self.metrics.requests.labels(*key)
+        counter.inc()
 
     def internal_error(self, signal: str, transport: str, code: str, exc: Exception) -> None:
         """A bug of ours, never the client's: one event with the traceback, counted."""
