@@ -6,7 +6,8 @@ Every scenario ends with the accounting invariant (:func:`check_accounting`): on
 objects that ``export_batches`` lists (none missing, none twice), records answered
 202/429 are absent, and an unanswered request is stored whole or not at all. The
 ``grpc`` scenario sends over OTLP/gRPC, each answer counted as its HTTP analogue (OK 200,
-OK with partial_success 202, RESOURCE_EXHAUSTED 429: :mod:`loadtest.otlp_grpc`).
+OK with partial_success 202, RESOURCE_EXHAUSTED 429: :mod:`loadtest.otlp_grpc`). The
+``tenants`` scenario also holds it per tenant: a tenant's records in its own objects only.
 """
 
 from __future__ import annotations
@@ -37,8 +38,10 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
 from loadtest.stress_env import (
+    BASE_SETTINGS,
     ENCODINGS,
     UNKNOWN,
+    Exported,
     GrpcSender,
     Harness,
     Ledger,
@@ -1199,6 +1202,310 @@ async def big_bodies(h: Harness, report: Report) -> None:
         await stores.close()
 
 
+# --- 8. two tenants, one over its ingest bytes limit ---------------------------------------
+
+TEN_QUIET = "quiet"  # no limit of its own: the settings' (ingest bytes unlimited)
+TEN_NOISY = "noisy"  # TENANT_LIMITS_FILE: a few KB/s
+TEN_BYTES_PER_S = 8000.0  # noisy's ingest_bytes_per_s (decompressed bytes)
+TEN_BURST_BYTES = 16000  # noisy's ingest_burst_bytes: ~20 of the mixed requests
+TEN_RPS = 100_000.0  # RATE_LIMIT_RPS / RATE_LIMIT_BURST for everyone: high, never binds
+TEN_LOAD_S = 4.0  # both tenants send for this long
+TEN_LANES = 4  # requests in flight per tenant (each lane a closed loop)
+TEN_RETRY_JITTER = 0.25  # a retry waits Retry-After x [1, 1.25): never earlier than asked
+TEN_PLAN = mixed_plan(45)  # one period of the signal x size x encoding cycle
+TEN_REASON = "ingest_rate_limited"  # the metric reason of a 429 past INGEST_BYTES_PER_S
+
+
+@dataclass
+class TenantLoad:
+    """One tenant's client: its requests, every answer, every 429 as it came."""
+
+    tenant: str
+    sender: Sender
+    final: list[Sent] = field(default_factory=list)  # each request, with its last answer
+    refused: list[Sent] = field(default_factory=list)  # a copy of every 429 answer
+    answers: Counter[int] = field(default_factory=Counter)  # every attempt's answer
+    retries: int = 0
+
+    def acked(self) -> list[Sent]:
+        return [s for s in self.final if s.status == 200]
+
+
+async def _tenant_lanes(service: Service, load: TenantLoad, until: float, seed: int) -> None:
+    """TEN_LANES closed loops until ``until``, over the harness's mixed plan. A 429 is
+    retried as an OTLP exporter does: after its Retry-After (never earlier; jittered up to
+    25 % later), with the same record ids (a 429 stored nothing). A lane whose wait would
+    end past ``until`` stops there and gives its request up: it stays 429 in the ledger,
+    and its records must be absent. Any other answer is final (a 503 or a lost answer would be
+    counted as such by the accounting invariant; neither is expected here)."""
+    rng = random.Random(seed)
+    plan = itertools.cycle(TEN_PLAN)
+    ledger = load.sender.ledger
+
+    async def lane() -> None:
+        while time.monotonic() < until:
+            signal_name, records, encoding = next(plan)
+            sent = ledger.new(signal_name, records, encoding)
+            load.final.append(sent)
+            while True:
+                await load.sender.post(service, sent)
+                load.answers[sent.status] += 1
+                if sent.status != 429:
+                    break
+                load.refused.append(dataclasses.replace(sent))
+                after = sent.retry_after or ""
+                wait = (int(after) if after.isdigit() else 1) * (
+                    1 + TEN_RETRY_JITTER * rng.random()
+                )
+                if time.monotonic() + wait > until:
+                    return  # this client is done: the request given up, still 429
+                await asyncio.sleep(wait)
+                load.retries += 1
+
+    await asyncio.gather(*(lane() for _ in range(TEN_LANES)))
+
+
+def _check_tenant_objects(
+    loads: list[TenantLoad], exported: Exported, prefix: str
+) -> dict[str, int]:
+    """Per tenant: its acknowledged records exactly once, all in objects of its own (key
+    under ``{prefix}/{tenant}/``, manifest row with its tenant), none of another tenant's
+    there, none of its refused ones. Returns the objects per tenant."""
+    owner = {s.index: load.tenant for load in loads for s in load.final}
+    by_tenant: dict[str, Counter[int]] = {load.tenant: Counter() for load in loads}
+    objects: Counter[str] = Counter()
+    for obj in exported.objects:
+        check(
+            obj.tenant in by_tenant,
+            "tenants_manifest_tenant",
+            f"{obj.key}: export_batches.tenant is {obj.tenant!r}; the client sent only as "
+            f"{sorted(by_tenant)}",
+        )
+        assert obj.tenant is not None
+        check(
+            obj.key.startswith(f"{prefix}/{obj.tenant}/"),
+            "tenants_own_prefix",
+            f"{obj.key}: tenant {obj.tenant}'s object is not under {prefix}/{obj.tenant}/",
+        )
+        for rid in obj.ids:
+            sent_as = owner.get(rid >> 16)
+            check(
+                sent_as == obj.tenant,
+                "tenants_no_foreign_records",
+                f"record {rid & 0xFFFF} of request {rid >> 16} (sent as {sent_as}) is in "
+                f"{obj.tenant}'s object {obj.key}",
+            )
+        by_tenant[obj.tenant].update(obj.ids)
+        objects[obj.tenant] += 1
+    for load in loads:
+        own = Ledger()
+        own.requests = {s.index: s for s in load.final}
+        account(own, by_tenant[load.tenant], f"{load.tenant}'s objects")
+    return dict(objects)
+
+
+async def tenants(h: Harness, report: Report) -> None:
+    """Two tenants at once, ROLE=all: ``noisy`` over a small ingest bytes limit of its own
+    (TENANT_LIMITS_FILE), ``quiet`` unlimited. quiet gets only 200s; noisy gets 200s and
+    429s (each with a Retry-After, retried after it), and no more bytes than its bucket
+    allows; the per-tenant metrics and events count what each client saw; then the
+    accounting invariant, per tenant: every record acknowledged to a tenant is exported
+    exactly once, in that tenant's objects only.
+    """
+    target = await h.target("tenants")
+    limits_file = h.workdir / "tenants-limits.json"
+    limits_file.write_text(
+        json.dumps(
+            {
+                TEN_NOISY: {
+                    "ingest_bytes_per_s": TEN_BYTES_PER_S,
+                    "ingest_burst_bytes": TEN_BURST_BYTES,
+                }
+            }
+        )
+    )
+    settings = {
+        "ENABLE_RATE_LIMITING": "true",
+        "RATE_LIMIT_RPS": str(TEN_RPS),
+        "RATE_LIMIT_BURST": str(int(TEN_RPS)),
+        "TENANT_LIMITS_FILE": str(limits_file),
+    }
+    prefix = BASE_SETTINGS["S3_PREFIX"]
+    ledger = Ledger()  # one ledger: record ids unique across both tenants
+    loads = [
+        TenantLoad(t, Sender(ledger, headers={"X-Scope-OrgID": t})) for t in (TEN_QUIET, TEN_NOISY)
+    ]
+    quiet, noisy = loads
+    stores = Stores(target)
+    try:
+        service = await h.service(target, "tenants", settings).start()
+        t0 = time.monotonic()
+        until = t0 + TEN_LOAD_S
+        await asyncio.gather(
+            *(_tenant_lanes(service, load, until, n) for n, load in enumerate(loads))
+        )
+        elapsed = time.monotonic() - t0
+
+        # What each client saw.
+        check(
+            set(quiet.answers) == {200},
+            "tenants_quiet_all_200",
+            f"quiet (no limit of its own) got {dict(quiet.answers)}",
+        )
+        check(
+            set(noisy.answers) == {200, 429},
+            "tenants_noisy_limited",
+            f"noisy ({TEN_BYTES_PER_S:.0f} B/s, burst {TEN_BURST_BYTES}) got "
+            f"{dict(noisy.answers)}: expected both 200s and 429s",
+        )
+        _check_429s(noisy.refused, "tenants")
+        for sent in noisy.refused:
+            # The byte bucket never goes into debt here (every body is under the burst),
+            # so the wait is at most the time to refill one whole request, rounded up,
+            # plus the service's jitter of up to one second.
+            size = noisy.sender.decompressed_size(sent)
+            most = math.ceil(min(size, TEN_BURST_BYTES) / TEN_BYTES_PER_S + 1)
+            check(
+                int(sent.retry_after or 0) <= most,
+                "tenants_retry_after_bound",
+                f"request {sent.index} ({size} B decompressed) answered 429 with Retry-After "
+                f"{sent.retry_after}; {size} B refill in at most {most} s at "
+                f"{TEN_BYTES_PER_S:.0f} B/s",
+            )
+        metered = {
+            load.tenant: sum(load.sender.decompressed_size(s) for s in load.acked())
+            for load in loads
+        }
+        allowed = math.floor(TEN_BURST_BYTES + TEN_BYTES_PER_S * elapsed)
+        check(
+            metered[TEN_NOISY] <= allowed,
+            "tenants_noisy_bytes_arithmetic",
+            f"noisy was acknowledged {metered[TEN_NOISY]} B (decompressed) in {elapsed:.2f} s; "
+            f"its bucket allows {allowed} (burst {TEN_BURST_BYTES} + {TEN_BYTES_PER_S:.0f} B/s)",
+        )
+
+        # What the service counted, per tenant.
+        metrics = await service.metrics(quiet.sender.client)
+        protobuf: dict[str, int] = {}
+        for load in loads:
+            for signal_name in ("traces", "logs", "metrics"):
+                served = metrics.value(
+                    "otelworker_tenant_records_accepted_total",
+                    tenant=load.tenant,
+                    signal=signal_name,
+                )
+                seen = sum(s.records for s in load.acked() if s.signal == signal_name)
+                check(
+                    served == seen,
+                    "tenants_records_accepted_metric",
+                    f"otelworker_tenant_records_accepted_total{{tenant={load.tenant},"
+                    f"signal={signal_name}}} is {served:.0f}; the client was acknowledged {seen}",
+                )
+            # As the byte limit meters them: the decompressed body as sent (for JSON the
+            # JSON text, not the protobuf it is staged as).
+            payload = protobuf[load.tenant] = sum(
+                load.sender.decompressed_size(s) for s in load.acked()
+            )
+            served_bytes = metrics.value(
+                "otelworker_tenant_bytes_accepted_total", tenant=load.tenant
+            )
+            check(
+                served_bytes == payload,
+                "tenants_bytes_accepted_metric",
+                f"otelworker_tenant_bytes_accepted_total{{tenant={load.tenant}}} is "
+                f"{served_bytes:.0f}; the acknowledged bodies are {payload} B decompressed",
+            )
+            refused = metrics.value("otelworker_tenant_requests_refused_total", tenant=load.tenant)
+            check(
+                refused == len(load.refused),
+                "tenants_refusals_metric",
+                f"otelworker_tenant_requests_refused_total{{tenant={load.tenant}}} is "
+                f"{refused:.0f}; the client saw {len(load.refused)} x 429",
+            )
+        by_reason = metrics.value(
+            "otelworker_tenant_requests_refused_total", tenant=TEN_NOISY, reason=TEN_REASON
+        )
+        refused_bytes = metrics.value(
+            "otelworker_tenant_bytes_refused_total", tenant=TEN_NOISY, reason=TEN_REASON
+        )
+        seen_bytes = sum(noisy.sender.decompressed_size(s) for s in noisy.refused)
+        check(
+            by_reason == len(noisy.refused) and refused_bytes == seen_bytes,
+            "tenants_refusals_metric",
+            f"otelworker_tenant_requests_refused_total{{tenant=noisy,reason={TEN_REASON}}} is "
+            f"{by_reason:.0f} and _bytes_refused_total {refused_bytes:.0f}; the client saw "
+            f"{len(noisy.refused)} x 429 of {seen_bytes} B",
+        )
+        served_429 = metrics.value("otelworker_requests_total", code="429")
+        check(
+            served_429 == len(noisy.refused),
+            "tenants_refusals_metric",
+            f"otelworker_requests_total{{code=429}} is {served_429:.0f}; noisy saw "
+            f"{len(noisy.refused)}, quiet {quiet.answers[429]}",
+        )
+
+        # The accounting invariant, over both, then per tenant.
+        accounting = await check_accounting(ledger, stores, per_object=True)
+        assert accounting.exported is not None
+        objects = _check_tenant_objects(loads, accounting.exported, prefix)
+        await service.stop()
+        limited = service.events("rate_limited", "limit_exceeded")
+        logged = {
+            load.tenant: sum(
+                int(e.get("count", 1)) for e in limited if e.get("tenant") == load.tenant
+            )
+            for load in loads
+        }
+        check(
+            logged[TEN_NOISY] == len(noisy.refused)
+            and sum(logged.values()) == len(noisy.refused)
+            and all(e.get("limit") == "bytes" for e in limited),
+            "tenants_logged",
+            f"rate_limited/limit_exceeded counts {logged} (limits "
+            f"{sorted({str(e.get('limit')) for e in limited})}); the clients saw noisy "
+            f"{len(noisy.refused)} x 429, quiet none",
+        )
+        no_bug_events(service)
+
+        report.add(
+            f"quiet {len(quiet.final)} x 200, no 429; noisy {len(noisy.acked())}/"
+            f"{len(noisy.final)} acknowledged ({metered[TEN_NOISY]} B <= {allowed} B allowed "
+            f"in {elapsed:.1f} s), {len(noisy.refused)} x 429 with Retry-After; each tenant's "
+            "records exactly once, in its own objects only"
+        )
+        for load in loads:
+            records = sum(s.records for s in load.acked())
+            waits = Counter(s.retry_after for s in load.refused)
+            given_up = len(load.final) - len(load.acked())
+            report.add(
+                f"{load.tenant}: {len(load.acked())} of {len(load.final)} requests acknowledged "
+                f"({records} records, {metered[load.tenant]} B as sent, decompressed; "
+                f"{protobuf[load.tenant]} B staged), {given_up} given up at the end; "
+                f"{len(load.refused)} x 429 (Retry-After: "
+                + (", ".join(f"{k} s x {v}" for k, v in sorted(waits.items())) or "none")
+                + f"), {load.retries} retried after it; {objects.get(load.tenant, 0)} objects "
+                f"under {prefix}/{load.tenant}/"
+            )
+        report.add(
+            f"/metrics per tenant agree (records and bytes accepted, {TEN_REASON} x "
+            f"{by_reason:.0f}); log: rate_limited x {logged[TEN_NOISY]} tenant=noisy"
+        )
+        report.add(accounting.line())
+        report.data.update(
+            elapsed_s=elapsed,
+            quiet_acked=len(quiet.acked()),
+            noisy_acked=len(noisy.acked()),
+            noisy_refused=len(noisy.refused),
+            noisy_bytes=metered[TEN_NOISY],
+            noisy_allowed=allowed,
+            objects=objects,
+        )
+    finally:
+        for load in loads:
+            await load.sender.aclose()
+        await stores.close()
+
+
 SCENARIOS: dict[str, Scenario] = {
     "rate_limit": rate_limit,
     "saturation": saturation,
@@ -1207,4 +1514,5 @@ SCENARIOS: dict[str, Scenario] = {
     "sigkill": sigkill,
     "grpc": grpc_transport,
     "big_bodies": big_bodies,
+    "tenants": tenants,
 }

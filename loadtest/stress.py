@@ -4,9 +4,10 @@
 service as a real process with small limits per scenario, and checks invariants against
 what the stores hold: rate-limit burst, saturation under each overflow policy, slow
 object store, object store outage and recovery, SIGKILL and restart, OTLP/gRPC through
-the same admission (acknowledged, shed, throttled), and 200 near-maximum bodies at once
-within a peak-RSS bound computed from the settings. One PASS/FAIL line per scenario, then
-a summary; the exit status is 1 if any invariant broke.
+the same admission (acknowledged, shed, throttled), 200 near-maximum bodies at once
+within a peak-RSS bound computed from the settings, and two tenants at once, one over its
+ingest bytes limit (each tenant's records in its own objects only). One PASS/FAIL line per
+scenario, then a summary; the exit status is 1 if any invariant broke.
 
 ``--mode stress`` (``make stress-verify MODE=stress``): aggressive load for a while
 against the same set-up, over OTLP/HTTP or (``--transport grpc``) OTLP/gRPC, a live

@@ -428,11 +428,21 @@ ENCODINGS = ("protobuf", "gzip", "json")
 
 
 class Sender:
-    """Builds requests from templates and sends them with httpx, noting each answer."""
+    """Builds requests from templates and sends them with httpx, noting each answer.
 
-    def __init__(self, ledger: Ledger, *, pad: int = 0, timeout: float = 30.0) -> None:
+    ``headers`` go with every request (``{"X-Scope-OrgID": "team-a"}``: a tenant)."""
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        *,
+        pad: int = 0,
+        timeout: float = 30.0,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         self.ledger = ledger
         self.pad = pad
+        self.headers = dict(headers or {})
         self.client = httpx.AsyncClient(
             timeout=timeout, limits=httpx.Limits(max_connections=64, max_keepalive_connections=64)
         )
@@ -458,13 +468,25 @@ class Sender:
             headers["Content-Encoding"] = "gzip"
         return data, headers
 
+    def decompressed_size(self, sent: Sent) -> int:
+        """The body's bytes as the service meters them (INGEST_BYTES_PER_S): decompressed."""
+        template = self.template(sent.signal, sent.records)
+        if sent.encoding == "json":
+            return len(template.make_json(sent.index))
+        return len(template.make(sent.index))
+
     async def send(self, service: Service, signal_name: str, records: int, encoding: str) -> Sent:
         sent = self.ledger.new(signal_name, records, encoding)
+        return await self.post(service, sent)
+
+    async def post(self, service: Service, sent: Sent) -> Sent:
+        """Send ``sent`` (again, for a retry: the same record ids), noting the answer."""
         body, headers = self.body(sent)
+        headers.update(self.headers)
         started = time.monotonic()
         try:
             response = await self.client.post(
-                service.endpoint(signal_name), content=body, headers=headers
+                service.endpoint(sent.signal), content=body, headers=headers
             )
         except httpx.HTTPError as exc:
             sent.status = UNKNOWN
@@ -583,6 +605,16 @@ class Exported:
     orphans: int  # objects in the bucket that the manifest does not list
     bytes_read: int = 0
     by_signal: dict[str, int] = field(default_factory=dict)
+    # With ``per_object``: each manifest row's object, tenant and the ids it holds.
+    objects: list[ExportedObject] = field(default_factory=list)
+
+
+@dataclass
+class ExportedObject:
+    key: str
+    tenant: str | None  # export_batches.tenant (NULL: rows staged before tenants)
+    signal: str
+    ids: list[int]
 
 
 class Stores:
@@ -652,8 +684,9 @@ class Stores:
             keys.extend(item["Key"] for item in page.get("Contents", []))
         return keys
 
-    def _read(self, rows: list[Any]) -> Exported:
+    def _read(self, rows: list[Any], per_object: bool = False) -> Exported:
         client = self._client()
+        objects: list[ExportedObject] = []
         counts: Counter[int] = Counter()
         by_signal: Counter[str] = Counter()
         total = 0
@@ -689,13 +722,21 @@ class Stores:
             counts.update(ids)  # type: ignore[arg-type]
             by_signal[signal_name] += len(ids)
             total += len(ids)
+            if per_object:
+                objects.append(ExportedObject(key, row["tenant"], signal_name, ids))  # type: ignore[arg-type]
         listed = {row["object_key"] for row in rows}
         orphans = sum(1 for key in self._bucket_keys() if key not in listed)
-        return Exported(len(rows), len(rows), total, counts, orphans, size, dict(by_signal))
+        return Exported(
+            len(rows), len(rows), total, counts, orphans, size, dict(by_signal), objects
+        )
 
-    async def exported(self) -> Exported:
-        rows = await self.fetch("SELECT object_key, signal, record_count FROM export_batches")
-        return await asyncio.to_thread(self._read, rows)
+    async def exported(self, *, per_object: bool = False) -> Exported:
+        """Every object the manifest lists, decoded; ``per_object``: each one's ids and
+        tenant kept (``Exported.objects``), not only the totals."""
+        rows = await self.fetch(
+            "SELECT object_key, signal, record_count, tenant FROM export_batches"
+        )
+        return await asyncio.to_thread(self._read, rows, per_object)
 
 
 # --- the accounting invariant ----------------------------------------------------------
@@ -711,6 +752,7 @@ class Accounting:
     exported_records: int
     objects: int
     orphans: int
+    exported: Exported | None = None  # with ``check_accounting(per_object=True)``
 
     def line(self) -> str:
         text = (
@@ -779,9 +821,10 @@ def account(ledger: Ledger, counts: Counter[int], where: str) -> tuple[int, int]
 
 
 async def check_accounting(
-    ledger: Ledger, stores: Stores, *, drain_timeout: float = 90.0
+    ledger: Ledger, stores: Stores, *, drain_timeout: float = 90.0, per_object: bool = False
 ) -> Accounting:
-    """Wait for the drain, then hold the stores against the ledger."""
+    """Wait for the drain, then hold the stores against the ledger; ``per_object``: keep
+    what each object holds (``Accounting.exported``), for checks of their own."""
     await stores.wait_drained(drain_timeout)
     status = await stores.queue_status()
     check(
@@ -789,7 +832,7 @@ async def check_accounting(
         "no_dead_rows",
         f"{status.get('dead')} rows are dead (no poison was sent): {await stores.failed_rows()}",
     )
-    exported = await stores.exported()
+    exported = await stores.exported(per_object=per_object)
     _, unknown_whole = account(ledger, exported.counts, "the manifest's objects")
     return Accounting(
         acked_requests=len(ledger.with_status(200)),
@@ -802,6 +845,7 @@ async def check_accounting(
         exported_records=exported.records,
         objects=exported.objects_read,
         orphans=exported.orphans,
+        exported=exported if per_object else None,
     )
 
 

@@ -83,13 +83,19 @@ class ByteBucket:
     """
 
     def __init__(
-        self, rate: float, burst: int, *, clock: Callable[[], float] = time.monotonic
+        self,
+        rate: float,
+        burst: int,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
     ) -> None:
         self.rate = rate
         self.burst = float(burst)
         self._clock = clock
         self._level = float(burst)
         self._stamp = clock()
+        self._rng = rng or random.Random()
 
     def _refill(self) -> None:
         now = self._clock()
@@ -111,10 +117,12 @@ class ByteBucket:
         return False
 
     def retry_after(self, size: int) -> int:
-        """Whole seconds until ``size`` bytes would pass (or the bucket is full)."""
+        """Whole seconds until ``size`` bytes would pass (or the bucket is full), rounded
+        up, plus up to one second of jitter (as the request bucket's) so that refused
+        clients do not all come back at once."""
         self._refill()
         need = min(float(size), self.burst) - self._level
-        return max(1, math.ceil(max(0.0, need) / self.rate))
+        return max(1, math.ceil(max(0.0, need) / self.rate + self._rng.random()))
 
 
 class InflightBytes:

@@ -286,8 +286,14 @@ class Intake:
         verdict: Verdict,
         request_id: RequestId,
         shed_status: int | str,
+        metered: int | None = None,
     ) -> Accepted:
-        """Shed by the policy (answered ``shed_status``), or commit; answer after the commit."""
+        """Shed by the policy (answered ``shed_status``), or commit; answer after the commit.
+
+        ``metered``: the request's bytes as the tenant's byte limit counted them (the
+        decompressed body as received: for JSON the JSON text), which the per-tenant byte
+        counters use too; else the payload's size."""
+        size = len(payload) if metered is None else metered
         metrics = self.metrics
         settings = self.settings
         if verdict is not Verdict.ACCEPT:
@@ -298,7 +304,7 @@ class Intake:
             metrics.records_refused.labels(transport, signal, reason).inc(records)
             metrics.tenant_requests_refused.labels(tenant.label, signal, reason).inc()
             metrics.tenant_records_refused.labels(tenant.label, signal, reason).inc(records)
-            metrics.tenant_bytes_refused.labels(tenant.label, signal, reason).inc(len(payload))
+            metrics.tenant_bytes_refused.labels(tenant.label, signal, reason).inc(size)
             self.service.events.emit(
                 "load_shedding",
                 "queue_full_drop_or_sample",
@@ -357,7 +363,7 @@ class Intake:
         counters.request_bytes.inc(len(payload))
         counters.staged_bytes.inc(len(stored))
         counters.tenant_records.inc(records)
-        counters.tenant_bytes.inc(len(payload))
+        counters.tenant_bytes.inc(size)
         return Accepted(records)
 
     # --- accounting -----------------------------------------------------------------------

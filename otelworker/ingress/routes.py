@@ -245,6 +245,7 @@ async def _receive(
             verdict,
             answer.request_id,
             shed_status=202,
+            metered=len(data),
         )
     except BodyTooLarge as exc:
         return answer.refuse(Refused(Kind.TOO_LARGE, "too_large", str(exc)))

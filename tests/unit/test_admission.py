@@ -25,6 +25,14 @@ from otelworker.settings import OverflowPolicy
 from otelworker.staging.queue import BacklogCount
 
 
+class _NoJitter(random.Random):
+    def random(self) -> float:
+        return 0.0
+
+
+NO_JITTER = _NoJitter()
+
+
 class FakeClock:
     def __init__(self, start: float = 1000.0) -> None:
         self.now = start
@@ -391,7 +399,7 @@ def test_reconfigure_then_retry_after_uses_the_new_rate() -> None:
 
 def test_byte_bucket_full_at_start_takes_within_burst() -> None:
     clock = FakeClock()
-    bucket = ByteBucket(rate=100.0, burst=1000, clock=clock)
+    bucket = ByteBucket(rate=100.0, burst=1000, clock=clock, rng=NO_JITTER)
     assert bucket.try_take(400)
     assert bucket.try_take(600)  # exactly what is left
     assert not bucket.try_take(1)
@@ -402,7 +410,7 @@ def test_byte_bucket_full_at_start_takes_within_burst() -> None:
 
 def test_byte_bucket_refused_when_not_enough_and_not_full_takes_nothing() -> None:
     clock = FakeClock()
-    bucket = ByteBucket(rate=10.0, burst=100, clock=clock)
+    bucket = ByteBucket(rate=10.0, burst=100, clock=clock, rng=NO_JITTER)
     assert bucket.try_take(60)  # 40 left
     for _ in range(50):
         assert not bucket.try_take(41)
@@ -413,7 +421,7 @@ def test_byte_bucket_refused_when_not_enough_and_not_full_takes_nothing() -> Non
 
 def test_byte_bucket_never_holds_more_than_burst() -> None:
     clock = FakeClock()
-    bucket = ByteBucket(rate=1000.0, burst=10, clock=clock)
+    bucket = ByteBucket(rate=1000.0, burst=10, clock=clock, rng=NO_JITTER)
     assert bucket.try_take(4)
     clock.advance(3600)  # an hour at 1000 B/s: still only 10 held
     assert bucket.try_take(6)
@@ -423,7 +431,7 @@ def test_byte_bucket_never_holds_more_than_burst() -> None:
 
 def test_byte_bucket_oversized_request_passes_only_when_full_then_debt() -> None:
     clock = FakeClock()
-    bucket = ByteBucket(rate=1.0, burst=10, clock=clock)
+    bucket = ByteBucket(rate=1.0, burst=10, clock=clock, rng=NO_JITTER)
     assert bucket.try_take(1)  # not full any more
     assert not bucket.try_take(50)  # larger than the burst, bucket not full: refused
     clock.advance(1.0)  # full again
@@ -440,7 +448,7 @@ def test_byte_bucket_oversized_request_passes_only_when_full_then_debt() -> None
 
 def test_byte_bucket_a_refused_oversized_request_passes_once_full() -> None:
     clock = FakeClock()
-    bucket = ByteBucket(rate=10.0, burst=100, clock=clock)
+    bucket = ByteBucket(rate=10.0, burst=100, clock=clock, rng=NO_JITTER)
     assert bucket.try_take(100)
     assert not bucket.try_take(150)
     wait = bucket.retry_after(150)
@@ -470,7 +478,7 @@ def test_byte_bucket_retry_after(
     rate: float, burst: int, taken: int, elapsed: float, size: int, expected: int
 ) -> None:
     clock = FakeClock()
-    bucket = ByteBucket(rate, burst, clock=clock)
+    bucket = ByteBucket(rate, burst, clock=clock, rng=NO_JITTER)
     if taken:
         assert bucket.try_take(taken)
     clock.advance(elapsed)
@@ -486,7 +494,7 @@ def test_byte_bucket_waiting_retry_after_is_enough() -> None:
         clock = FakeClock(0.0)
         rate = rng.choice([1.0, 3.0, 7.5, 100.0, 1024.0])
         burst = rng.randint(1, 5000)
-        bucket = ByteBucket(rate, burst, clock=clock)
+        bucket = ByteBucket(rate, burst, clock=clock, rng=NO_JITTER)
         bucket.try_take(rng.randint(0, 3 * burst))  # may go into debt (it is full)
         clock.advance(rng.random() * 3)
         size = rng.randint(0, 2 * burst)
@@ -673,3 +681,13 @@ async def test_backlog_own_exports_leave_the_figure_at_once_and_once_only() -> N
     assert (tracker.value, tracker.of("a")) == (6, 6)
     tracker.add(-50, xid=203, tenant="a")  # another process's rows: never below zero
     assert (tracker.value, tracker.of("a")) == (0, 0)
+
+
+def test_byte_bucket_retry_after_has_up_to_a_second_of_jitter() -> None:
+    clock = FakeClock(0.0)
+    waits = set()
+    for seed in range(50):
+        bucket = ByteBucket(100.0, 1000, clock=clock, rng=random.Random(seed))
+        assert bucket.try_take(1000)
+        waits.add(bucket.retry_after(450))  # 4.5 s to refill 450 bytes, + [0, 1) s
+    assert waits == {5, 6}
