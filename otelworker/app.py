@@ -1,28 +1,305 @@
 """The ASGI application: ``hypercorn otelworker.app:app``.
 
 The lifespan reads the settings, opens the pool, applies migrations and starts the
-background tasks; on shutdown it stops them in order (see :meth:`Service.stop`).
+background tasks; on shutdown it waits for the export requests still in flight, then
+stops the service in order (see :meth:`Service.stop`).
+
+Requests in flight at SIGTERM (docs/operations.md, "Shutdown"). hypercorn, under
+``python -m otelworker serve`` too, stops listening, closes idle connections, waits
+``graceful_timeout`` for the requests in flight and then *cancels* them; only after that
+does it run the lifespan shutdown (``hypercorn/asyncio/run.py``, ``worker_serve``). Left
+alone, a request cancelled there is answered 500 by hypercorn (``_handle`` in
+``asyncio/task_group.py`` ends with ``send(None)``, which ``protocol/http_stream.py`` turns
+into a 500 when no answer had started), and OTLP clients do not retry a 500.
+:class:`AnswerInFlight` turns the cancellation into an answer: a request whose body was
+read whole is left to finish (its commit answers it, 200 or 503, within
+``STAGING_COMMIT_TIMEOUT_S``; the committer and the pool are still up, since the lifespan
+shutdown waits for these requests); one still being read is answered 503 with
+``Retry-After`` (nothing of it was kept). Under ``hypercorn -w N`` the workers also keep
+SIGTERM for themselves (:func:`_keep_sigterm`), since hypercorn's parent sends it to
+the workers still draining as soon as the first one has exited.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import logging
-from collections.abc import AsyncIterator
+import multiprocessing
+import os
+import signal
+import threading
+from collections.abc import AsyncIterator, Callable
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.types import Scope
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from otelworker import logs
+from otelworker import logs, otlp
 from otelworker.ingress.body import DrainUnreadBody
+from otelworker.ingress.intake import Kind, Refused, RequestId
 from otelworker.ingress.routes import routes
 from otelworker.logs import log_event
 from otelworker.service import Service
 from otelworker.settings import Settings, load_settings
 
+HTTP = "http"
+_HTTP1 = ("1.0", "1.1")
+# After a SIGTERM of its own, how long a hypercorn worker with nothing in flight waits for
+# its server's shutdown to reach the lifespan before it concludes that no shutdown is coming.
+_ORPHAN_SETTLE_S = 2.0
+
+
+class InFlight:
+    """Export requests in flight: a counter, and an Event set whenever it is zero."""
+
+    __slots__ = ("count", "idle")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def reset(self) -> None:
+        """A fresh Event, bound to the running loop when first awaited."""
+        self.idle = asyncio.Event()
+        if not self.count:
+            self.idle.set()
+
+    def enter(self) -> None:
+        self.count += 1
+        self.idle.clear()
+
+    def leave(self) -> None:
+        self.count -= 1
+        if not self.count:
+            self.idle.set()
+
+
+class _Exchange:
+    """What one request has received and sent so far."""
+
+    __slots__ = ("ended", "finished", "gone", "raw_receive", "raw_send", "started")
+
+    def __init__(self, receive: Receive, send: Send) -> None:
+        self.raw_receive = receive
+        self.raw_send = send
+        self.ended = False  # the body was read whole (or the client left)
+        self.gone = False  # the client left
+        self.started = False  # the answer's head was sent
+        self.finished = False  # ... and its last body message
+
+    async def receive(self) -> Message:
+        message = await self.raw_receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            self.ended = True
+            self.gone = message["type"] == "http.disconnect"
+        return message
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+        elif message["type"] == "http.response.body" and not message.get("more_body", False):
+            self.finished = True
+        await self.raw_send(message)
+
+
+class AnswerInFlight:
+    """ASGI middleware: an export request the server cancels still gets its answer.
+
+    Each request under ``/v1/`` runs in a task of its own, which the server's cancellation
+    (hypercorn's, at the end of its ``graceful_timeout``) does not reach; the request's own
+    task then decides, over HTTP/1.x:
+
+    - its body was read whole: the request finishes (decoding, the group commit, the
+      answer after the commit); the committer answers within ``STAGING_COMMIT_TIMEOUT_S``
+      (a backstop of that plus ``SHUTDOWN_GRACE_S`` ends it, answered 503, if not);
+    - its body is still being read (the server reads no more once it has given up): 503
+      with ``Retry-After`` and ``Connection: close``; nothing of it was kept;
+    - its answer has gone out already (a refusal, its body being drained): the answer is
+      ended there.
+
+    Over HTTP/2 hypercorn's sender for the connection is cancelled with it: nothing more
+    can be sent, and the request ends unanswered as before (the client retries).
+    The counter of requests in flight (:class:`InFlight`) is what the lifespan shutdown
+    waits for before the service stops. The hot path: a task, a counter, no lock.
+    """
+
+    def __init__(self, app: ASGIApp, inflight: InFlight) -> None:
+        self.app = app
+        self.inflight = inflight
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        exchange = _Exchange(receive, send)
+        inflight = self.inflight
+        inflight.enter()
+        try:
+            loop = asyncio.get_running_loop()
+            task = asyncio.ensure_future(self.app(scope, exchange.receive, exchange.send))
+            # As asyncio.shield, a little cheaper: cancelling this wait leaves the task be.
+            done = loop.create_future()
+            task.add_done_callback(functools.partial(_resolve, done))
+            try:
+                await done
+            except asyncio.CancelledError:
+                if not task.done():
+                    await _answer_anyway(scope, task, exchange)
+                raise
+            task.result()  # the request's error, if any, for the server error middleware
+        finally:
+            inflight.leave()
+
+
+def _resolve(done: asyncio.Future[None], _task: asyncio.Future[None]) -> None:
+    if not done.done():
+        done.set_result(None)
+
+
+async def _answer_anyway(scope: Scope, task: asyncio.Future[None], exchange: _Exchange) -> None:
+    """The server has cancelled the request (its graceful timeout is over): answer it."""
+    service: Service | None = getattr(scope["app"].state, "service", None)
+    http1 = scope.get("http_version", "1.1") in _HTTP1
+    if http1 and service is not None and exchange.ended:
+        # Read whole: its commit answers it; the backstop is never expected to end it.
+        settings = service.settings
+        backstop = settings.staging_commit_timeout_s + settings.shutdown_grace_s
+        await asyncio.wait({task}, timeout=backstop)
+    if not task.done():
+        task.cancel()
+        await asyncio.wait({task})
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log_event(
+            "internal_error",
+            "unexpected error while handling an export request at shutdown",
+            reason=type(exc).__name__,
+            level=logging.ERROR,
+            exc_info=exc,
+        )
+    if not http1 or service is None or exchange.finished or exchange.gone:
+        return  # over HTTP/2 nothing more can be sent: hypercorn's sender is cancelled
+    with contextlib.suppress(Exception):  # the client may be gone; nothing to tell it then
+        if not exchange.started:
+            await _unavailable(scope, exchange, service, exchange.ended)
+        else:
+            await exchange.raw_send({"type": "http.response.body", "body": b""})
+
+
+async def _unavailable(scope: Scope, exchange: _Exchange, service: Service, read: bool) -> None:
+    """503, Retry-After, Connection: close: nothing of the request was kept (or, after the
+    backstop, its commit's outcome is unknown, as after a commit timeout)."""
+    settings = service.settings
+    signal_name = scope["path"].rsplit("/", 1)[-1]
+    encoding = otlp.PROTOBUF
+    for key, value in scope.get("headers", ()):
+        if key == b"content-type":
+            media = value.split(b";")[0].strip().lower()
+            encoding = otlp.JSON if media == b"application/json" else otlp.PROTOBUF
+    message = (
+        "service shutting down; the request's commit did not answer in time, retry later"
+        if read
+        else "service shutting down before the request body was read whole; nothing of it"
+        " was kept, retry later"
+    )
+    refusal = Refused(
+        Kind.UNAVAILABLE,
+        "unavailable",
+        message,
+        retry_after=settings.unavailable_retry_after_s,
+        cause="shutdown_grace",
+    )
+    if signal_name in otlp.SIGNALS:
+        headers = dict(scope.get("headers", ()))
+        request_id = RequestId(lambda: headers.get(b"x-request-id", b"").decode("latin-1"))
+        service.intake.refused(signal_name, HTTP, refusal, 503, request_id)
+        service.intake.answered(signal_name, HTTP, "503")
+    body = otlp.status_body(otlp.CODE_UNAVAILABLE, message, encoding)
+    await exchange.raw_send(
+        {
+            "type": "http.response.start",
+            "status": 503,
+            "headers": [
+                (b"content-type", encoding.content_type.encode()),
+                (b"content-length", str(len(body)).encode()),
+                (b"retry-after", str(settings.unavailable_retry_after_s).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await exchange.raw_send({"type": "http.response.body", "body": body})
+
+
+def _keep_sigterm(
+    service: Service,
+    inflight: InFlight,
+    shutting_down: asyncio.Event,
+    stop: Callable[[], asyncio.Future[None]],
+) -> None:
+    """In a worker process of hypercorn's (``hypercorn [-w N] otelworker.app:app``): keep
+    SIGTERM, so that it drains this process instead of killing it.
+
+    There hypercorn's parent owns the signals and stops its workers through an Event, and
+    the workers leave SIGTERM at its default, death. But the parent sends SIGTERM to every
+    worker still running as soon as the first has exited (hypercorn/run.py, after
+    ``wait(...sentinel...)``: ``process.terminate()``), and a signal to the process group
+    (systemd's control group, ``kill -TERM -PGID``) reaches each worker at once: either
+    would end this worker's requests in flight unanswered. Here SIGTERM fails readiness
+    and refuses new requests (503); hypercorn's own shutdown then proceeds as ever. If
+    none follows (the signal was this worker's alone), the process drains its requests,
+    stops the service and ends by SIGTERM, as it would have, and hypercorn's parent stops
+    the others.
+
+    Nothing is installed where someone owns SIGTERM already (``python -m otelworker
+    serve``, ``hypercorn -w 0``, which handle it through the event loop) or outside a
+    multiprocessing child (tests, embedding).
+    """
+    if (
+        multiprocessing.parent_process() is None
+        or threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
+        return
+    loop = asyncio.get_running_loop()
+    watch: list[asyncio.Task[None]] = []
+
+    async def exit_unless_stopped() -> None:
+        await inflight.idle.wait()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_ORPHAN_SETTLE_S):
+                await shutting_down.wait()
+                return
+        log_event(
+            "sigterm_exit",
+            "SIGTERM for this worker alone: drained, stopping the service and exiting",
+            reason="sigterm",
+            level=logging.WARNING,
+            pid=os.getpid(),
+        )
+        await stop()
+        loop.remove_signal_handler(signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_sigterm() -> None:
+        service.accepting = False  # new requests: 503 (refused before their body is read)
+        service.stopping = True  # /readyz fails
+        if not watch:
+            log_event(
+                "sigterm_received",
+                "SIGTERM in a hypercorn worker: draining, not dying",
+                reason="sigterm",
+                pid=os.getpid(),
+            )
+            watch.append(loop.create_task(exit_unless_stopped(), name="sigterm-watch"))
+
+    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+
 
 def create_app(settings: Settings | None = None) -> Starlette:
+    inflight = InFlight()
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         try:
@@ -34,16 +311,47 @@ def create_app(settings: Settings | None = None) -> Starlette:
         logs.configure(current.log_level)
         service = Service(current)
         app.state.service = service
+        inflight.reset()
         try:
             await service.start()
         except BaseException as exc:
             log_event("startup_failed", str(exc), reason=type(exc).__name__, level=logging.CRITICAL)
             await service.stop()
             raise
+
+        shutting_down = asyncio.Event()
+        stopped: list[asyncio.Future[None]] = []
+
+        async def drain_and_stop() -> None:
+            service.accepting = False
+            service.stopping = True
+            # Under hypercorn none is left by now (it runs the lifespan shutdown after its
+            # requests); under another server this keeps the pool and the committer up
+            # for the requests still in flight.
+            try:
+                async with asyncio.timeout(current.shutdown_grace_s):
+                    await inflight.idle.wait()
+            except TimeoutError:
+                log_event(
+                    "http_drain_timeout",
+                    "HTTP export requests still in flight at shutdown",
+                    reason="shutdown_grace",
+                    level=logging.WARNING,
+                    requests=inflight.count,
+                )
+            await service.stop()
+
+        def stop() -> asyncio.Future[None]:
+            if not stopped:
+                stopped.append(asyncio.ensure_future(drain_and_stop()))
+            return stopped[0]
+
+        _keep_sigterm(service, inflight, shutting_down, stop)
         try:
             yield
         finally:
-            await service.stop()
+            shutting_down.set()
+            await stop()
 
     def body_limit(scope: Scope) -> int:
         service = getattr(scope["app"].state, "service", None)
@@ -52,8 +360,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
-        middleware=[Middleware(DrainUnreadBody, limit=body_limit)],
+        middleware=[
+            Middleware(AnswerInFlight, inflight=inflight),
+            Middleware(DrainUnreadBody, limit=body_limit),
+        ],
     )
+    app.state.inflight = inflight
     # `/v1/traces/` is not an OTLP path: a 404, not a redirect a client would not follow.
     app.router.redirect_slashes = False
     return app
