@@ -411,7 +411,17 @@ def parse_size(text: str) -> Size:
     return Size(f"logs{records}" if signal == "logs" else str(records), signal, records)
 
 
-ROW_ORDER = ("durable", "noop", "grpc", "all", "rotel", "noop_2p", "durable_2p", "all_2p")
+ROW_ORDER = (
+    "durable",
+    "durable_base",
+    "noop",
+    "grpc",
+    "all",
+    "rotel",
+    "noop_2p",
+    "durable_2p",
+    "all_2p",
+)
 DEFAULT_ROWS = ("durable", "noop", "grpc", "all", "rotel", "noop_2p", "durable_2p")
 ROW_ALIASES = {
     "ingress": "durable",
@@ -424,6 +434,7 @@ ROW_ALIASES = {
 }
 ROW_TITLES = {
     "durable": "ROLE=ingress (HTTP)",
+    "durable_base": "ROLE=ingress, base tree",
     "noop": "no-op",
     "grpc": "ROLE=ingress (gRPC)",
     "all": "ROLE=all (+S3)",
@@ -436,6 +447,7 @@ ROW_TITLES = {
 # the manifest (``all``).
 ROW_KIND = {
     "durable": "ingress",
+    "durable_base": "ingress",
     "grpc": "ingress",
     "durable_2p": "ingress",
     "all": "all",
@@ -704,6 +716,7 @@ def _durable_process(
     grpc_port: int | None = None,
     port: int | None = None,
     processes: int = 1,
+    cwd: str | None = None,
 ) -> provision.AppProcess:
     settings = _durable_settings(dsn)
     if grpc_port is not None:
@@ -715,6 +728,7 @@ def _durable_process(
         log_path=ctx.workdir / log_name,
         port=port,
         extra_args=extra,
+        cwd=cwd,
     )
 
 
@@ -737,11 +751,18 @@ async def _start_targets(
     targets: list[Target] = []
     for name in rows:
         trees: dict[str, int | None]
-        if name in ("durable", "durable_2p"):
+        if name in ("durable", "durable_2p", "durable_base"):
             dsns.append(dsn := await ctx.pg.fresh_database("otelworker_bench"))
             n = 2 if name == "durable_2p" else 1
-            log = "ingest-service.log" if n == 1 else "ingest-2p-service.log"
-            durable = _durable_process(ctx, dsn, log, processes=n)
+            log = {"durable": "ingest-service.log", "durable_2p": "ingest-2p-service.log"}.get(
+                name, "ingest-base-service.log"
+            )
+            cwd = None
+            if name == "durable_base":
+                if not ctx.args.base_tree:
+                    raise SystemExit("the durable_base row needs --base-tree PATH")
+                cwd = ctx.args.base_tree  # its otelworker/ is imported first (sys.path[0])
+            durable = _durable_process(ctx, dsn, log, processes=n, cwd=cwd)
             procs.append(durable)
             trees = {"service": durable.pid, "postgres": pg_pid}
             targets.append(Target(name, durable, trees, dsn=dsn))
@@ -1586,6 +1607,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="LIST",
         help=f"ingest rows, comma-separated from {','.join(ROW_ORDER)} (aliases: ingress, "
         f"noop2, ingress2, all2; default: {','.join(DEFAULT_ROWS)})",
+    )
+    parser.add_argument(
+        "--base-tree",
+        metavar="PATH",
+        help="the durable_base row: ROLE=ingress served from another checkout (e.g. `git "
+        "worktree add /tmp/base HEAD~1`), beside `durable` in the same run: an A/B of a "
+        "code change by CPU us per span",
     )
     parser.add_argument(
         "--sizes",

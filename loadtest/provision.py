@@ -314,6 +314,7 @@ class AppProcess:
         port: int | None = None,
         python: str = sys.executable,
         extra_args: list[str] | None = None,
+        cwd: str | Path | None = None,
     ) -> None:
         self.app = app
         self.port = port or free_port()
@@ -325,7 +326,7 @@ class AppProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            args, env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=os.getcwd()
+            args, env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=cwd or os.getcwd()
         )
 
     @property
