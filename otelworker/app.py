@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import multiprocessing
 import os
@@ -43,6 +42,7 @@ from otelworker.ingress.routes import routes
 from otelworker.logs import log_event
 from otelworker.service import Service
 from otelworker.settings import Settings, load_settings
+from otelworker.staging.group_commit import PENDING, UNSETTLED, outcome_of
 
 HTTP = "http"
 _HTTP1 = ("1.0", "1.1")
@@ -108,22 +108,26 @@ class _Exchange:
 class AnswerInFlight:
     """ASGI middleware: an export request the server cancels still gets its answer.
 
-    Each request under ``/v1/`` runs in a task of its own, which the server's cancellation
-    (hypercorn's, at the end of its ``graceful_timeout``) does not reach; the request's own
-    task then decides, over HTTP/1.x:
+    hypercorn, at the end of its ``graceful_timeout``, cancels the requests still in
+    flight (and would answer them 500, which OTLP clients do not retry). Here the
+    cancellation is caught where it lands and the request is answered, over HTTP/1.x, by
+    what is true of it, before the cancellation goes on:
 
-    - its body was read whole: the request finishes (decoding, the group commit, the
-      answer after the commit); the committer answers within ``STAGING_COMMIT_TIMEOUT_S``
-      (a backstop of that plus ``SHUTDOWN_GRACE_S`` ends it, answered 503, if not);
-    - its body is still being read (the server reads no more once it has given up): 503
+    - it was waiting for its group commit (the commit's entry is in
+      :data:`~otelworker.staging.group_commit.PENDING`): the entry is still queued or in
+      a commit, and is answered by that commit's outcome, 200 or 503 (waited for within
+      ``STAGING_COMMIT_TIMEOUT_S`` plus ``SHUTDOWN_GRACE_S``; the committer and the pool
+      are still up, since the lifespan shutdown runs after these requests);
+    - anything else not yet answered (its body still being read, or not yet staged): 503
       with ``Retry-After`` and ``Connection: close``; nothing of it was kept;
     - its answer has gone out already (a refusal, its body being drained): the answer is
       ended there.
 
-    Over HTTP/2 hypercorn's sender for the connection is cancelled with it: nothing more
-    can be sent, and the request ends unanswered as before (the client retries).
-    The counter of requests in flight (:class:`InFlight`) is what the lifespan shutdown
-    waits for before the service stops. The hot path: a task, a counter, no lock.
+    Nothing of this runs until a cancellation: the hot path is a counter and the
+    receive/send wrappers that tell what was read and sent. Over HTTP/2 hypercorn's sender
+    for the connection is cancelled with it: nothing more can be sent, and the request
+    ends unanswered as before (the client retries). The counter of requests in flight
+    (:class:`InFlight`) is what the lifespan shutdown waits for before the service stops.
     """
 
     def __init__(self, app: ASGIApp, inflight: InFlight) -> None:
@@ -138,54 +142,69 @@ class AnswerInFlight:
         inflight = self.inflight
         inflight.enter()
         try:
-            loop = asyncio.get_running_loop()
-            task = asyncio.ensure_future(self.app(scope, exchange.receive, exchange.send))
-            # As asyncio.shield, a little cheaper: cancelling this wait leaves the task be.
-            done = loop.create_future()
-            task.add_done_callback(functools.partial(_resolve, done))
+            await self.app(scope, exchange.receive, exchange.send)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()  # to answer first; the cancellation goes on after
             try:
-                await done
-            except asyncio.CancelledError:
-                if not task.done():
-                    await _answer_anyway(scope, task, exchange)
-                raise
-            task.result()  # the request's error, if any, for the server error middleware
+                await _answer_anyway(scope, exchange)
+            finally:
+                PENDING.set(None)
+            raise
         finally:
             inflight.leave()
 
 
-def _resolve(done: asyncio.Future[None], _task: asyncio.Future[None]) -> None:
-    if not done.done():
-        done.set_result(None)
-
-
-async def _answer_anyway(scope: Scope, task: asyncio.Future[None], exchange: _Exchange) -> None:
+async def _answer_anyway(scope: Scope, exchange: _Exchange) -> None:
     """The server has cancelled the request (its graceful timeout is over): answer it."""
     service: Service | None = getattr(scope["app"].state, "service", None)
     http1 = scope.get("http_version", "1.1") in _HTTP1
-    if http1 and service is not None and exchange.ended:
-        # Read whole: its commit answers it; the backstop is never expected to end it.
-        settings = service.settings
-        backstop = settings.staging_commit_timeout_s + settings.shutdown_grace_s
-        await asyncio.wait({task}, timeout=backstop)
-    if not task.done():
-        task.cancel()
-        await asyncio.wait({task})
-    if not task.cancelled() and (exc := task.exception()) is not None:
-        log_event(
-            "internal_error",
-            "unexpected error while handling an export request at shutdown",
-            reason=type(exc).__name__,
-            level=logging.ERROR,
-            exc_info=exc,
-        )
     if not http1 or service is None or exchange.finished or exchange.gone:
         return  # over HTTP/2 nothing more can be sent: hypercorn's sender is cancelled
     with contextlib.suppress(Exception):  # the client may be gone; nothing to tell it then
-        if not exchange.started:
-            await _unavailable(scope, exchange, service, exchange.ended)
-        else:
+        if exchange.started:
             await exchange.raw_send({"type": "http.response.body", "body": b""})
+            return
+        entry = PENDING.get()
+        if entry is not None and exchange.ended:
+            settings = service.settings
+            backstop = settings.staging_commit_timeout_s + settings.shutdown_grace_s
+            outcome = await outcome_of(entry, backstop)
+            if outcome is not UNSETTLED and not isinstance(outcome, BaseException):
+                await _committed(scope, exchange, service, entry.records)
+                return
+        await _unavailable(scope, exchange, service, entry is not None and exchange.ended)
+
+
+def _encoding_of(scope: Scope) -> otlp.Encoding:
+    for key, value in scope.get("headers", ()):
+        if key == b"content-type":
+            media = value.split(b";")[0].strip().lower()
+            return otlp.JSON if media == b"application/json" else otlp.PROTOBUF
+    return otlp.PROTOBUF
+
+
+async def _committed(scope: Scope, exchange: _Exchange, service: Service, records: int) -> None:
+    """200: the request's payload is committed (its handler was cancelled meanwhile)."""
+    signal_name = scope["path"].rsplit("/", 1)[-1]
+    encoding = _encoding_of(scope)
+    body = otlp.success(signal_name, encoding)
+    if signal_name in otlp.SIGNALS:
+        service.intake.answered(signal_name, HTTP, "200")
+        service.metrics.records_accepted.labels(HTTP, signal_name).inc(records)
+    await exchange.raw_send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [
+                (b"content-type", encoding.content_type.encode()),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await exchange.raw_send({"type": "http.response.body", "body": body})
 
 
 async def _unavailable(scope: Scope, exchange: _Exchange, service: Service, read: bool) -> None:
@@ -193,16 +212,12 @@ async def _unavailable(scope: Scope, exchange: _Exchange, service: Service, read
     backstop, its commit's outcome is unknown, as after a commit timeout)."""
     settings = service.settings
     signal_name = scope["path"].rsplit("/", 1)[-1]
-    encoding = otlp.PROTOBUF
-    for key, value in scope.get("headers", ()):
-        if key == b"content-type":
-            media = value.split(b";")[0].strip().lower()
-            encoding = otlp.JSON if media == b"application/json" else otlp.PROTOBUF
+    encoding = _encoding_of(scope)
     message = (
-        "service shutting down; the request's commit did not answer in time, retry later"
+        "service shutting down; the request's commit failed or did not answer in time, retry later"
         if read
-        else "service shutting down before the request body was read whole; nothing of it"
-        " was kept, retry later"
+        else "service shutting down before the request was staged; nothing of it was kept,"
+        " retry later"
     )
     refusal = Refused(
         Kind.UNAVAILABLE,

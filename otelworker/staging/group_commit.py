@@ -19,7 +19,9 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Any
 
 from otelworker.exceptions import StagingUnavailable
 from otelworker.logs import log_event
@@ -28,6 +30,9 @@ from otelworker.staging.queue import Facts
 StageMany = Callable[
     [list[str], list[bytes], list[int], list[Facts | None], list[str]], Awaitable[int | None]
 ]
+
+
+UNSETTLED: Any = object()
 
 
 @dataclass(slots=True, eq=False)
@@ -40,6 +45,35 @@ class _Entry:
     tenant: str = "default"
     taken: bool = False  # in a commit: only the commit's outcome answers it now
     withdrawn: bool = False  # timed out before any commit took it: never inserted
+    # The outcome (the xid, or the exception) kept apart from ``done``, which a cancelled
+    # request cancels: what answers a request the server cancelled mid-wait (see PENDING).
+    outcome: Any = UNSETTLED
+    settled: asyncio.Future[None] | None = None
+
+    def settle(self, outcome: Any) -> None:
+        self.outcome = outcome
+        if self.settled is not None and not self.settled.done():
+            self.settled.set_result(None)
+
+
+# The entry whose commit the current request awaits: set for the wait, left set when the
+# wait is cancelled, so that the app's AnswerInFlight can answer a request the server
+# cancelled (hypercorn, at the end of its graceful timeout) by its commit's outcome.
+PENDING: ContextVar[_Entry | None] = ContextVar("otelworker_pending_commit", default=None)
+
+
+async def outcome_of(entry: _Entry, within_s: float) -> Any:
+    """The entry's commit outcome (xid or exception), waiting at most ``within_s``;
+    UNSETTLED if none came."""
+    if entry.outcome is UNSETTLED:
+        if entry.settled is None:
+            entry.settled = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(within_s):
+                await asyncio.shield(entry.settled)
+        except TimeoutError:
+            pass
+    return entry.outcome
 
 
 def _retrieve(future: asyncio.Future[int | None]) -> None:
@@ -95,13 +129,21 @@ class GroupCommitter:
         # The request's one timeout: a timer, not a cancellation, so the entry's fate is
         # decided here (withdrawn, or left to its commit) and never by a cancelled await.
         timer = loop.call_later(self.timeout_s, self._expire, entry)
+        pending = PENDING.set(entry)
         try:
             # A client that goes away cancels only this future: the entry stays queued or
             # in its batch and is committed all the same. No shield, which would cost
             # every request one more pass of the event loop.
-            return await entry.done
+            result = await entry.done
+        except asyncio.CancelledError:
+            raise  # PENDING stays set: the request is answered by the commit's outcome
+        except BaseException:
+            PENDING.reset(pending)
+            raise
         finally:
             timer.cancel()
+        PENDING.reset(pending)
+        return result
 
     @staticmethod
     def _expire(entry: _Entry) -> None:
@@ -109,9 +151,9 @@ class GroupCommitter:
             return  # in a commit: its outcome answers (bounded by the commit's timeout)
         # Still waiting: withdrawn, so _take skips it and it is never inserted.
         entry.withdrawn = True
-        entry.done.set_exception(
-            StagingUnavailable("commit timeout: withdrawn before any commit took it")
-        )
+        exc = StagingUnavailable("commit timeout: withdrawn before any commit took it")
+        entry.settle(exc)
+        entry.done.set_exception(exc)
 
     def _take(self) -> list[_Entry]:
         batch: list[_Entry] = []
@@ -163,13 +205,16 @@ class GroupCommitter:
             self._fail(batch, StagingUnavailable("commit timeout: the commit did not answer"))
         except asyncio.CancelledError:
             for entry in batch:
+                exc = StagingUnavailable("shutting down")
+                entry.settle(exc)
                 if not entry.done.done():
-                    entry.done.set_exception(StagingUnavailable("shutting down"))
+                    entry.done.set_exception(exc)
             raise
         except StagingUnavailable as exc:
             self._fail(batch, exc)
         else:
             for entry in batch:
+                entry.settle(xid)
                 if not entry.done.done():
                     entry.done.set_result(xid)
 
@@ -183,6 +228,7 @@ class GroupCommitter:
             requests=len(batch),
         )
         for entry in batch:
+            entry.settle(exc)
             if not entry.done.done():
                 entry.done.set_exception(exc)
 
