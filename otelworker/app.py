@@ -185,6 +185,24 @@ def _encoding_of(scope: Scope) -> otlp.Encoding:
     return otlp.PROTOBUF
 
 
+async def _send_closing(
+    exchange: _Exchange,
+    status: int,
+    encoding: otlp.Encoding,
+    body: bytes,
+    extra: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    """The whole answer, with ``Connection: close`` (the server is stopping)."""
+    headers = [
+        (b"content-type", encoding.content_type.encode()),
+        (b"content-length", str(len(body)).encode()),
+        *(extra or ()),
+        (b"connection", b"close"),
+    ]
+    await exchange.raw_send({"type": "http.response.start", "status": status, "headers": headers})
+    await exchange.raw_send({"type": "http.response.body", "body": body})
+
+
 async def _committed(scope: Scope, exchange: _Exchange, service: Service, records: int) -> None:
     """200: the request's payload is committed (its handler was cancelled meanwhile)."""
     signal_name = scope["path"].rsplit("/", 1)[-1]
@@ -193,18 +211,7 @@ async def _committed(scope: Scope, exchange: _Exchange, service: Service, record
     if signal_name in otlp.SIGNALS:
         service.intake.answered(signal_name, HTTP, "200")
         service.metrics.records_accepted.labels(HTTP, signal_name).inc(records)
-    await exchange.raw_send(
-        {
-            "type": "http.response.start",
-            "status": 200,
-            "headers": [
-                (b"content-type", encoding.content_type.encode()),
-                (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),
-            ],
-        }
-    )
-    await exchange.raw_send({"type": "http.response.body", "body": body})
+    await _send_closing(exchange, 200, encoding, body)
 
 
 async def _unavailable(scope: Scope, exchange: _Exchange, service: Service, read: bool) -> None:
@@ -232,19 +239,8 @@ async def _unavailable(scope: Scope, exchange: _Exchange, service: Service, read
         service.intake.refused(signal_name, HTTP, refusal, 503, request_id)
         service.intake.answered(signal_name, HTTP, "503")
     body = otlp.status_body(otlp.CODE_UNAVAILABLE, message, encoding)
-    await exchange.raw_send(
-        {
-            "type": "http.response.start",
-            "status": 503,
-            "headers": [
-                (b"content-type", encoding.content_type.encode()),
-                (b"content-length", str(len(body)).encode()),
-                (b"retry-after", str(settings.unavailable_retry_after_s).encode()),
-                (b"connection", b"close"),
-            ],
-        }
-    )
-    await exchange.raw_send({"type": "http.response.body", "body": body})
+    retry_after = str(settings.unavailable_retry_after_s).encode()
+    await _send_closing(exchange, 503, encoding, body, [(b"retry-after", retry_after)])
 
 
 def _keep_sigterm(

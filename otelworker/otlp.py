@@ -210,8 +210,16 @@ PROTOBUF = Encoding(json=False)
 JSON = Encoding(json=True)
 
 
+_SUCCESS: dict[tuple[str, bool], bytes] = {}
+
+
 def success(signal: str, encoding: Encoding) -> bytes:
-    return encoding.render(RESPONSE_TYPES[signal]())
+    """The empty Export*ServiceResponse, rendered once per signal and encoding."""
+    key = (signal, encoding.json)
+    body = _SUCCESS.get(key)
+    if body is None:
+        body = _SUCCESS[key] = encoding.render(RESPONSE_TYPES[signal]())
+    return body
 
 
 def partial_success(signal: str, encoding: Encoding, rejected: int, message: str) -> bytes:

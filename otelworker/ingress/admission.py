@@ -22,64 +22,17 @@ from otelworker.settings import OverflowPolicy
 
 
 class TokenBucket:
-    """A token bucket with continuous refill, full at start.
+    """A token bucket with continuous refill, full at start: ``rate`` tokens a second, at
+    most ``burst`` of them.
 
-    A refused request takes no token. ``retry_after()`` is the whole number of seconds,
-    rounded up, until a token will be there, plus up to one second of jitter so that
-    refused clients do not all come back at once.
-    """
+    A take larger than what is left is refused and takes nothing, except when the bucket
+    is full: then it passes and the bucket goes into debt, so that a take larger than the
+    burst is slowed, never refused forever. ``retry_after(size)`` is the whole number of
+    seconds, rounded up, until ``size`` tokens (at most the burst) will be there, plus up
+    to one second of jitter so that refused clients do not all come back at once.
 
-    def __init__(
-        self,
-        rate: float,
-        burst: int,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-        rng: random.Random | None = None,
-    ) -> None:
-        self.rate = rate
-        self.burst = float(burst)
-        self._clock = clock
-        self._tokens = float(burst)
-        self._stamp = clock()
-        self._rng = rng or random.Random()
-
-    def _refill(self) -> None:
-        now = self._clock()
-        self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
-        self._stamp = now
-
-    def try_acquire(self) -> bool:
-        self._refill()
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
-            return True
-        return False
-
-    def retry_after(self) -> int:
-        self._refill()
-        wait = max(0.0, (1.0 - self._tokens) / self.rate)
-        return max(1, math.ceil(wait + self._rng.random()))
-
-    @property
-    def tokens(self) -> float:
-        self._refill()
-        return self._tokens
-
-    def reconfigure(self, rate: float, burst: int) -> None:
-        """New rate and capacity (a limits file re-read): the level kept, capped."""
-        self._refill()
-        self.rate = rate
-        self.burst = float(burst)
-        self._tokens = min(self._tokens, self.burst)
-
-
-class ByteBucket:
-    """Ingest bytes per second with a burst, as Loki and Tempo limit a tenant.
-
-    Full at start. A request takes its (decompressed) size; one larger than what is left
-    is refused, except when the bucket is full: then it passes and the bucket goes into
-    debt, so a request larger than the burst is slowed, never refused forever.
+    The request limit takes one token per request (:meth:`try_acquire`); the ingest
+    bytes limit (:class:`ByteBucket`) one per byte of the decompressed body.
     """
 
     def __init__(
@@ -102,13 +55,6 @@ class ByteBucket:
         self._level = min(self.burst, self._level + (now - self._stamp) * self.rate)
         self._stamp = now
 
-    def reconfigure(self, rate: float, burst: int) -> None:
-        """New rate and capacity (a limits file re-read): the level (or debt) kept, capped."""
-        self._refill()
-        self.rate = rate
-        self.burst = float(burst)
-        self._level = min(self._level, self.burst)
-
     def try_take(self, size: int) -> bool:
         self._refill()
         if size <= self._level or self._level >= self.burst:
@@ -116,13 +62,30 @@ class ByteBucket:
             return True
         return False
 
-    def retry_after(self, size: int) -> int:
-        """Whole seconds until ``size`` bytes would pass (or the bucket is full), rounded
-        up, plus up to one second of jitter (as the request bucket's) so that refused
-        clients do not all come back at once."""
+    def try_acquire(self) -> bool:
+        return self.try_take(1)
+
+    def retry_after(self, size: int = 1) -> int:
         self._refill()
         need = min(float(size), self.burst) - self._level
         return max(1, math.ceil(max(0.0, need) / self.rate + self._rng.random()))
+
+    @property
+    def tokens(self) -> float:
+        self._refill()
+        return self._level
+
+    def reconfigure(self, rate: float, burst: int) -> None:
+        """New rate and capacity (a limits file re-read): the level (or debt) kept, capped."""
+        self._refill()
+        self.rate = rate
+        self.burst = float(burst)
+        self._level = min(self._level, self.burst)
+
+
+class ByteBucket(TokenBucket):
+    """Ingest bytes per second with a burst, as Loki and Tempo limit a tenant: a token
+    bucket whose tokens are bytes of the decompressed body (:meth:`try_take`)."""
 
 
 class InflightBytes:
