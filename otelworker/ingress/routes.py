@@ -170,37 +170,27 @@ async def _export(request: Request, signal: str, service: Service) -> Response:
     except Refused as refusal:
         return answer.refuse(refusal)
 
-    # Bytes in flight at the door: the declared length up front, else chunk by chunk.
+    # Bytes in flight at the door: the declared length up front, else chunk by chunk; and,
+    # once decompressed, the decompressed body's bytes too (it is held beside the
+    # compressed one, so a small gzip body of a large payload counts as what it costs).
     inflight = service.inflight
     reserved = 0
-    reserve: Callable[[int], bool] | None = None
+    take: Callable[[int], bool] | None = None
     if inflight is not None:
-        if declared is not None:
-            if not inflight.reserve(declared):
-                return answer.refuse(intake.inflight_refused())
-            reserved = declared
-        else:
 
-            def reserve(size: int) -> bool:
-                nonlocal reserved
-                if not inflight.reserve(size, own=reserved):
-                    return False
-                reserved += size
-                return True
-
-    def hold(size: int) -> bool:
-        """The decompressed body's bytes too: it is held beside the compressed one, so a
-        small gzip body of a large payload counts as what it costs."""
-        nonlocal reserved
-        if inflight is None:
+        def take(size: int) -> bool:
+            nonlocal reserved
+            if not inflight.reserve(size, own=reserved):
+                return False
+            reserved += size
             return True
-        if not inflight.reserve(size, own=reserved):
-            return False
-        reserved += size
-        return True
+
+        if declared is not None and not take(declared):
+            return answer.refuse(intake.inflight_refused())
 
     try:
-        return await _receive(request, answer, tenant, verdict, decoders, reserve, hold)
+        chunks = take if declared is None else None
+        return await _receive(request, answer, tenant, verdict, decoders, declared, chunks, take)
     finally:
         if inflight is not None and reserved:
             inflight.release(reserved)
@@ -212,14 +202,15 @@ async def _receive(
     tenant: Tenant,
     verdict: Verdict,
     decoders: list[Decoder],
+    declared: int | None,
     reserve: Callable[[int], bool] | None,
-    hold: Callable[[int], bool],
+    hold: Callable[[int], bool] | None,
 ) -> Response:
     """Body: bounded read, bounded decompression, decode; then stage (or shed)."""
     intake, signal, encoding = answer.intake, answer.signal, answer.encoding
     limit = intake.settings.max_request_body_bytes
     try:
-        raw = await read_limited(request.stream(), limit, _declared_length(request), reserve)
+        raw = await read_limited(request.stream(), limit, declared, reserve)
     except BodyTooLarge as exc:
         # Refused by its declared or its counted size: not worth reading on.
         return answer.refuse(Refused(Kind.TOO_LARGE, "too_large", str(exc)))
@@ -228,7 +219,7 @@ async def _receive(
     answer.size = len(raw)
     try:
         data = decompress(raw, decoders, limit)
-        if data is not raw and not hold(len(data)):
+        if data is not raw and hold is not None and not hold(len(data)):
             return answer.refuse(intake.inflight_refused())
         answer.size = len(data)
         intake.meter(tenant, len(data))
