@@ -38,7 +38,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from otelworker import logs, otlp
 from otelworker.ingress.body import DrainUnreadBody
 from otelworker.ingress.intake import Kind, Refused, RequestId
-from otelworker.ingress.routes import routes
+from otelworker.ingress.routes import EXPORT_PATHS, export_app, routes
 from otelworker.logs import log_event
 from otelworker.service import Service
 from otelworker.settings import Settings, load_settings
@@ -308,6 +308,28 @@ def _keep_sigterm(
     loop.add_signal_handler(signal.SIGTERM, on_sigterm)
 
 
+class App(Starlette):
+    """Starlette, with the three OTLP export paths served ahead of its stack.
+
+    An export request goes straight to :class:`AnswerInFlight`, :class:`DrainUnreadBody`
+    and the endpoint (which answers every method and every error of its own, a 500 with a
+    Status body included), not through Starlette's error and exception middlewares and
+    its router: those cost more per request than the endpoint's own checks. Every other
+    path (the probes, /metrics, a 404) takes Starlette's stack as before.
+    """
+
+    export_stack: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        stack = self.export_stack
+        if stack is not None and scope["type"] == "http" and scope["path"] in EXPORT_PATHS:
+            if not scope.get("root_path"):
+                scope["app"] = self
+                await stack(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
+
+
 def create_app(settings: Settings | None = None) -> Starlette:
     inflight = InFlight()
 
@@ -368,7 +390,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         service = getattr(scope["app"].state, "service", None)
         return int(service.settings.max_request_body_bytes) if service else 16 * 1024 * 1024
 
-    app = Starlette(
+    app = App(
         routes=routes,
         lifespan=lifespan,
         middleware=[
@@ -377,6 +399,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         ],
     )
     app.state.inflight = inflight
+    app.export_stack = AnswerInFlight(DrainUnreadBody(export_app, limit=body_limit), inflight)
     # `/v1/traces/` is not an OTLP path: a 404, not a redirect a client would not follow.
     app.router.redirect_slashes = False
     return app

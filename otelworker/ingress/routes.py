@@ -282,8 +282,13 @@ class _AnyMethod:
         await response(scope, receive, send)
 
 
+export_app = _AnyMethod(export)
+"""The export endpoint as an ASGI app: the app serves the three OTLP paths through it
+directly, ahead of the router (see :class:`otelworker.app.App`)."""
+EXPORT_PATHS = frozenset(f"/v1/{signal}" for signal in otlp.SIGNALS)
+
 routes = [
-    *(Route(f"/v1/{signal}", _AnyMethod(export), name=signal) for signal in otlp.SIGNALS),
+    *(Route(f"/v1/{signal}", export_app, name=signal) for signal in otlp.SIGNALS),
     Route("/healthz", healthz, methods=["GET", "HEAD"]),
     Route("/readyz", readyz, methods=["GET", "HEAD"]),
     Route("/metrics", metrics, methods=["GET"]),
