@@ -155,6 +155,7 @@ class BacklogTracker:
         self.refresh_interval_s = refresh_interval_s
         self._counted = 0
         self._recent: list[tuple[int | None, int, str | None]] = []  # not in the count
+        self._recent_total = 0  # the sum of their items: value is read by every request
         # Per tenant, from counts that carry it (the queue's): counted, and recent local.
         self._counted_by: dict[str, int] = {}
         self._recent_by: dict[str, int] = {}
@@ -174,7 +175,7 @@ class BacklogTracker:
 
     @property
     def value(self) -> int:
-        return max(0, self._counted + sum(entry[1] for entry in self._recent))
+        return max(0, self._counted + self._recent_total)
 
     def of(self, tenant: str) -> int:
         """The tenant's share of :attr:`value`."""
@@ -185,6 +186,7 @@ class BacklogTracker:
         if xid is not None and self._snapshot is not None and self._snapshot.sees(xid):
             return  # the last count already saw this commit
         self._recent.append((xid, items, tenant))
+        self._recent_total += items
         if tenant is not None:
             self._recent_by[tenant] = self._recent_by.get(tenant, 0) + items
 
@@ -206,6 +208,7 @@ class BacklogTracker:
                 kept.append(entry)
         self._counted = counted
         self._recent = kept
+        self._recent_total = sum(entry[1] for entry in kept)
         recent_by: dict[str, int] = {}
         for _, items, tenant in kept:
             if tenant is not None:
