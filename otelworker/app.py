@@ -322,11 +322,15 @@ class App(Starlette):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         stack = self.export_stack
-        if stack is not None and scope["type"] == "http" and scope["path"] in EXPORT_PATHS:
-            if not scope.get("root_path"):
-                scope["app"] = self
-                await stack(scope, receive, send)
-                return
+        if (
+            stack is not None
+            and scope["type"] == "http"
+            and scope["path"] in EXPORT_PATHS
+            and not scope.get("root_path")
+        ):
+            scope["app"] = self
+            await stack(scope, receive, send)
+            return
         await super().__call__(scope, receive, send)
 
 

@@ -43,18 +43,61 @@ def _service(request: Request) -> Service:
     return service
 
 
-def _encoding(request: Request) -> otlp.Encoding | None:
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type == "application/x-protobuf":
-        return otlp.PROTOBUF
-    if content_type == "application/json":
-        return otlp.JSON
-    return None
+class _Head:
+    """The request headers the export path reads, taken in one pass over the raw list
+    (ASGI gives the names lowercased): the first of each, and every Content-Encoding line
+    (several lines are one list, RFC 9110 §5.3)."""
+
+    __slots__ = ("authorization", "content_type", "encodings", "length", "request_id", "tenant")
+
+    def __init__(self, scope: Scope, tenant_header: bytes) -> None:
+        self.content_type: bytes | None = None
+        self.length: bytes | None = None
+        self.authorization: str | None = None
+        self.tenant: str | None = None
+        self.request_id = ""
+        self.encodings: list[str] = []
+        for key, value in scope["headers"]:
+            if key == b"content-type":
+                if self.content_type is None:
+                    self.content_type = value
+            elif key == b"content-length":
+                if self.length is None:
+                    self.length = value
+            elif key == b"content-encoding":
+                self.encodings.append(value.decode("latin-1"))
+            elif key == b"authorization":
+                if self.authorization is None:
+                    self.authorization = value.decode("latin-1")
+            elif key == tenant_header:
+                if self.tenant is None:
+                    self.tenant = value.decode("latin-1")
+            elif key == b"x-request-id" and not self.request_id:
+                self.request_id = value.decode("latin-1")
+
+    @property
+    def encoding(self) -> otlp.Encoding | None:
+        media = (self.content_type or b"").split(b";")[0].strip().lower()
+        if media == b"application/x-protobuf":
+            return otlp.PROTOBUF
+        if media == b"application/json":
+            return otlp.JSON
+        return None
+
+    @property
+    def declared_length(self) -> int | None:
+        declared = self.length
+        return int(declared) if declared and declared.isdigit() else None
 
 
-def _declared_length(request: Request) -> int | None:
-    declared = request.headers.get("content-length")
-    return int(declared) if declared and declared.isdigit() else None
+_TENANT_KEYS: dict[str, bytes] = {}
+
+
+def _tenant_key(header: str) -> bytes:
+    key = _TENANT_KEYS.get(header)
+    if key is None:
+        key = _TENANT_KEYS[header] = header.lower().encode("latin-1")
+    return key
 
 
 class _NoAnswer(Response):
@@ -72,11 +115,11 @@ class _Answer:
 
     __slots__ = ("encoding", "intake", "request_id", "signal", "size", "tenant")
 
-    def __init__(self, intake: Intake, signal: str, encoding: otlp.Encoding, request: Request):
+    def __init__(self, intake: Intake, signal: str, encoding: otlp.Encoding, head: _Head):
         self.intake = intake
         self.signal = signal
         self.encoding = encoding
-        self.request_id = RequestId(lambda: request.headers.get("x-request-id", ""))
+        self.request_id = RequestId(lambda: head.request_id)
         self.tenant: Tenant | None = None  # once identified
         self.size = 0  # bytes read so far (decompressed once decompressed)
 
@@ -119,7 +162,7 @@ async def export(request: Request) -> Response:
     except Exception as exc:
         # A bug of ours, never the client's: one event with the traceback, a Status body.
         service.intake.internal_error(signal, HTTP, "500", exc)
-        encoding = _encoding(request) or otlp.PROTOBUF
+        encoding = _Head(request.scope, b"").encoding or otlp.PROTOBUF
         return Response(
             otlp.status_body(otlp.CODE_INTERNAL, "internal error; retry later", encoding),
             500,
@@ -129,18 +172,16 @@ async def export(request: Request) -> Response:
 
 async def _export(request: Request, signal: str, service: Service) -> Response:
     intake = service.intake
-    encoding = _encoding(request)
-    declared = _declared_length(request)
-    answer = _Answer(intake, signal, encoding or otlp.PROTOBUF, request)
+    head = _Head(request.scope, _tenant_key(intake.settings.tenant_header))
+    encoding = head.encoding
+    declared = head.declared_length
+    answer = _Answer(intake, signal, encoding or otlp.PROTOBUF, head)
 
     # A refusal before the body is read is answered as any other: DrainUnreadBody (the
     # app's middleware) drains the rest, or closes cleanly, so the connection stays usable.
-    headers = request.headers
     try:
         # Who sends, before any other work.
-        tenant = answer.tenant = intake.identify(
-            headers.get("authorization"), headers.get(intake.settings.tenant_header)
-        )
+        tenant = answer.tenant = intake.identify(head.authorization, head.tenant)
     except Refused as refusal:
         return answer.refuse(refusal)
     if request.method != "POST":
@@ -162,7 +203,7 @@ async def _export(request: Request, signal: str, service: Service) -> Response:
         )
     try:
         # Several Content-Encoding lines are one list (RFC 9110 §5.3).
-        decoders = codings(",".join(headers.getlist("content-encoding")))
+        decoders = codings(",".join(head.encodings))
         # Rate limit, readiness, saturation: before the body is read.
         verdict = intake.admit(tenant)
     except UnsupportedEncoding as exc:
