@@ -1144,11 +1144,12 @@ def _print_ingest(result: dict[str, Any]) -> None:
 async def prefill(dsn: str, items: int, spans: int, chunk: int = 1000) -> float:
     """COPY ``items`` trace payloads of ``spans`` spans into the queue; returns seconds.
 
-    Staged as the door stages them (migration 0003): gzip at the default level, with the
-    facts the flush needs, so the drain measures what it does for real traffic.
+    Staged as the door stages them (migrations 0003, 0005): gzip at the default level, with
+    the facts the flush needs and the stored bytes' checksum, so the drain measures what it
+    does for real traffic.
     """
     from otelworker import otlp
-    from otelworker.compression import compress
+    from otelworker.compression import checksum, compress
     from otelworker.settings import Compression
     from otelworker.staging.database import migrate
 
@@ -1167,7 +1168,9 @@ async def prefill(dsn: str, items: int, spans: int, chunk: int = 1000) -> float:
                 low, high = otlp.time_range("traces", message) or (None, None)
                 names = sorted(otlp.service_names("traces", message))
                 stored = compress(raw, Compression.GZIP, 1)
-                records.append(("traces", stored, spans, "gzip", len(raw), low, high, names))
+                records.append(
+                    ("traces", stored, spans, "gzip", len(raw), low, high, names, checksum(stored))
+                )
             await conn.copy_records_to_table(
                 "ingestion_queue",
                 records=records,
@@ -1180,6 +1183,7 @@ async def prefill(dsn: str, items: int, spans: int, chunk: int = 1000) -> float:
                     "min_time_ns",
                     "max_time_ns",
                     "service_names",
+                    "payload_crc",
                 ],
             )
             left -= n

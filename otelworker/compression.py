@@ -7,7 +7,7 @@ from __future__ import annotations
 import gzip
 
 import zstandard
-from isal import igzip
+from isal import igzip, isal_zlib
 
 from otelworker.settings import Compression
 
@@ -15,6 +15,12 @@ from otelworker.settings import Compression
 ENCODING = {Compression.GZIP: "gzip", Compression.ZSTD: "zstd", Compression.NONE: "identity"}
 # ISA-L's gzip levels; above them the stdlib's zlib takes over.
 ISAL_MAX_LEVEL = 3
+
+
+def checksum(data: bytes) -> int:
+    """CRC-32 of the stored bytes (gzip's polynomial; ISA-L's, ~0.6 us per 25 KB): what
+    the flush checks a staged payload with instead of decompressing it."""
+    return int(isal_zlib.crc32(data))
 
 
 def compress(data: bytes, compression: Compression, level: int | None = None) -> bytes:

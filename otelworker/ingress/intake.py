@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from otelworker import otlp
-from otelworker.compression import ENCODING, compress
+from otelworker.compression import ENCODING, checksum, compress
 from otelworker.exceptions import BadPayload, OtelWorkerError, StagingUnavailable
 from otelworker.ingress.admission import Verdict
 from otelworker.ingress.tenants import Tenant, Tenants, valid_tenant
@@ -324,7 +324,7 @@ class Intake:
         committer = self.service.committer
         assert committer is not None  # admit() saw it
         # Decode once: what the flush needs, from this decode; the payload stored in the
-        # object's codec, so the flush joins it as it is.
+        # object's codec, so the flush joins it as it is, checked by its checksum.
         span = otlp.time_range(signal, message)
         codec = settings.s3_compression
         if len(payload) > _INLINE_COMPRESS_BYTES:
@@ -337,6 +337,7 @@ class Intake:
             span[0] if span else None,
             span[1] if span else None,
             tuple(sorted(otlp.service_names(signal, message))),
+            checksum(stored),
         )
         started = time.monotonic()
         try:

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from otelworker import otlp
-from otelworker.compression import ENCODING, compress, decompress
+from otelworker.compression import ENCODING, checksum, compress, decompress
 from otelworker.exceptions import BadPayload, ObjectStoreError, StagingUnavailable
 from otelworker.logs import log_event
 from otelworker.metrics import Metrics
@@ -50,9 +50,11 @@ def prepare(
     request holding all their resource_* entries (repeated fields concatenate on the
     wire), and concatenated gzip members (zstd frames) are one stream of their joined
     contents: so a payload staged in the object's codec is joined as it is, never decoded
-    or compressed again. It is only checked whole (decompressed: CRC and size), so that a
-    corrupt row goes dead alone. Rows staged in another codec are recompressed; rows
-    staged before the door kept their facts (migration 0003) are decoded as before.
+    or compressed again. It is only checked whole, so that a corrupt row goes dead alone:
+    by the CRC-32 of its stored bytes taken when it was staged (migration 0005), or, for a
+    row staged before, decompressed (the codec's CRC and the size). Rows staged in another
+    codec are recompressed; rows staged before the door kept their facts (migration 0003)
+    are decoded as before.
     """
     target = ENCODING[compression]
     good: list[int] = []
@@ -80,12 +82,20 @@ def prepare(
                 )
                 services = facts.services
                 size = facts.raw_bytes
-                raw = decompress(item.payload, facts.encoding)
-                if len(raw) != size:
-                    raise ValueError(f"payload is {len(raw)} bytes, staged as {size}")
-                piece = (
-                    item.payload if facts.encoding == target else compress(raw, compression, level)
-                )
+                if facts.encoding == target and facts.crc is not None:
+                    # Checked whole by the checksum taken when it was staged.
+                    if checksum(item.payload) != facts.crc:
+                        raise ValueError("stored payload does not match its staged checksum")
+                    piece = item.payload
+                else:
+                    raw = decompress(item.payload, facts.encoding)
+                    if len(raw) != size:
+                        raise ValueError(f"payload is {len(raw)} bytes, staged as {size}")
+                    piece = (
+                        item.payload
+                        if facts.encoding == target
+                        else compress(raw, compression, level)
+                    )
         except (BadPayload, ValueError) as exc:
             poison.append((item.id, str(exc)))
             continue

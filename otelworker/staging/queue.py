@@ -25,7 +25,8 @@ class Facts:
     """What the flush needs of a payload, taken from the door's one decode.
 
     ``encoding`` is how the payload is stored (``identity``, ``gzip`` or ``zstd``);
-    decompressed, it is the canonical protobuf request of ``raw_bytes`` bytes.
+    decompressed, it is the canonical protobuf request of ``raw_bytes`` bytes. ``crc``:
+    the CRC-32 of the stored bytes (None for rows staged before migration 0005).
     """
 
     encoding: str
@@ -33,6 +34,7 @@ class Facts:
     min_ns: int | None
     max_ns: int | None
     services: tuple[str, ...]
+    crc: int | None = None
 
 
 SERVICE_SEPARATOR = "\x1f"
@@ -62,6 +64,7 @@ class Claimed:
                 row["min_time_ns"],
                 row["max_time_ns"],
                 tuple(row["service_names"] or ()),
+                row["payload_crc"],
             )
         return cls(
             row["id"],
@@ -180,6 +183,7 @@ class StagingQueue:
         low = [min(f.min_ns, _MAX_NS) if f and f.min_ns is not None else None for f in facts]
         high = [min(f.max_ns, _MAX_NS) if f and f.max_ns is not None else None for f in facts]
         names = [SERVICE_SEPARATOR.join(f.services) if f else None for f in facts]
+        crcs = [f.crc if f else None for f in facts]
         owners = list(tenants) if tenants is not None else [self.default_tenant] * len(signals)
         try:
             async with self.pool.acquire() as conn:
@@ -194,6 +198,7 @@ class StagingQueue:
                     high,
                     names,
                     owners,
+                    crcs,
                     column=1,
                 )
         except DB_ERRORS as exc:

@@ -9,6 +9,7 @@ import os
 import re
 import sys
 import uuid
+import zlib
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -494,13 +495,19 @@ async def test_staged_compressed_rows_are_joined_and_a_corrupt_one_goes_dead_alo
     conn = await asyncpg.connect(database_url)
     try:
         rows = await conn.fetch(
-            "SELECT id, payload, payload_encoding, raw_bytes, service_names FROM ingestion_queue"
-            " ORDER BY id"
+            "SELECT id, payload, payload_encoding, raw_bytes, service_names, payload_crc"
+            " FROM ingestion_queue ORDER BY id"
         )
-        # Staged in the object's codec, with the facts the flush needs.
+        # Staged in the object's codec, with the facts the flush needs and the checksum
+        # of the stored bytes it checks them by.
         assert {r["payload_encoding"] for r in rows} == {compression}
         assert all(r["service_names"] == [f"staged-{compression}"] for r in rows)
         assert all(len(unstage(r["payload"])) == r["raw_bytes"] for r in rows)
+        assert all(r["payload_crc"] == zlib.crc32(r["payload"]) for r in rows)
+        # A row staged before migration 0005 (no checksum) is checked by decompression.
+        await conn.execute(
+            "UPDATE ingestion_queue SET payload_crc = NULL WHERE id = $1", rows[5]["id"]
+        )
         # One row's stored bytes cut short (a torn write, a bug): it must go dead alone.
         poison = rows[3]["id"]
         poison_ids = set(record_ids("traces", otlp.decode("traces", unstage(rows[3]["payload"]))))

@@ -26,15 +26,15 @@ SELECT coalesce(max(version), 0) FROM otelworker_migrations;
 -- idle pollers (delivered at commit) and returns the transaction id, which the backlog
 -- figure compares with its count's snapshot so a commit is never counted twice.
 -- Each row's facts ride along ($4..$8: encoding, decompressed size, time range, service
--- names joined by U+001F, one string per row since arrays of arrays do not unnest), and
--- its tenant ($9).
+-- names joined by U+001F, one string per row since arrays of arrays do not unnest), its
+-- tenant ($9) and the CRC-32 of its stored bytes ($10).
 WITH staged AS (
     INSERT INTO ingestion_queue (signal, payload, record_count, payload_encoding, raw_bytes,
-                                 min_time_ns, max_time_ns, service_names, tenant)
-    SELECT s, p, r, coalesce(e, 'identity'), b, lo, hi, string_to_array(n, E'\x1f'), t
+                                 min_time_ns, max_time_ns, service_names, tenant, payload_crc)
+    SELECT s, p, r, coalesce(e, 'identity'), b, lo, hi, string_to_array(n, E'\x1f'), t, c
     FROM unnest($1::text[], $2::bytea[], $3::integer[], $4::text[], $5::integer[],
-                $6::bigint[], $7::bigint[], $8::text[], $9::text[])
-         AS u(s, p, r, e, b, lo, hi, n, t)
+                $6::bigint[], $7::bigint[], $8::text[], $9::text[], $10::bigint[])
+         AS u(s, p, r, e, b, lo, hi, n, t, c)
 )
 SELECT pg_notify('otelworker_staged', ''), pg_current_xact_id()::text;
 
@@ -86,7 +86,7 @@ SET status = 'processing',
 FROM chosen c
 WHERE q.id = c.id
 RETURNING q.id, q.signal, q.payload, q.record_count, q.attempts, q.payload_encoding,
-          q.raw_bytes, q.min_time_ns, q.max_time_ns, q.service_names,
+          q.raw_bytes, q.min_time_ns, q.max_time_ns, q.service_names, q.payload_crc,
           coalesce(q.tenant, $5) AS tenant;
 
 -- name: renew_leases --

@@ -18,7 +18,8 @@ CREATE TABLE ingestion_queue (
     min_time_ns      bigint,
     max_time_ns      bigint,
     service_names    text[],
-    tenant           text
+    tenant           text,
+    payload_crc      bigint
 );
 
 ALTER TABLE ingestion_queue ALTER COLUMN payload SET STORAGE EXTERNAL;
