@@ -417,6 +417,7 @@ ROW_ORDER = (
     "noop",
     "grpc",
     "all",
+    "all_base",
     "rotel",
     "noop_2p",
     "durable_2p",
@@ -438,6 +439,7 @@ ROW_TITLES = {
     "noop": "no-op",
     "grpc": "ROLE=ingress (gRPC)",
     "all": "ROLE=all (+S3)",
+    "all_base": "ROLE=all, base tree",
     "rotel": "rotel (blackhole)",
     "noop_2p": "no-op, 2 proc",
     "durable_2p": "ROLE=ingress, 2 proc",
@@ -451,6 +453,7 @@ ROW_KIND = {
     "grpc": "ingress",
     "durable_2p": "ingress",
     "all": "all",
+    "all_base": "all",
     "all_2p": "all",
     "noop": "baseline",
     "noop_2p": "baseline",
@@ -782,19 +785,32 @@ async def _start_targets(
             procs.append(grpc_proc)
             trees = {"service": grpc_proc.pid, "postgres": pg_pid}
             targets.append(Target("grpc", grpc_proc, trees, dsn=dsn, grpc_port=grpc_port))
-        elif name in ("all", "all_2p"):
+        elif name in ("all", "all_2p", "all_base"):
             s3 = await asyncio.to_thread(ctx.s3)
-            bucket = await asyncio.to_thread(s3.create_bucket, "otelworker-bench-all")
+            base = name == "all_base"
+            bucket = await asyncio.to_thread(
+                s3.create_bucket, "otelworker-bench-all-base" if base else "otelworker-bench-all"
+            )
             dsns.append(dsn := await ctx.pg.fresh_database("otelworker_bench_all"))
             n = 2 if name == "all_2p" else 1
+            if base and not ctx.args.base_tree:
+                raise SystemExit("the all_base row needs --base-tree PATH")
             # The default STAGING_MAX_BACKLOG: a drain that cannot keep up shows as 429s.
             settings = {"DATABASE_URL": dsn, "ROLE": "all", "LOG_LEVEL": "INFO"}
             settings.update(s3.service_env(bucket))
             proc = provision.AppProcess(
                 "otelworker.app:app",
                 settings=settings,
-                log_path=ctx.workdir / ("all-service.log" if n == 1 else "all-2p-service.log"),
+                log_path=ctx.workdir
+                / (
+                    "all-base-service.log"
+                    if base
+                    else "all-service.log"
+                    if n == 1
+                    else "all-2p-service.log"
+                ),
                 extra_args=["-w", "2"] if n > 1 else None,
+                cwd=ctx.args.base_tree if base else None,
             )
             procs.append(proc)
             trees = {
@@ -1615,9 +1631,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--base-tree",
         metavar="PATH",
-        help="the durable_base row: ROLE=ingress served from another checkout (e.g. `git "
-        "worktree add /tmp/base HEAD~1`), beside `durable` in the same run: an A/B of a "
-        "code change by CPU us per span",
+        help="the durable_base and all_base rows: ROLE=ingress / ROLE=all served from another "
+        "checkout (e.g. `git worktree add /tmp/base HEAD~1`), beside `durable` / `all` in the "
+        "same run: an A/B of a code change by CPU us per span",
     )
     parser.add_argument(
         "--sizes",
