@@ -90,16 +90,6 @@ class _Head:
         return int(declared) if declared and declared.isdigit() else None
 
 
-_TENANT_KEYS: dict[str, bytes] = {}
-
-
-def _tenant_key(header: str) -> bytes:
-    key = _TENANT_KEYS.get(header)
-    if key is None:
-        key = _TENANT_KEYS[header] = header.lower().encode("latin-1")
-    return key
-
-
 class _NoAnswer(Response):
     """For a client that went away: nothing to send (the server ends the stream)."""
 
@@ -172,7 +162,7 @@ async def export(request: Request) -> Response:
 
 async def _export(request: Request, signal: str, service: Service) -> Response:
     intake = service.intake
-    head = _Head(request.scope, _tenant_key(intake.settings.tenant_header))
+    head = _Head(request.scope, intake.settings.tenant_header.lower().encode("latin-1"))
     encoding = head.encoding
     declared = head.declared_length
     answer = _Answer(intake, signal, encoding or otlp.PROTOBUF, head)
