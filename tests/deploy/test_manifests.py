@@ -11,9 +11,12 @@ import copy
 import json
 import re
 import shlex
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import kubernetes_validate
 import pytest
@@ -25,13 +28,20 @@ from otelworker.ingress.routes import healthz, readyz, routes
 from otelworker.ingress.routes import metrics as metrics_endpoint
 from otelworker.metrics import Metrics
 from otelworker.settings import SECRET_KEYS, Settings, env_key
+from tests.deploy import prometheusrule
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 KUBERNETES = DEPLOY / "kubernetes"
-ALERTS = DEPLOY / "prometheus" / "alerts.yaml"
+PROMETHEUS = DEPLOY / "prometheus"
+ALERTS = PROMETHEUS / "alerts.yaml"
 DASHBOARD = DEPLOY / "grafana" / "otelworker.json"
 DEPLOY_DOC = ROOT / "docs" / "deploy.md"
+PROMETHEUS_RULE = PROMETHEUS / "prometheusrule.yaml"
+# The runbook links' default base (deploy/prometheus/kustomization.yaml sets it): the docs/
+# directory of the repository.
+RUNBOOK_BASE = "https://github.com/otelworker/otelworker/blob/main/docs/"
+RUNBOOK_BASE_PATH = urlsplit(RUNBOOK_BASE).path
 DOCKERFILE = ROOT / "Dockerfile"
 
 # Kubernetes schemas to validate against (kubernetes-validate ships one set per minor).
@@ -55,7 +65,8 @@ def _settings_default(key: str) -> Any:
     return Settings.model_fields[key.lower()].default
 
 
-# --- rendering (a small kustomize: resources and strategic-merge patches) --------------
+# --- rendering (a small kustomize: resources, strategic-merge patches, and the
+# configMapGenerator literals and replacements deploy/prometheus uses) ------------------
 
 # List fields merged item by item (by this key) in a strategic-merge patch, as kustomize
 # does for these Kubernetes fields; every other list is replaced.
@@ -104,7 +115,8 @@ def _load_yaml_docs(path: Path) -> list[Doc]:
 def render(directory: Path) -> list[Doc]:
     """The resources `kubectl kustomize DIRECTORY` gives, for the features used here."""
     kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
-    unsupported = set(kustomization) - {"apiVersion", "kind", "resources", "patches"}
+    supported = {"apiVersion", "kind", "resources", "patches", "configMapGenerator", "replacements"}
+    unsupported = set(kustomization) - supported
     assert not unsupported, f"{directory}: render() does not implement {unsupported}"
     docs: list[Doc] = []
     for resource in kustomization.get("resources", []):
@@ -121,9 +133,66 @@ def render(directory: Path) -> list[Doc]:
                 del docs[targets[0]]
             else:
                 docs[targets[0]] = _merge(docs[targets[0]], patch)
+    docs += [_generate_configmap(spec) for spec in kustomization.get("configMapGenerator", [])]
+    for replacement in kustomization.get("replacements", []):
+        _replace(docs, replacement)
+    docs = [doc for doc in docs if not _local_config(doc)]
     identities = [_identity(doc) for doc in docs]
     assert len(identities) == len(set(identities)), f"{directory}: duplicates {identities}"
     return docs
+
+
+def _generate_configmap(spec: Doc) -> Doc:
+    assert set(spec) <= {"name", "literals", "options"}, f"configMapGenerator: {spec}"
+    options = spec.get("options", {})
+    assert options.get("disableNameSuffixHash") is True, "render() does not hash names"
+    data = dict(literal.split("=", 1) for literal in spec.get("literals", []))
+    metadata = {"name": spec["name"], "annotations": options.get("annotations", {})}
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": data}
+
+
+def _local_config(doc: Doc) -> bool:
+    annotations = doc.get("metadata", {}).get("annotations") or {}
+    return bool(annotations.get("config.kubernetes.io/local-config") == "true")
+
+
+def _field_slots(node: Any, path: list[str]) -> Iterator[tuple[Any, str]]:
+    """(container, key) for every field a dotted path names; `*` is every item of a list."""
+    head, rest = path[0], path[1:]
+    if head == "*":
+        for item in node if isinstance(node, list) else []:
+            yield from _field_slots(item, rest)
+    elif isinstance(node, dict) and head in node:
+        if rest:
+            yield from _field_slots(node[head], rest)
+        else:
+            yield node, head
+
+
+def _replace(docs: list[Doc], replacement: Doc) -> None:
+    """A kustomize replacement: a source field's value into target fields (whole, or one
+    part of the target's value split by options.delimiter)."""
+    source = replacement["source"]
+    (origin,) = [doc for doc in docs if _identity(doc) == (source.get("kind"), source.get("name"))]
+    [(container, key)] = _field_slots(origin, source["fieldPath"].split("."))
+    value = container[key]
+    for target in replacement["targets"]:
+        select = target["select"]
+        assert set(select) <= {"kind", "name"}, f"render() selects by kind and name: {select}"
+        for doc in docs:
+            if select.get("kind", doc["kind"]) != doc["kind"]:
+                continue
+            if select.get("name", doc["metadata"]["name"]) != doc["metadata"]["name"]:
+                continue
+            options = target.get("options", {})
+            for path in target["fieldPaths"]:
+                for slot, field in _field_slots(doc, path.split(".")):
+                    if "delimiter" in options:
+                        parts = slot[field].split(options["delimiter"])
+                        parts[options.get("index", 0)] = value
+                        slot[field] = options["delimiter"].join(parts)
+                    else:
+                        slot[field] = value
 
 
 @pytest.fixture(scope="module", params=sorted(KUSTOMIZATIONS))
@@ -424,10 +493,69 @@ def test_alert_rules_are_complete() -> None:
         assert rule["expr"].count("(") == rule["expr"].count(")")
         assert re.fullmatch(r"\d+[smh]", rule["for"]), rule["for"]
         assert rule["labels"]["severity"] in {"critical", "warning", "info"}
-        assert rule["annotations"]["summary"].strip()
-        document, _, anchor = rule["annotations"]["runbook"].partition("#")
-        assert document == "docs/deploy.md", rule["annotations"]["runbook"]
-        assert anchor.startswith("runbook-") and anchor in anchors, anchor
+        annotations = rule["annotations"]
+        assert set(annotations) == {"summary", "description", "runbook_url"}, rule["alert"]
+        assert annotations["summary"].strip() and "\n" not in annotations["summary"].strip()
+        assert annotations["description"].strip()
+        url = urlsplit(annotations["runbook_url"])
+        assert url.scheme in ("http", "https") and url.netloc, annotations["runbook_url"]
+        assert url.path.startswith(RUNBOOK_BASE_PATH), annotations["runbook_url"]
+        document = ROOT / "docs" / url.path.removeprefix(RUNBOOK_BASE_PATH)
+        assert document == DEPLOY_DOC, annotations["runbook_url"]
+        assert url.fragment.startswith("runbook-") and url.fragment in anchors, url.fragment
+
+
+def _runbook_urls(rules: list[Doc]) -> list[str]:
+    return [rule["annotations"]["runbook_url"] for rule in rules]
+
+
+def test_prometheus_rule_is_the_alerts_file() -> None:
+    assert PROMETHEUS_RULE.read_text() == prometheusrule.text(), (
+        "deploy/prometheus/prometheusrule.yaml is out of date:"
+        " .venv/bin/python -m tests.deploy.prometheusrule"
+    )
+
+
+def test_prometheus_kustomization_renders_the_alerts_with_the_default_base() -> None:
+    (rule,) = render(PROMETHEUS)  # the base URL's ConfigMap is local-config: not applied
+    assert rule["kind"] == "PrometheusRule"
+    assert rule["spec"]["groups"] == yaml.safe_load(ALERTS.read_text())["groups"]
+    assert all(url.startswith(RUNBOOK_BASE) for url in _runbook_urls(_alert_rules()))
+
+
+def test_runbook_base_url_is_set_in_one_place(tmp_path: Path) -> None:
+    kustomization = (PROMETHEUS / "kustomization.yaml").read_text()
+    assert kustomization.count(RUNBOOK_BASE) == 1
+    for name in ("kustomization.yaml", "prometheusrule.yaml"):
+        text = (PROMETHEUS / name).read_text()
+        (tmp_path / name).write_text(text.replace(f"={RUNBOOK_BASE}", "=https://wiki.example/ow/"))
+    (rule,) = render(tmp_path)
+    expected = [
+        url.replace(RUNBOOK_BASE, "https://wiki.example/ow/")
+        for url in _runbook_urls(_alert_rules())
+    ]
+    rules = [r for group in rule["spec"]["groups"] for r in group["rules"]]
+    assert _runbook_urls(rules) == expected
+    assert all(url.startswith("https://wiki.example/ow/deploy.md#runbook-") for url in expected)
+
+
+def test_render_agrees_with_kustomize() -> None:
+    """render()'s configMapGenerator and replacements against the real kustomize, where
+    kubectl is installed (the tests above need only render())."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed")
+    for directory in (PROMETHEUS, KUSTOMIZATIONS["base"]):
+        out = subprocess.run(
+            [kubectl, "kustomize", str(directory)], capture_output=True, text=True, check=True
+        ).stdout
+        assert sorted(map(_canonical, yaml.safe_load_all(out))) == sorted(
+            map(_canonical, render(directory))
+        ), directory
+
+
+def _canonical(doc: Doc) -> str:
+    return json.dumps(doc, sort_keys=True)
 
 
 def test_alerts_cover_the_issue_list() -> None:
