@@ -19,33 +19,35 @@ import logging
 import random
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
-from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
-import orjson
-from google.protobuf.message import DecodeError
-from google.rpc import status_pb2
 
-from otelworker import otlp
 from otelworker.exceptions import OtelWorkerError
 from otelworker.logs import log_event
+from otelworker.otlp_answers import (
+    RETRYABLE,
+    detail,
+    parse_retry_after,
+    redact,
+    rejected_records,
+)
 
-RETRYABLE = frozenset({429, 502, 503, 504})
+__all__ = [
+    "RETRYABLE",
+    "Ack",
+    "ReplayError",
+    "RequestRejected",
+    "RetriesExhausted",
+    "RetryPolicy",
+    "Sender",
+    "backoff_s",
+    "parse_retry_after",
+    "redact",
+    "rejected_records",
+]
+
 # A Retry-After is honoured up to this; past it the target is asking for something odd.
 MAX_RETRY_AFTER_S = 600.0
-_REJECTED = {
-    "traces": "rejected_spans",
-    "metrics": "rejected_data_points",
-    "logs": "rejected_log_records",
-}
-_REJECTED_JSON = {
-    "traces": "rejectedSpans",
-    "metrics": "rejectedDataPoints",
-    "logs": "rejectedLogRecords",
-}
 
 
 class ReplayError(OtelWorkerError):
@@ -64,82 +66,12 @@ class RetriesExhausted(ReplayError):
     """A request still failed after every attempt."""
 
 
-def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP-date)."""
-    if value is None:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        at = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if at.tzinfo is None:
-        at = at.replace(tzinfo=UTC)
-    waited: float = (at - (now or datetime.now(UTC))).total_seconds()
-    return max(0.0, waited)
-
-
 def backoff_s(
     attempt: int, initial_s: float, max_s: float, rand: Callable[[], float] = random.random
 ) -> float:
     """Exponential backoff with equal jitter: between half and all of initial * 2**attempt."""
     ceiling = min(max_s, initial_s * 2.0**attempt)
     return ceiling / 2 + rand() * ceiling / 2
-
-
-def redact(url: str) -> str:
-    """The URL without user information (a password may sit there)."""
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
-def rejected_records(signal: str, content_type: str, body: bytes) -> tuple[int, str]:
-    """``partial_success``'s rejected count and message from a 2xx answer, if any."""
-    if not body:
-        return 0, ""
-    try:
-        if content_type.startswith("application/json"):
-            tree = orjson.loads(body)
-            partial = tree.get("partialSuccess") or tree.get("partial_success") or {}
-            count = partial.get(_REJECTED_JSON[signal], partial.get(_REJECTED[signal], 0))
-            message = partial.get("errorMessage", partial.get("error_message", ""))
-            return int(count or 0), str(message or "")
-        response: Any = otlp.RESPONSE_TYPES[signal]()
-        response.ParseFromString(body)
-        return (
-            int(getattr(response.partial_success, _REJECTED[signal])),
-            str(response.partial_success.error_message),
-        )
-    except (DecodeError, orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
-        return 0, ""
-
-
-def _detail(content_type: str, body: bytes) -> str:
-    """What a refusal's body says: a google.rpc.Status message, else its text."""
-    if content_type.startswith("application/x-protobuf"):
-        status = status_pb2.Status()
-        try:
-            status.ParseFromString(body)
-            if status.message:
-                return str(status.message)
-        except DecodeError:
-            pass
-    if content_type.startswith("application/json"):
-        try:
-            tree = orjson.loads(body)
-            if isinstance(tree, dict) and tree.get("message"):
-                return str(tree["message"])
-        except orjson.JSONDecodeError:
-            pass
-    return body[:200].decode("utf-8", errors="replace").strip()
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,7 +166,7 @@ class Sender:
                     if resp.status not in RETRYABLE:
                         raise RequestRejected(
                             f"{self.target}/v1/{signal} answered {resp.status} for object"
-                            f" {object_key}: {_detail(content_type, answer) or resp.reason}",
+                            f" {object_key}: {detail(content_type, answer) or resp.reason}",
                             object_key,
                         )
                     wait = parse_retry_after(resp.headers.get("Retry-After"))

@@ -16,19 +16,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import logging
-import os
 import re
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
-from typing import Any
 
 import orjson
 
-from otelworker.exceptions import ConfigError
+from otelworker.config_file import Watched as _Watched
 from otelworker.ingress.admission import ByteBucket, TokenBucket
-from otelworker.logs import log_event
 from otelworker.settings import TENANT_PATTERN, AuthMode, Settings
 
 _TENANT = re.compile(TENANT_PATTERN)
@@ -38,86 +33,6 @@ _MAX_TRACKED = 10_000  # tenants whose buckets are kept (least recently seen evi
 
 def valid_tenant(name: str) -> bool:
     return _TENANT.fullmatch(name) is not None
-
-
-class _Watched:
-    """A file re-read when its (inode, size, mtime) changes; ``load`` parses its bytes."""
-
-    def __init__(self, path: str, setting: str, load: Callable[[bytes], Any]) -> None:
-        self.path = path
-        self.setting = setting
-        self._load = load
-        self._stamp: tuple[int, int, int] | None = None
-        self.value: Any = None
-        self.generation = 0
-        self._failed_stamp: tuple[int, int, int] | None = None
-
-    def first_load(self) -> None:
-        """At startup: a missing or malformed file is a configuration error."""
-        try:
-            stamp = self._stat()
-            with open(self.path, "rb") as fh:
-                data = fh.read()
-        except OSError as exc:
-            raise ConfigError(f"{self.setting}: cannot read {self.path}: {exc.strerror}") from None
-        try:
-            self.value = self._load(data)
-        except ValueError as exc:
-            raise ConfigError(f"{self.setting}: {self.path}: {exc}") from None
-        self._stamp = stamp
-        self.generation += 1
-
-    def _stat(self) -> tuple[int, int, int]:
-        st = os.stat(self.path)
-        return (st.st_ino, st.st_size, st.st_mtime_ns)
-
-    def current(self) -> Any:
-        """The value, re-read first if the file changed; the last good one if it fails."""
-        try:
-            stamp = self._stat()
-        except OSError as exc:
-            self._reload_failed(None, f"cannot read the file: {exc.strerror}")
-            return self.value
-        if stamp == self._stamp:
-            self._failed_stamp = None
-            return self.value
-        if stamp == self._failed_stamp:
-            return self.value
-        try:
-            with open(self.path, "rb") as fh:
-                data = fh.read()
-            value = self._load(data)
-        except (OSError, ValueError) as exc:
-            self._reload_failed(stamp, str(exc) if isinstance(exc, ValueError) else exc.strerror)
-            return self.value
-        self.value = value
-        self._stamp = stamp
-        self._failed_stamp = None
-        self.generation += 1
-        log_event(
-            "config_file_reloaded",
-            f"{self.setting} re-read",
-            reason="file_changed",
-            setting=self.setting,
-            path=self.path,
-        )
-        return value
-
-    def _reload_failed(self, stamp: tuple[int, int, int] | None, why: str | None) -> None:
-        if stamp is not None and stamp == self._failed_stamp:
-            return
-        if stamp is None and self._failed_stamp == (0, 0, 0):
-            return
-        self._failed_stamp = stamp if stamp is not None else (0, 0, 0)
-        log_event(
-            "config_file_reload_failed",
-            f"{self.setting} could not be re-read; the last good version stays in force",
-            reason="invalid_file",
-            level=logging.ERROR,
-            setting=self.setting,
-            path=self.path,
-            error=why,
-        )
 
 
 # --- tokens ---------------------------------------------------------------------------
