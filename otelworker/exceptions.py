@@ -15,6 +15,13 @@ class StagingUnavailable(OtelWorkerError):
     """The staging database could not take the payload; nothing was acknowledged."""
 
 
+class StagingRefused(StagingUnavailable):
+    """The database refused the data itself (a data error: SQLSTATE class 22 or 23, or a
+    value the driver cannot encode): the same data can never be stored, so retrying is
+    useless. A StagingUnavailable, so that a caller that does not tell them apart still
+    treats it as "not stored"."""
+
+
 class ObjectStoreError(OtelWorkerError):
     """The object store refused or failed an operation."""
 

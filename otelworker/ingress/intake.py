@@ -28,7 +28,12 @@ from typing import TYPE_CHECKING, Any
 
 from otelworker import otlp
 from otelworker.compression import ENCODING, checksum, compress
-from otelworker.exceptions import BadPayload, OtelWorkerError, StagingUnavailable
+from otelworker.exceptions import (
+    BadPayload,
+    OtelWorkerError,
+    StagingRefused,
+    StagingUnavailable,
+)
 from otelworker.ingress.admission import Verdict
 from otelworker.ingress.tenants import Tenant, Tenants, valid_tenant
 from otelworker.logs import log_event
@@ -344,6 +349,16 @@ class Intake:
             # Bounded by STAGING_COMMIT_TIMEOUT_S inside the committer, which withdraws an
             # entry no commit has taken, so a 503 always means "not stored".
             xid = await committer.stage(signal, stored, records, facts, tenant.name)
+        except StagingRefused as exc:
+            # The database refuses this payload's data: a retry can never succeed.
+            raise Refused(
+                Kind.INVALID,
+                "unstorable",
+                "the staging database refused this request's data; the data was not"
+                " accepted, and a retry will not succeed",
+                records=records,
+                cause=str(exc).split(":")[-1].strip(),
+            ) from None
         except StagingUnavailable as exc:
             raise Refused(
                 Kind.UNAVAILABLE,

@@ -22,6 +22,15 @@ DB_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.InterfaceError,
     asyncpg.exceptions.ConnectionDoesNotExistError,
 )
+# The errors that the data of a statement causes, not the database's state: SQLSTATE class
+# 22 (data exception: a character not in the encoding's repertoire, a value out of range)
+# and 23 (a constraint), and a value the driver cannot encode. Retrying the same data can
+# never succeed. Subclasses of DB_ERRORS' classes: test for them first.
+DATA_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.DataError,
+    asyncpg.IntegrityConstraintViolationError,
+    asyncpg.exceptions._base.DataError,
+)
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:

@@ -4,7 +4,9 @@ Each request appends its payload and awaits a future; a few committer tasks take
 everything waiting (up to GROUP_COMMIT_MAX_ITEMS / _MAX_BYTES), insert it in one
 transaction and resolve the futures after the commit. While one commit is in flight
 the next batch gathers, so the batch size follows the load with no added delay.
-A failed commit fails every request in it: none of them is acknowledged.
+A failed commit fails every request in it: none of them is acknowledged. A commit the
+database refuses for the data of some of its entries (a data error) is retried in halves,
+so that only the refused entries fail (as invalid) and the others are committed.
 
 A 503 means "not stored": a request whose entry no committer has taken within
 ``timeout_s`` is withdrawn (it will never be inserted) and fails at once; one already in
@@ -23,7 +25,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
-from otelworker.exceptions import StagingUnavailable
+from otelworker.exceptions import StagingRefused, StagingUnavailable
 from otelworker.logs import log_event
 from otelworker.staging.queue import Facts
 
@@ -193,33 +195,82 @@ class GroupCommitter:
     async def _commit(self, batch: list[_Entry]) -> None:
         try:
             async with asyncio.timeout(self.commit_timeout_s):
-                xid = await self._stage_many(
-                    [e.signal for e in batch],
-                    [e.payload for e in batch],
-                    [e.records for e in batch],
-                    [e.facts for e in batch],
-                    [e.tenant for e in batch],
-                )
+                await self._insert(batch)
         except TimeoutError:
-            # The outcome is unknown (as with a lost connection): answered 503.
-            self._fail(batch, StagingUnavailable("commit timeout: the commit did not answer"))
+            # The outcome is unknown (as with a lost connection): answered 503. Entries
+            # already answered (a part committed while the rest was retried) keep theirs.
+            left = [e for e in batch if e.outcome is UNSETTLED]
+            self._fail(left, StagingUnavailable("commit timeout: the commit did not answer"))
         except asyncio.CancelledError:
             for entry in batch:
+                if entry.outcome is not UNSETTLED:
+                    continue
                 exc = StagingUnavailable("shutting down")
                 entry.settle(exc)
                 if not entry.done.done():
                     entry.done.set_exception(exc)
             raise
+
+    async def _insert(self, batch: list[_Entry]) -> None:
+        """Insert ``batch`` in one statement and answer its entries. If the database refuses
+        the data of the statement (StagingRefused: a data error, which retrying the same
+        rows can never cure), each half is inserted again on its own, down to the entries
+        it refuses alone: only those fail, as invalid; the others are committed. One
+        client's payload never fails another's commit. All within the commit's one bound."""
+        try:
+            xid = await self._stage_many(
+                [e.signal for e in batch],
+                [e.payload for e in batch],
+                [e.records for e in batch],
+                [e.facts for e in batch],
+                [e.tenant for e in batch],
+            )
+        except StagingRefused as exc:
+            if len(batch) > 1:
+                half = len(batch) // 2
+                await self._insert(batch[:half])
+                await self._insert(batch[half:])
+                return
+            self._refuse(batch[0], exc)
+            return
         except StagingUnavailable as exc:
             self._fail(batch, exc)
-        else:
-            for entry in batch:
-                entry.settle(xid)
-                if not entry.done.done():
-                    entry.done.set_result(xid)
+            return
+        except Exception as exc:
+            # A bug (an error the adapter did not translate): the statement did not
+            # complete; its requests are answered 503 and the committer lives on.
+            log_event(
+                "internal_error",
+                "unexpected error in a group commit",
+                reason=type(exc).__name__,
+                level=logging.ERROR,
+                exc_info=exc,
+            )
+            self._fail(batch, StagingUnavailable(f"commit failed: {type(exc).__name__}"))
+            return
+        for entry in batch:
+            entry.settle(xid)
+            if not entry.done.done():
+                entry.done.set_result(xid)
+
+    @staticmethod
+    def _refuse(entry: _Entry, exc: StagingRefused) -> None:
+        log_event(
+            "stage_refused",
+            "the database refused a payload's data; its request answered as invalid",
+            reason=str(exc).split(":")[-1].strip(),
+            level=logging.WARNING,
+            signal=entry.signal,
+            tenant=entry.tenant,
+        )
+        entry.settle(exc)
+        if not entry.done.done():
+            entry.done.set_exception(exc)
 
     @staticmethod
     def _fail(batch: list[_Entry], exc: StagingUnavailable) -> None:
+        if not batch:
+            return
         log_event(
             "stage_failed",
             "group commit failed; requests answered 503",

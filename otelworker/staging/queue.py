@@ -15,8 +15,8 @@ from typing import Any, NamedTuple, Protocol
 
 import asyncpg
 
-from otelworker.exceptions import StagingUnavailable
-from otelworker.staging.database import DB_ERRORS
+from otelworker.exceptions import StagingRefused, StagingUnavailable
+from otelworker.staging.database import DATA_ERRORS, DB_ERRORS
 from otelworker.staging.sql import query
 
 
@@ -39,6 +39,31 @@ class Facts:
 
 SERVICE_SEPARATOR = "\x1f"
 _MAX_NS = (1 << 63) - 1  # bigint; a fixed64 timestamp past it is clamped
+REPLACEMENT = "\ufffd"
+
+
+def storable(text: str) -> str:
+    """``text`` as a PostgreSQL ``text`` value can hold it: NUL, which no ``text`` value
+    may contain (protobuf and OTLP/JSON allow it), becomes U+FFFD, and so does a lone
+    surrogate, which UTF-8 cannot encode (neither decoder at the door lets one through).
+    Only what is stored as ``text`` goes through here (service names, errors); a payload
+    is ``bytea`` and keeps its bytes."""
+    if "\x00" in text:
+        text = text.replace("\x00", REPLACEMENT)
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
+
+
+def _joined_names(services: Sequence[str]) -> str:
+    """A row's service names as stage_many carries them: storable, joined by U+001F (so a
+    name holding U+001F has it replaced, else it would be split in two)."""
+    return SERVICE_SEPARATOR.join(
+        storable(n).replace(SERVICE_SEPARATOR, REPLACEMENT) for n in services
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,7 +207,7 @@ class StagingQueue:
         raw = [f.raw_bytes if f else None for f in facts]
         low = [min(f.min_ns, _MAX_NS) if f and f.min_ns is not None else None for f in facts]
         high = [min(f.max_ns, _MAX_NS) if f and f.max_ns is not None else None for f in facts]
-        names = [SERVICE_SEPARATOR.join(f.services) if f else None for f in facts]
+        names = [_joined_names(f.services) if f else None for f in facts]
         crcs = [f.crc if f else None for f in facts]
         owners = list(tenants) if tenants is not None else [self.default_tenant] * len(signals)
         try:
@@ -201,6 +226,8 @@ class StagingQueue:
                     crcs,
                     column=1,
                 )
+        except DATA_ERRORS as exc:
+            raise StagingRefused(f"stage: {type(exc).__name__}") from exc
         except DB_ERRORS as exc:
             raise StagingUnavailable(f"stage: {type(exc).__name__}") from exc
         return int(xid)
@@ -256,7 +283,7 @@ class StagingQueue:
                         manifest.raw_bytes,
                         manifest.min_time,
                         manifest.max_time,
-                        list(manifest.service_names),
+                        [storable(n) for n in manifest.service_names],
                         manifest.tenant,
                     )
                 except BaseException:
@@ -264,6 +291,8 @@ class StagingQueue:
                     raise
                 await tx.commit()
                 return int(xid)
+        except DATA_ERRORS as exc:
+            raise StagingRefused(f"complete: {type(exc).__name__}") from exc
         except DB_ERRORS as exc:
             raise StagingUnavailable(f"complete: {type(exc).__name__}") from exc
 
@@ -274,7 +303,7 @@ class StagingQueue:
             "fail_claimed",
             list(ids),
             token,
-            error[:2000],
+            storable(error[:2000]),
             policy.max_attempts,
             float(policy.backoff_initial_ms),
             float(policy.backoff_max_ms),
@@ -282,7 +311,7 @@ class StagingQueue:
         return [(r["id"], r["status"]) for r in rows]
 
     async def kill(self, ids: Sequence[int], token: uuid.UUID, error: str) -> None:
-        await self._execute("kill_claimed", list(ids), token, error[:2000])
+        await self._execute("kill_claimed", list(ids), token, storable(error[:2000]))
 
     async def release(self, ids: Sequence[int], token: uuid.UUID) -> None:
         """Give back every claim of ``token`` (``ids``, the ones held in memory, included)."""

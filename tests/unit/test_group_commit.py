@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from otelworker.exceptions import StagingUnavailable
+from otelworker.exceptions import StagingRefused, StagingUnavailable
 from otelworker.staging.group_commit import GroupCommitter
 
 
@@ -123,3 +123,68 @@ async def test_a_cancelled_request_is_still_committed_not_withdrawn() -> None:
     finally:
         await stop(tasks)
     assert store.committed == [[b"first"], [b"client-gone"]]
+
+
+class RefusingStore:
+    """stage_many that refuses (a data error) any statement holding a payload b"bad"."""
+
+    def __init__(self) -> None:
+        self.statements: list[list[bytes]] = []
+        self.committed: list[bytes] = []
+
+    async def stage_many(
+        self,
+        signals: list[str],
+        payloads: list[bytes],
+        counts: list[int],
+        facts: list[Any],
+        tenants: list[str],
+    ) -> int:
+        self.statements.append(list(payloads))
+        await asyncio.sleep(0)
+        if b"bad" in payloads:
+            raise StagingRefused("stage: CharacterNotInRepertoireError")
+        self.committed.extend(payloads)
+        return len(self.statements)
+
+
+async def test_a_refused_entry_fails_alone_and_its_commit_mates_are_committed() -> None:
+    store = RefusingStore()
+    committer = GroupCommitter(store.stage_many, max_items=100, max_bytes=1 << 20, timeout_s=5)
+    payloads = [b"a", b"b", b"bad", b"c", b"d", b"e", b"bad", b"f"]
+    # Queued before any committer runs: they all share the first statement.
+    staged = [asyncio.create_task(committer.stage("traces", p, 1)) for p in payloads]
+    await asyncio.sleep(0)
+    tasks = await running(committer)
+    try:
+        outcomes = await asyncio.gather(*staged, return_exceptions=True)
+    finally:
+        await stop(tasks)
+    assert store.statements[0] == payloads
+    for payload, outcome in zip(payloads, outcomes, strict=True):
+        if payload == b"bad":
+            assert isinstance(outcome, StagingRefused)
+        else:
+            assert isinstance(outcome, int)
+    assert sorted(store.committed) == sorted(p for p in payloads if p != b"bad")
+
+
+async def test_an_unexpected_error_fails_its_commit_503_and_the_committer_lives_on() -> None:
+    calls: list[list[bytes]] = []
+
+    async def stage_many(*args: Any) -> int:
+        calls.append(list(args[1]))
+        if len(calls) == 1:
+            raise RuntimeError("a bug")
+        return 7
+
+    committer = GroupCommitter(stage_many, max_items=10, max_bytes=1 << 20, timeout_s=5)
+    tasks = await running(committer)
+    try:
+        with pytest.raises(StagingUnavailable) as failed:
+            await committer.stage("traces", b"first", 1)
+        assert not isinstance(failed.value, StagingRefused)
+        assert await committer.stage("traces", b"second", 1) == 7
+        assert not any(t.done() for t in tasks)
+    finally:
+        await stop(tasks)

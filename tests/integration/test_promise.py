@@ -1,0 +1,165 @@
+"""Issue 20's regressions: one client never fails anyone else's commit, a claim never
+returns a row its worker holds, short outages kill no row, corrupt rows are buried alone,
+and gc-orphans never removes an object younger than prune's minimum age."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from otelworker.exceptions import StagingRefused
+from otelworker.staging.database import create_pool
+from otelworker.staging.group_commit import GroupCommitter
+from otelworker.staging.queue import Facts, StagingQueue
+from tests.support.objects import manifest_rows, migrate, until, wait_drained
+from tests.support.payloads import traces
+from tests.support.server import running_service
+
+pytestmark = pytest.mark.integration
+
+PROTOBUF = "application/x-protobuf"
+
+
+def nul_trace_json() -> bytes:
+    """An OTLP/JSON trace whose service name and a span attribute hold U+0000."""
+    return json.dumps(
+        {
+            "resourceSpans": [
+                {
+                    "resource": {
+                        "attributes": [
+                            {"key": "service.name", "value": {"stringValue": "json\u0000svc"}}
+                        ]
+                    },
+                    "scopeSpans": [
+                        {
+                            "spans": [
+                                {
+                                    "traceId": "0af7651916cd43dd8448eb211c80319c",
+                                    "spanId": "b7ad6b7169203331",
+                                    "name": "nul\u0000span",
+                                    "startTimeUnixNano": "1700000000000000000",
+                                    "endTimeUnixNano": "1700000000000001000",
+                                    "attributes": [
+                                        {"key": "k", "value": {"stringValue": "a\u0000b"}}
+                                    ],
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ]
+        }
+    ).encode()
+
+
+def nul_trace_protobuf() -> bytes:
+    request = traces(2, service="proto\x00svc")
+    span = request.resource_spans[0].scope_spans[0].spans[0]
+    span.attributes.add(key="k\x00").value.string_value = "v\x00"
+    return request.SerializeToString()
+
+
+# --- 0: characters PostgreSQL's text refuses ------------------------------------------------
+
+
+async def test_nul_in_service_names_and_attributes_never_fails_the_shared_commit(
+    database_url: str, tmp_path: Path
+) -> None:
+    good = [traces(1, service=f"good-{i}").SerializeToString() for i in range(24)]
+    bad: list[tuple[bytes, str]] = [
+        (nul_trace_protobuf(), PROTOBUF) if i % 2 else (nul_trace_json(), "application/json")
+        for i in range(8)
+    ]
+    async with (
+        running_service(
+            database_url=database_url,
+            role="all",
+            local_object_dir=str(tmp_path / "objects"),
+            batch_flush_interval_ms=50,
+            poll_interval_ms=50,
+            group_commit_workers=1,
+        ) as svc,
+        httpx.AsyncClient(timeout=30) as client,
+    ):
+        # One client in four sends NULs, all at once, so that they share commits.
+        async def send(body: bytes, content_type: str) -> int:
+            response = await client.post(
+                svc.endpoint("traces"), content=body, headers={"content-type": content_type}
+            )
+            return response.status_code
+
+        sends = [send(b, PROTOBUF) for b in good] + [send(b, t) for b, t in bad]
+        statuses = await asyncio.gather(*sends)
+        assert statuses[: len(good)] == [200] * len(good)
+        # Made storable: the NUL is replaced in the facts, the payload keeps it.
+        assert statuses[len(good) :] == [200] * len(bad)
+
+        # A lone surrogate never reaches the database: the JSON parser refuses it (400).
+        lone = nul_trace_json().replace(b"json\\u0000svc", b"\\ud800")
+        response = await client.post(
+            svc.endpoint("traces"), content=lone, headers={"content-type": "application/json"}
+        )
+        assert response.status_code == 400
+
+        await wait_drained(database_url)
+        manifest = await manifest_rows(database_url)
+    names = {n for row in manifest for n in row["service_names"]}
+    assert {f"good-{i}" for i in range(24)} <= names
+    assert {"proto\ufffdsvc", "json\ufffdsvc"} <= names
+    assert sum(row["record_count"] for row in manifest) == 24 + 4 * 2 + 4
+
+
+async def test_a_row_the_database_refuses_fails_alone_with_its_batch_mates_committed(
+    database_url: str,
+) -> None:
+    """The group commit's mechanism, whatever the data error: the refused entry is
+    answered as invalid (not 503), every other entry of its commit is committed."""
+    await migrate(database_url)
+    pool = await create_pool(
+        database_url, min_size=1, max_size=4, connect_timeout_s=5, startup_timeout_s=10
+    )
+    queue = StagingQueue(pool)
+    held = asyncio.Event()
+    release = asyncio.Event()
+
+    async def stage_many(*args: Any) -> int | None:
+        held.set()
+        await release.wait()
+        return await queue.stage_many(*args)
+
+    committer = GroupCommitter(stage_many, max_items=100, max_bytes=1 << 20, timeout_s=10)
+    runner = asyncio.create_task(committer.run(), name="committer")
+    try:
+        first = asyncio.create_task(committer.stage("traces", b"first", 1))
+        await held.wait()  # the committer is busy: the next ones gather into one commit
+        facts = Facts("identity", 1, None, None, ("svc",), None)
+        # A signal outside the table's CHECK: a data error the database raises for one row.
+        signals = ["traces", "logs", "bogus", "metrics", "traces", "bogus", "logs"]
+        staged = [
+            asyncio.create_task(committer.stage(s, f"p{i}".encode(), 1, facts))
+            for i, s in enumerate(signals)
+        ]
+        await until(lambda: committer.waiting == len(signals), what="all entries waiting")
+        release.set()
+        outcomes = await asyncio.gather(first, *staged, return_exceptions=True)
+        await asyncio.wait_for(committer.drain(), 10)
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+        rows = await pool.fetch("SELECT signal, payload FROM ingestion_queue ORDER BY id")
+        await pool.close()
+
+    refused = [o for o in outcomes[1:] if isinstance(o, BaseException)]
+    assert len(refused) == 2 and all(isinstance(o, StagingRefused) for o in refused)
+    assert all(isinstance(o, int) for o in [outcomes[0], *outcomes[1:]] if o not in refused)
+    stored = sorted(bytes(r["payload"]) for r in rows)
+    expected = sorted(
+        [b"first"] + [f"p{i}".encode() for i, s in enumerate(signals) if s != "bogus"]
+    )
+    assert stored == expected
