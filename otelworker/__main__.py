@@ -97,8 +97,7 @@ async def _with_pool(settings: Settings, action: str, args: argparse.Namespace) 
         raise AssertionError(action)
     finally:
         await pool.close()
-        if service.embedded is not None:
-            await asyncio.to_thread(service.embedded.stop)
+        await service.release_embedded()
 
 
 def main(argv: list[str] | None = None) -> int:

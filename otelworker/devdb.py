@@ -6,6 +6,17 @@ written to ``otelworker.conf`` in the data directory (included from postgresql.c
 restart reuses the previous port and ``pg_ctl -D DIR start`` by hand behaves the same.
 ``fsync`` stays on: durability is the product, even on a dev box.
 
+Several processes share one cluster (``make run`` in one terminal, ``batches`` or
+``replay`` in another, the workers of ``hypercorn -w N``): each *attaches* with
+:meth:`EmbeddedPostgres.attach`, which starts the cluster only when none runs on that data
+directory, and *detaches* with :meth:`EmbeddedPostgres.detach`. Each attached process
+holds a shared ``flock`` on ``.<datadir>.users`` beside the data directory (the kernel
+drops it when the process dies, ``kill -9`` included); the last one out, the one that can
+take that lock exclusively, stops the cluster, and only if an otelworker process started
+it (its postmaster PID is recorded in ``.<datadir>.started``): a cluster started by hand
+with ``pg_ctl`` is never stopped. A ``postmaster.pid`` left by a killed server whose PID
+now names another program is detected, reported and removed before the start.
+
 PostgreSQL refuses to run as root; as root the cluster runs as the unprivileged system
 user ``pgserver`` (created if missing, as the ``pgserver`` wheel does), which then owns
 the data directory.
@@ -37,6 +48,8 @@ SUPERUSER = "postgres"
 SYSTEM_USER = "pgserver"
 CONF_NAME = "otelworker.conf"
 LOG_NAME = "postgresql.log"
+#: Start attempts while a killed server's backends still hold its shared memory.
+_SHMEM_RETRIES = 20
 _REQUIRED = ("initdb", "pg_ctl", "postgres")
 _TIMEOUT_S = 60
 
@@ -114,6 +127,22 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _is_postgres(pid: int) -> bool:
+    """Whether ``pid`` runs a PostgreSQL server (Linux /proc; assumed so elsewhere).
+
+    After a reboot or a long time, the PID in a killed server's ``postmaster.pid`` can
+    name another program; PostgreSQL would then refuse to start ("lock file already
+    exists").
+    """
+    try:
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+    except FileNotFoundError:
+        return not Path("/proc/self").exists() and _pid_alive(pid)
+    except OSError:
+        return True
+    return comm.startswith("postgres")
+
+
 def _children(pid: int) -> list[int]:
     """Direct children of ``pid`` (Linux /proc; empty elsewhere)."""
     found = []
@@ -175,6 +204,9 @@ class EmbeddedPostgres:
         self._requested_port = port
         self._bindir: Path | None = None
         self._user: pwd.struct_passwd | None = None
+        self._users_fd: int | None = None
+        #: Set by :meth:`attach`: whether this process started the cluster.
+        self.started_here = False
         if os.geteuid() == 0:
             self._user = _ensure_system_user(SYSTEM_USER)
 
@@ -191,28 +223,133 @@ class EmbeddedPostgres:
     @property
     def running(self) -> bool:
         pid = self._pid_file_field(0)
-        return pid is not None and _pid_alive(int(pid))
+        return pid is not None and _pid_alive(int(pid)) and _is_postgres(int(pid))
+
+    @property
+    def attached(self) -> bool:
+        return self._users_fd is not None
+
+    def attach(self) -> str:
+        """Use the cluster: start it unless one already runs on the data directory.
+
+        Returns its DSN. Pair with :meth:`detach`; a process that dies without detaching
+        leaves the cluster running for the others (and for its own restart).
+        """
+        with self._lock():
+            if self._users_fd is None:
+                fd = os.open(self._side_file("users"), os.O_RDWR | os.O_CREAT, 0o600)
+                fcntl.flock(fd, fcntl.LOCK_SH)
+                self._users_fd = fd
+            try:
+                was_running = self.running
+                dsn = self._start_locked()
+            except BaseException:
+                self._release_users()
+                raise
+            self.started_here = not was_running
+            if self.started_here:
+                self._side_file("started").write_text(f"{self._pid_file_field(0)}\n")
+            return dsn
+
+    def detach(self) -> bool:
+        """Stop using the cluster; the last user out stops it if otelworker started it.
+
+        Returns whether the cluster was stopped here. No-op unless attached.
+        """
+        if self._users_fd is None:
+            return False
+        with self._lock():
+            self._release_users()
+            fd = os.open(self._side_file("users"), os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return False  # another process still uses it
+                if not (self.running and self._started_by_otelworker()):
+                    return False
+                self._pg_ctl("stop", "-m", "fast", "-w", "-t", str(_TIMEOUT_S))
+                self._side_file("started").unlink(missing_ok=True)
+                return True
+            finally:
+                os.close(fd)
+
+    def _release_users(self) -> None:
+        if self._users_fd is not None:
+            os.close(self._users_fd)  # drops the shared lock
+            self._users_fd = None
+
+    def _side_file(self, what: str) -> Path:
+        """``.<datadir>.<what>`` beside the data directory (the data directory itself
+        belongs to the server's user)."""
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        return self.data_dir.parent / f".{self.data_dir.name}.{what}"
+
+    def _started_by_otelworker(self) -> bool:
+        try:
+            recorded = self._side_file("started").read_text().strip()
+        except OSError:
+            return False
+        return recorded != "" and recorded == self._pid_file_field(0)
 
     def start(self) -> str:
-        """Start the cluster (creating it if needed) and return its DSN; no-op if running."""
+        """Start the cluster (creating it if needed) and return its DSN; no-op if running.
+
+        Unlike :meth:`attach`, this does not register a user: the caller owns the cluster
+        and stops it with :meth:`stop` (the test session's private clusters).
+        """
         with self._lock():
-            if self.running:
-                self._wait_ready()
-                self._port = self._pid_file_port()
-                return self.dsn
-            self._prepare()
-            attempts = 1 if self._requested_port is not None else 3
-            for attempt in range(1, attempts + 1):
-                self._port = self._choose_port()
-                self._write_conf(self._port)
-                try:
-                    self._pg_ctl("start", "-w", "-t", str(_TIMEOUT_S), "-l", str(self.log_file))
-                    break
-                except RuntimeError:
-                    # an automatically chosen port may have been taken meanwhile: try another
-                    if attempt == attempts or _port_is_free(self.host, self._port):
-                        raise
+            return self._start_locked()
+
+    def _start_locked(self) -> str:
+        if self.running:
+            self._wait_ready()
+            self._port = self._pid_file_port()
             return self.dsn
+        self._clear_stale_pid_file()
+        self._prepare()
+        attempts = 1 if self._requested_port is not None else 3
+        attempt = 0
+        shmem_waits = 0
+        while True:
+            attempt += 1
+            self._port = self._choose_port()
+            self._write_conf(self._port)
+            try:
+                self._pg_ctl("start", "-w", "-t", str(_TIMEOUT_S), "-l", str(self.log_file))
+                return self.dsn
+            except RuntimeError as exc:
+                if "shared memory block is still in use" in str(exc) and (
+                    shmem_waits < _SHMEM_RETRIES
+                ):
+                    # A killed server's backends notice their postmaster's death within
+                    # moments and exit; until then its shared memory is still attached.
+                    shmem_waits += 1
+                    attempt -= 1
+                    time.sleep(0.25)
+                    continue
+                # an automatically chosen port may have been taken meanwhile: try another
+                if attempt >= attempts or _port_is_free(self.host, self._port):
+                    raise
+
+    def _clear_stale_pid_file(self) -> None:
+        """A ``postmaster.pid`` whose PID is alive but not a PostgreSQL server is stale
+        (a killed server's PID reused): PostgreSQL would refuse to start. Remove it."""
+        raw = self._pid_file_field(0)
+        if raw is None:
+            return
+        pid = int(raw)
+        if _pid_alive(pid) and not _is_postgres(pid):
+            from otelworker.logs import log_event
+
+            log_event(
+                "embedded_database_stale_pid_file",
+                "removed a postmaster.pid naming a process that is not PostgreSQL",
+                reason="pid_reused",
+                data_dir=str(self.data_dir),
+                pid=pid,
+            )
+            (self.data_dir / "postmaster.pid").unlink(missing_ok=True)
 
     def stop(self, mode: str = "fast") -> None:
         """``pg_ctl stop -m mode -w``; no-op if the cluster is not running."""
@@ -243,9 +380,7 @@ class EmbeddedPostgres:
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
         """Serialise start/stop across processes (e.g. several hypercorn workers)."""
-        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
-        lock_path = self.data_dir.parent / f".{self.data_dir.name}.lock"
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(self._side_file("lock"), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield

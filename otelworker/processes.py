@@ -71,7 +71,7 @@ def serve_processes(settings: Settings, processes: int) -> int:
         from otelworker.devdb import EmbeddedPostgres
 
         embedded = EmbeddedPostgres(settings.embedded_db_dir)
-        env["OTEL_DATABASE_URL"] = embedded.start()
+        env["OTEL_DATABASE_URL"] = embedded.attach()
     children = _Children()
     handlers = {s: signal.signal(s, children.on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -99,7 +99,7 @@ def serve_processes(settings: Settings, processes: int) -> int:
                 child.kill()
                 child.wait()
         if embedded is not None:
-            embedded.stop()
+            embedded.detach()
 
 
 def _wait(children: _Children, settings: Settings) -> int:

@@ -104,14 +104,43 @@ class Service:
                 "(install otelworker[embedded] or set DATABASE_URL)"
             ) from exc
         self.embedded = EmbeddedPostgres(self.settings.embedded_db_dir)
-        dsn: str = await asyncio.to_thread(self.embedded.start)
-        log_event(
-            "embedded_database_started",
-            "DATABASE_URL unset; started a private PostgreSQL",
-            reason="database_url_unset",
-            data_dir=self.settings.embedded_db_dir,
-        )
+        dsn: str = await asyncio.to_thread(self.embedded.attach)
+        if self.embedded.started_here:
+            log_event(
+                "embedded_database_started",
+                "DATABASE_URL unset; started a private PostgreSQL",
+                reason="database_url_unset",
+                data_dir=self.settings.embedded_db_dir,
+            )
+        else:
+            log_event(
+                "embedded_database_attached",
+                "DATABASE_URL unset; using the private PostgreSQL already running",
+                reason="already_running",
+                data_dir=self.settings.embedded_db_dir,
+            )
         return dsn
+
+    async def release_embedded(self) -> None:
+        """Detach from the embedded cluster; the last user out stops it."""
+        if self.embedded is None or not self.embedded.attached:
+            return
+        stopped = await asyncio.to_thread(self.embedded.detach)
+        if stopped:
+            log_event(
+                "embedded_database_stopped",
+                "stopped the private PostgreSQL (no other otelworker process uses it)",
+                reason="last_user",
+                data_dir=self.settings.embedded_db_dir,
+            )
+        else:
+            log_event(
+                "embedded_database_left_running",
+                "left the private PostgreSQL running: another process uses it, or it "
+                "was not started by otelworker",
+                reason="in_use_or_not_ours",
+                data_dir=self.settings.embedded_db_dir,
+            )
 
     async def start(self) -> None:
         s = self.settings
@@ -226,8 +255,7 @@ class Service:
                 await asyncio.wait_for(self.pool.close(), timeout=max(grace, 1.0))
             except TimeoutError:
                 self.pool.terminate()
-        if self.embedded is not None:
-            await asyncio.to_thread(self.embedded.stop)
+        await self.release_embedded()
         log_event("service_stopped", "otelworker stopped", reason="shutdown")
 
     async def readiness(self) -> tuple[bool, str]:
