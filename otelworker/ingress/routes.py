@@ -191,6 +191,17 @@ async def _export(request: Request, signal: str, service: Service) -> Response:
                 "unsupported Content-Type; use application/x-protobuf or application/json",
             )
         )
+    limit = intake.settings.max_request_body_bytes
+    if declared is not None and declared > limit:
+        # Can never be accepted: 413 (permanent) before any admission that could answer
+        # 429, which would have the client retry it forever.
+        return answer.refuse(
+            Refused(
+                Kind.TOO_LARGE,
+                "too_large",
+                f"Content-Length {declared} exceeds the limit of {limit} bytes",
+            )
+        )
     try:
         # Several Content-Encoding lines are one list (RFC 9110 §5.3).
         decoders = codings(",".join(head.encodings))

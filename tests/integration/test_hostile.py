@@ -542,6 +542,45 @@ async def test_bytes_in_flight_past_the_limit_are_429_before_the_body_is_read(
     assert [r["record_count"] for r in await staged_rows(database_url)] == [300, 2]
 
 
+async def test_a_declared_length_past_the_body_limit_is_413_even_at_the_inflight_limit(
+    database_url: str,
+) -> None:
+    """A request that can never be accepted is told so (413), not to retry (429), even
+    while the bytes in flight are at their limit."""
+    async with running_service(
+        database_url=database_url,
+        role="ingress",
+        max_inflight_bytes=24 * 1024,
+        log_aggregation_window_s=0,
+    ) as svc:
+        body = payloads.traces(300).SerializeToString()
+        slow, huge = [await Connection.open(svc) for _ in range(2)]
+        try:
+            await slow.send_head(
+                "/v1/traces", {"Content-Type": PROTOBUF, "Content-Length": str(len(body))}
+            )
+            slow.writer.write(body[:100])
+            await slow.writer.drain()
+            inflight = svc.service.inflight
+            assert inflight is not None
+            deadline = asyncio.get_running_loop().time() + 10
+            while inflight.value < len(body):
+                assert asyncio.get_running_loop().time() < deadline, "never reserved"
+                await asyncio.sleep(0.01)
+            await huge.send_head(
+                "/v1/traces", {"Content-Type": PROTOBUF, "Content-Length": "10000000000"}
+            )
+            refused = await huge.read_answer()
+            assert refused.status == 413, refused
+            assert "retry-after" not in refused.headers
+            slow.writer.write(body[100:])
+            await slow.writer.drain()
+            assert (await slow.read_answer()).status == 200
+        finally:
+            for conn in (slow, huge):
+                conn.close()
+
+
 async def test_a_compressed_body_is_counted_decompressed_too(database_url: str) -> None:
     """A small gzip body of a large payload reserves its decompressed bytes once
     decompressed: past the limit (with another request holding bytes), 429."""
