@@ -30,6 +30,7 @@ import os
 import signal
 import threading
 from collections.abc import AsyncIterator, Callable
+from urllib.parse import unquote
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -308,6 +309,25 @@ def _keep_sigterm(
     loop.add_signal_handler(signal.SIGTERM, on_sigterm)
 
 
+def origin_form(scope: Scope) -> None:
+    """An absolute-form request target (``POST http://host:4318/v1/traces``, which RFC 9112
+    section 3.2.2 says a server MUST accept) as the origin form the routes match.
+
+    hypercorn passes such a target whole in ``path`` and ``raw_path``; here they become the
+    path after the authority (``/`` when there is none), decoded as hypercorn decodes
+    ``path``. The authority is not checked against Host (nothing here routes by host). Any
+    other target not starting with ``/`` (``*``) is left as it is, for a 404.
+    """
+    raw = scope.get("raw_path") or scope["path"].encode("utf-8")
+    scheme, sep, rest = raw.partition(b"://")
+    if not sep or scheme.lower() not in (b"http", b"https"):
+        return
+    slash = rest.find(b"/")
+    target = rest[slash:] if slash >= 0 else b"/"
+    scope["raw_path"] = target
+    scope["path"] = unquote(target.decode("ascii", "replace"))
+
+
 class App(Starlette):
     """Starlette, with the three OTLP export paths served ahead of its stack.
 
@@ -321,6 +341,8 @@ class App(Starlette):
     export_stack: ASGIApp | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not scope["path"].startswith("/"):
+            origin_form(scope)
         stack = self.export_stack
         if (
             stack is not None
