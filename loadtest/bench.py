@@ -4,6 +4,7 @@
     python -m loadtest.bench drain    # drain spans/s vs durable ingest spans/s: target >= 1.5x
     python -m loadtest.bench all      # both (the default; `make bench`)
     python -m loadtest.bench soak     # ROLE=all at a steady load, per-minute figures (`make soak`)
+    python -m loadtest.bench forward  # ROLE=all with one destination vs without (bench_forward)
     python -m loadtest.bench all --json bench.json --duration 15 --rounds 2 --items 20000
     python -m loadtest.bench ingest --duration 5 --rounds 1 --sizes 100   # quick, one size
     python -m loadtest.bench ingest --rows durable,noop,rotel --sizes 512
@@ -1610,7 +1611,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m loadtest.bench", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument(
-        "command", nargs="?", default="all", choices=["ingest", "drain", "all", "soak"]
+        "command",
+        nargs="?",
+        default="all",
+        choices=["ingest", "drain", "all", "soak", "forward"],
+        help="`forward` alone: the forwarding rows only (loadtest/bench_forward.py)",
     )
     parser.add_argument("--duration", type=float, default=15.0, help="seconds per timed run")
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds of warm-up per target")
@@ -1670,6 +1675,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--interval", type=float, default=60.0, help="soak: seconds per reported interval"
+    )
+    parser.add_argument(
+        "--forward-sizes",
+        default="100,512",
+        metavar="LIST",
+        help="forward: trace request sizes in spans (default 100,512)",
+    )
+    parser.add_argument(
+        "--probe-interval-ms",
+        type=float,
+        default=50.0,
+        help="forward: one ack-to-delivery probe request this often during each run",
+    )
+    parser.add_argument(
+        "--forward-latency-concurrency",
+        type=int,
+        default=4,
+        metavar="N",
+        help="forward: connections of the paced run that measures latency at a sustained rate",
     )
     parser.add_argument("--json", metavar="PATH", help="write every figure as JSON")
     parser.add_argument(
@@ -1760,6 +1784,16 @@ async def amain(args: argparse.Namespace, workdir: Path) -> int:
             _print_drain(drain)
             ok = ok and drain["verification"]["ok"]
             if args.strict and not drain["met"]:
+                ok = False
+        if args.command in ("forward", "all"):
+            from loadtest.bench_forward import bench_forward, print_forward
+
+            _say()
+            forward = await bench_forward(ctx)
+            results["forward"] = forward
+            print_forward(forward)
+            ok = ok and forward["verification"]["ok"]
+            if args.strict and not all(t["met"] for t in forward["targets"]):
                 ok = False
     finally:
         await asyncio.to_thread(ctx.close)
