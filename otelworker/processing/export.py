@@ -96,8 +96,14 @@ def prepare(
                         if facts.encoding == target
                         else compress(raw, compression, level)
                     )
-        except (BadPayload, ValueError) as exc:
+        except BadPayload as exc:
             poison.append((item.id, str(exc)))
+            continue
+        except Exception as exc:
+            # Whatever checking one row raises (a codec's own error: ISA-L's IsalError,
+            # zlib.error, zstd's; a ValueError) makes that row poison, alone: never the
+            # batch's failure, which would bring the row and its batch-mates back forever.
+            poison.append((item.id, f"{type(exc).__name__}: {exc}"))
             continue
         good.append(item.id)
         pieces.append(piece)

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 
@@ -16,7 +17,7 @@ from otelworker.exceptions import StagingRefused
 from otelworker.staging.database import create_pool
 from otelworker.staging.group_commit import GroupCommitter
 from otelworker.staging.queue import Facts, StagingQueue
-from tests.support.objects import manifest_rows, migrate, until, wait_drained
+from tests.support.objects import manifest_rows, migrate, queue_rows, until, wait_drained
 from tests.support.payloads import traces
 from tests.support.server import running_service
 
@@ -163,3 +164,64 @@ async def test_a_row_the_database_refuses_fails_alone_with_its_batch_mates_commi
         [b"first"] + [f"p{i}".encode() for i, s in enumerate(signals) if s != "bogus"]
     )
     assert stored == expected
+
+
+# --- 5: every error checking one row makes that row poison, alone ---------------------------
+
+
+async def test_a_row_of_corrupt_deflate_goes_dead_alone_and_its_batch_mates_are_exported(
+    database_url: str, tmp_path: Path
+) -> None:
+    objects = str(tmp_path / "objects")
+    async with (
+        running_service(database_url=database_url, role="ingress", s3_compression="gzip") as svc,
+        httpx.AsyncClient(timeout=30) as client,
+    ):
+        for i in range(6):
+            body = traces(2, service=f"mate-{i}").SerializeToString()
+            response = await client.post(
+                svc.endpoint("traces"), content=body, headers={"content-type": PROTOBUF}
+            )
+            assert response.status_code == 200
+    conn = await asyncpg.connect(database_url)
+    try:
+        ids = [r["id"] for r in await conn.fetch("SELECT id FROM ingestion_queue ORDER BY id")]
+        corrupt = ids[2]
+        # Staged before the checksum column (no payload_crc): checked by decompression. Its
+        # deflate stream is corrupt after the gzip header: ISA-L raises its own IsalError.
+        payload = bytes(
+            await conn.fetchval("SELECT payload FROM ingestion_queue WHERE id = $1", corrupt)
+        )
+        payload = payload[:10] + bytes(b ^ 0xFF for b in payload[10:30]) + payload[30:]
+        await conn.execute(
+            "UPDATE ingestion_queue SET payload = $2, payload_crc = NULL WHERE id = $1",
+            corrupt,
+            payload,
+        )
+        # A row staged before the facts (identity, decoded at the flush) whose service name
+        # holds a NUL: the manifest stores it storable.
+        await conn.execute(
+            "INSERT INTO ingestion_queue (signal, payload, record_count) VALUES ('traces', $1, 2)",
+            traces(2, service="old\x00row").SerializeToString(),
+        )
+    finally:
+        await conn.close()
+    async with running_service(
+        database_url=database_url,
+        role="worker",
+        local_object_dir=objects,
+        s3_compression="gzip",
+        batch_max_size=50,
+        batch_flush_interval_ms=300,
+        poll_interval_ms=50,
+        lease_timeout_s=5,
+    ):
+        status = await wait_drained(database_url, within_s=60)
+        rows = await queue_rows(database_url)
+    assert status == {"dead": 1}
+    assert [r["id"] for r in rows] == [corrupt]
+    assert rows[0]["attempts"] == 1 and "IsalError" in rows[0]["last_error"]
+    manifest = await manifest_rows(database_url)
+    names = {n for row in manifest for n in row["service_names"]}
+    assert names == {f"mate-{i}" for i in range(6) if i != 2} | {"old\ufffdrow"}
+    assert sum(row["record_count"] for row in manifest) == 5 * 2 + 2

@@ -46,3 +46,21 @@ def test_rows_without_a_checksum_are_checked_by_decompression() -> None:
     assert prepared.good == [0, 2]
     assert [item_id for item_id, _ in prepared.poison] == [1]
     assert gzip.decompress(prepared.body) == raws[0] + raws[2]
+
+
+def test_any_error_checking_one_row_buries_that_row_alone() -> None:
+    """A corrupt deflate stream in a row without a checksum raises the codec's own error
+    (ISA-L's IsalError, not a ValueError): that row is poison, its batch-mates go on."""
+    raws = [span_request([bytes([n]) * 8], service_name="svc") for n in range(1, 5)]
+    items = [_staged(n, raw, crc=False) for n, raw in enumerate(raws)]
+    good = items[1].payload
+    corrupt = good[:10] + bytes(b ^ 0xFF for b in good[10:30]) + good[30:]
+    items[1] = Claimed(1, "traces", corrupt, 1, 0, items[1].facts)
+    # And a row staged in another codec whose bytes are not that codec's at all.
+    other = Facts("zstd", len(raws[3]), 1, 2, ("svc",), None)
+    items[3] = Claimed(3, "traces", b"\x28\xb5\x2f\xfd" + bytes(range(40)), 1, 0, other)
+    prepared = prepare("traces", items, Compression.GZIP, 1)
+    assert prepared.good == [0, 2]
+    assert sorted(item_id for item_id, _ in prepared.poison) == [1, 3]
+    assert all(reason for _, reason in prepared.poison)
+    assert gzip.decompress(prepared.body) == raws[0] + raws[2]
