@@ -1,0 +1,1 @@
+"""Forwarding: every archived object delivered to each OTLP destination that wants it."""
