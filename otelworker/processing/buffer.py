@@ -48,7 +48,12 @@ class Buffer:
     def room_bytes(self) -> int:
         return max(0, self.max_bytes - self.bytes)
 
-    def put(self, item: Claimed) -> None:
+    def put(self, item: Claimed) -> bool:
+        """Hold a claimed item; False (nothing changes) for an id held already: a claim
+        excludes the rows this worker holds, and should one come back all the same, it is
+        one item, counted once, never a second copy of its payload or its bytes."""
+        if item.id in self._held or item.id in self._settling:
+            return False
         if len(self._held) >= self.capacity:
             raise RuntimeError("buffer is full; the poller claims only its free room")
         self._held[item.id] = item
@@ -56,6 +61,7 @@ class Buffer:
         self._queue.put_nowait(item)
         if self.room <= 0:
             self._room.clear()
+        return True
 
     def _drop(self, item_id: int) -> bool:
         item = self._held.pop(item_id, None)

@@ -87,7 +87,11 @@ class Poller:
             room = self.buffer.room
             try:
                 claimed = await self.queue.claim(
-                    room, self.lease_s, self.token, max_bytes=self.buffer.room_bytes
+                    room,
+                    self.lease_s,
+                    self.token,
+                    max_bytes=self.buffer.room_bytes,
+                    held=self.buffer.held_ids(),
                 )
             except StagingUnavailable as exc:
                 log_event(
@@ -99,8 +103,8 @@ class Poller:
                 await self._idle()
                 continue
             for item in claimed:
-                self.buffer.put(item)
-                self.metrics.items_claimed.labels(item.signal).inc()
+                if self.buffer.put(item):
+                    self.metrics.items_claimed.labels(item.signal).inc()
             self.metrics.buffer_depth.set(self.buffer.depth)
             if len(claimed) < room and self.buffer.room > 0:
                 await self._idle()

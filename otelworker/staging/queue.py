@@ -130,7 +130,12 @@ class QueuePort(Protocol):
     """What the processing pipeline needs of the staging queue."""
 
     async def claim(
-        self, limit: int, lease_s: float, token: uuid.UUID, max_bytes: int = 1 << 62
+        self,
+        limit: int,
+        lease_s: float,
+        token: uuid.UUID,
+        max_bytes: int = 1 << 62,
+        held: Sequence[int] = (),
     ) -> list[Claimed]: ...
 
     async def renew(self, ids: Sequence[int], lease_s: float, token: uuid.UUID) -> None: ...
@@ -246,10 +251,18 @@ class StagingQueue:
 
     # --- processing ----------------------------------------------------------------
     async def claim(
-        self, limit: int, lease_s: float, token: uuid.UUID, max_bytes: int = 1 << 62
+        self,
+        limit: int,
+        lease_s: float,
+        token: uuid.UUID,
+        max_bytes: int = 1 << 62,
+        held: Sequence[int] = (),
     ) -> list[Claimed]:
-        """Up to ``limit`` rows, as many as start within ``max_bytes`` (the first always)."""
-        rows = await self._fetch("claim", limit, lease_s, token, max_bytes, self.default_tenant)
+        """Up to ``limit`` rows, as many as start within ``max_bytes`` (the first always);
+        never one of ``held``, the rows this worker (``token``) holds already."""
+        rows = await self._fetch(
+            "claim", limit, lease_s, token, max_bytes, self.default_tenant, list(held)
+        )
         return sorted((Claimed.from_row(r) for r in rows), key=lambda c: c.id)
 
     async def renew(self, ids: Sequence[int], lease_s: float, token: uuid.UUID) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -225,3 +226,39 @@ async def test_a_row_of_corrupt_deflate_goes_dead_alone_and_its_batch_mates_are_
     names = {n for row in manifest for n in row["service_names"]}
     assert names == {f"mate-{i}" for i in range(6) if i != 2} | {"old\ufffdrow"}
     assert sum(row["record_count"] for row in manifest) == 5 * 2 + 2
+
+
+# --- 1: a claim never returns a row its worker holds ------------------------------------------
+
+
+async def test_a_claim_never_returns_a_row_its_worker_holds_after_its_lease_ran_out(
+    database_url: str,
+) -> None:
+    await migrate(database_url)
+    pool = await create_pool(
+        database_url, min_size=1, max_size=4, connect_timeout_s=5, startup_timeout_s=10
+    )
+    queue = StagingQueue(pool)
+    me, other = uuid.uuid4(), uuid.uuid4()
+    try:
+        await queue.stage_many(["traces"] * 4, [b"a", b"b", b"c", b"d"], [1] * 4)
+        mine = await queue.claim(2, 0.05, me)
+        held = [c.id for c in mine]
+        # A claim whose answer was lost: the rows carry this worker's token, not held.
+        lost = await queue.claim(1, 0.05, me)
+
+        async def expired() -> bool:
+            rows = await pool.fetch(
+                "SELECT count(*) FROM ingestion_queue WHERE lease_expires_at < now()"
+            )
+            return bool(rows[0][0] == 3)
+
+        await until(expired, what="the leases to run out (a stall past the lease)")
+        # The poller, woken first, claims again: never the rows it holds...
+        again = await queue.claim(10, 30, me, held=held)
+        assert sorted(c.id for c in again) == [lost[0].id, 4]
+        # ...which another worker may take over, as from a stalled worker.
+        taken = await queue.claim(10, 30, other)
+        assert sorted(c.id for c in taken) == sorted(held)
+    finally:
+        await pool.close()

@@ -61,6 +61,8 @@ class FakeQueue:
         self._next = rows + 1
         self.buffer: Buffer | None = None
         self.over_claims: list[tuple[int, int]] = []
+        self.held: list[list[int]] = []  # the ids each claim was told this worker holds
+        self.again: list[Claimed] = []  # rows a claim returns although the worker holds them
 
     def add(self, n: int) -> None:
         for _ in range(n):
@@ -68,8 +70,17 @@ class FakeQueue:
             self._next += 1
 
     async def claim(
-        self, limit: int, lease_s: float, token: uuid.UUID, max_bytes: int = 1 << 62
+        self,
+        limit: int,
+        lease_s: float,
+        token: uuid.UUID,
+        max_bytes: int = 1 << 62,
+        held: Sequence[int] = (),
     ) -> list[Claimed]:
+        self.held.append(list(held))
+        if self.again:
+            # As the claim did before it excluded held rows: this worker's own rows back.
+            return [self.again.pop()]
         if self.buffer is not None and limit > self.buffer.room:
             self.over_claims.append((limit, self.buffer.room))
         if self.unavailable:
@@ -166,6 +177,43 @@ async def test_room_is_counted_in_bytes_too() -> None:
     assert (buffer.room, buffer.room_bytes, buffer.bytes) == (9, 300, 700)
     buffer.done([1, 2])
     assert (buffer.room, buffer.bytes) == (10, 0)
+
+
+async def test_an_id_held_already_is_one_item_its_bytes_counted_once() -> None:
+    buffer = Buffer(10, max_bytes=1000)
+    row = Claimed(id=1, signal="logs", payload=bytes(600), record_count=1, attempts=0)
+    assert buffer.put(row)
+    # Claimed again (its lease ran out during a stall): neither a second copy nor its bytes.
+    assert not buffer.put(row)
+    assert (buffer.depth, buffer.bytes, buffer.queued()) == (1, 600, 1)
+    buffer.get_nowait()
+    buffer.uploaded([1])
+    assert not buffer.put(row)  # awaiting its index commit: still held
+    assert (buffer.depth, buffer.bytes, buffer.queued()) == (0, 0, 0)
+    buffer.done([1])
+    assert (buffer.room, buffer.room_bytes, buffer.held_ids()) == (10, 1000, [])
+
+
+async def test_claims_exclude_held_rows_and_one_returned_anyway_never_fills_the_buffer() -> None:
+    """After a stall past the lease, a claim that returned this worker's own rows added
+    their bytes twice and subtracted them once: "full" forever, or QueueFull killed the
+    poller. The poller tells the claim what it holds; the buffer counts a row once."""
+    queue = FakeQueue(rows=3)
+    buffer, poller = make(queue, capacity=3, interval_s=0.01)
+    async with polling(poller) as task:
+        await until(lambda: buffer.depth == 3, what="three rows held")
+        held = [buffer.get_nowait() for _ in range(3)]  # in a batch, being uploaded
+        queue.again.extend(held)  # the claim hands back rows the worker holds
+        buffer.uploaded([held[0].id])  # room for one: the poller claims again
+        await until(lambda: not queue.again, what="the stale claims to be answered")
+        await settle()
+        assert not task.done()
+        assert sorted(buffer.held_ids()) == [1, 2, 3] and buffer.depth == 2
+        assert buffer.queued() == 0  # no second copy to flush
+        buffer.done([1, 2, 3])
+        queue.add(2)
+        await until(lambda: buffer.depth == 2, what="the worker to keep claiming")
+    assert [1, 2, 3] in [sorted(h) for h in queue.held if h]
 
 
 async def test_uploaded_items_free_room_but_stay_claimed_until_done() -> None:

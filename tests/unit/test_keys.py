@@ -95,7 +95,12 @@ class RecordingQueue:
         self.manifests: list[Manifest] = []
 
     async def claim(
-        self, limit: int, lease_s: float, token: uuid.UUID, max_bytes: int = 1 << 62
+        self,
+        limit: int,
+        lease_s: float,
+        token: uuid.UUID,
+        max_bytes: int = 1 << 62,
+        held: Sequence[int] = (),
     ) -> list[Claimed]:
         return []
 

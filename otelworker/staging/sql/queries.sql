@@ -64,12 +64,16 @@ FROM per_tenant;
 -- processing whose lease has expired (a crashed or stalled worker's); and only as many,
 -- in id order, as start within $4 payload bytes (the first always, so a payload larger
 -- than the budget still moves); with each row's tenant (NULL: $5, DEFAULT_TENANT). octet_length reads the out-of-line value's size from its
--- TOAST pointer, without fetching it.
+-- TOAST pointer, without fetching it. Never a row this worker holds ($6: the ids in its
+-- buffer, which its renewer keeps leased): after a stall past the lease, the claim could
+-- otherwise take back its own rows before the renewer extends them. A row of this
+-- worker's token that it does not hold (a claim whose answer was lost) stays claimable.
 WITH candidates AS (
     SELECT id, octet_length(payload) AS size FROM ingestion_queue
     WHERE status IN ('pending', 'failed', 'processing')
       AND ((status <> 'processing' AND available_at <= now())
-           OR (status = 'processing' AND lease_expires_at < now()))
+           OR (status = 'processing' AND lease_expires_at < now()
+               AND NOT (lease_token = $3 AND id = ANY($6::bigint[]))))
     ORDER BY id
     LIMIT $1
     FOR UPDATE SKIP LOCKED
