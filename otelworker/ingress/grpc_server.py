@@ -8,10 +8,13 @@ INTERNAL) and the staged payload is the bytes received, never re-serialized.
 
 Status codes per the OTLP specification: throttled -> RESOURCE_EXHAUSTED with RetryInfo;
 database unavailable or stopping -> UNAVAILABLE with RetryInfo; malformed ->
-INVALID_ARGUMENT; too large -> RESOURCE_EXHAUSTED without RetryInfo (grpc's own answer);
+INVALID_ARGUMENT; too large -> RESOURCE_EXHAUSTED without RetryInfo (ours, counted as
+``too_large``, up to :func:`grpc_receive_limit`; grpc's own answer past that);
 shed by the overflow policy -> OK with ``partial_success``. RetryInfo travels both as a
 ``google.rpc.Status`` detail in ``grpc-status-details-bin`` (what the Collector and Go
 clients read) and as ``google.rpc.retryinfo-bin`` (what the Python SDK reads).
+
+The same server answers ``grpc.health.v1.Health`` (:mod:`otelworker.ingress.grpc_health`).
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from google.rpc import error_details_pb2, status_pb2
 
 from otelworker import otlp
 from otelworker.exceptions import ConfigError
-from otelworker.ingress.intake import Refused, RequestId
+from otelworker.ingress.grpc_health import Health
+from otelworker.ingress.intake import Kind, Refused, RequestId
 
 if TYPE_CHECKING:
     from otelworker.service import Service
@@ -37,6 +41,20 @@ SERVICES = {
     "logs": "opentelemetry.proto.collector.logs.v1.LogsService",
 }
 _SUCCESS: dict[str, bytes] = {s: otlp.success(s, otlp.PROTOBUF) for s in otlp.SIGNALS}
+_GRPC_MAX_INT = 2**31 - 1  # grpc's integer channel options are C ints
+
+
+def grpc_receive_limit(limit: int) -> int:
+    """grpc's own maximum received message for a MAX_REQUEST_BODY_BYTES of ``limit``.
+
+    Twice ours, so that a message over our limit (up to twice it) reaches the handler, which
+    refuses it as HTTP refuses a 413: RESOURCE_EXHAUSTED, counted in
+    ``otelworker_requests_refused_total{reason="too_large"}`` and logged. grpc refuses a
+    message inside its core, before any handler, and that refusal is in no metric; a limit
+    of its own is still needed, since grpc holds a message whole before the handler sees it
+    (grpc's bound, past which it answers RESOURCE_EXHAUSTED itself, uncounted).
+    """
+    return min(2 * limit, _GRPC_MAX_INT)
 
 
 def _trailers(refusal: Refused, code: grpc.StatusCode) -> tuple[tuple[str, bytes], ...]:
@@ -77,6 +95,8 @@ class OtlpGrpc:
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
         self._tenant_key = service.settings.tenant_header.lower()
+        self._limit = service.settings.max_request_body_bytes
+        self.health: Health | None = None
 
     def _handler(
         self, signal: str
@@ -98,6 +118,14 @@ class OtlpGrpc:
             # Who sends, before any other work.
             authorization, named = _metadata(context, "authorization", self._tenant_key)
             tenant = intake.identify(authorization, named)
+            if len(request) > self._limit:
+                # Can never be accepted: refused before any admission that could answer a
+                # retryable RESOURCE_EXHAUSTED (as HTTP answers 413 before a 429).
+                raise Refused(
+                    Kind.TOO_LARGE,
+                    "too_large",
+                    f"message of {len(request)} bytes exceeds the limit of {self._limit} bytes",
+                )
             verdict = intake.admit(tenant)
             if inflight is not None:
                 if not inflight.reserve(len(request)):
@@ -140,10 +168,9 @@ class OtlpGrpc:
 
         # TLS_CERT_FILE set: TLS (and with TLS_CLIENT_CA_FILE, client certificates) here too.
         credentials = grpc_credentials(self.service.settings)
-        limit = self.service.settings.max_request_body_bytes
         server = grpc.aio.server(
             options=[
-                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_receive_message_length", grpc_receive_limit(self._limit)),
                 ("grpc.max_send_message_length", 4 * 1024 * 1024),
             ]
         )
@@ -155,6 +182,7 @@ class OtlpGrpc:
                 for signal, name in SERVICES.items()
             ]
         )
+        health = Health(self.service, list(SERVICES.values()))
         try:
             if credentials is not None:
                 bound: int = server.add_secure_port(f"{host}:{port}", credentials)
@@ -164,13 +192,18 @@ class OtlpGrpc:
             raise ConfigError(f"GRPC_PORT: cannot listen on {host}:{port}: {exc}") from None
         if not bound:
             raise ConfigError(f"GRPC_PORT: cannot listen on {host}:{port}")
+        health.add_to(server)
         await server.start()
+        self.health = health
         self.server = server
         self.port = bound
         return bound
 
     async def stop(self, grace: float) -> None:
-        """Refuse new RPCs; let those in flight finish (their commits) for ``grace`` s."""
+        """Refuse new RPCs; let those in flight finish (their commits) for ``grace`` s.
+        The Health service says NOT_SERVING first, and its Watch streams end."""
+        if self.health is not None:
+            await self.health.close()
         if self.server is not None:
             await self.server.stop(grace)
             self.server = None
