@@ -18,7 +18,7 @@ from otelworker.archive.checkpoint import Checkpoint
 from otelworker.archive.listing import print_batches
 from otelworker.archive.manifest import ArchiveIndex
 from otelworker.archive.progress import Counts, Progress, human_bytes
-from otelworker.archive.prune import gc_orphans, prune
+from otelworker.archive.prune import ORPHAN_MIN_AGE_S, gc_orphans, prune
 from otelworker.archive.replay import DEFAULT_MAX_REQUEST_BYTES, Replay, ReplayOptions, summary
 from otelworker.archive.selection import Selection, TimeSpec, parse_duration
 from otelworker.archive.sender import RetryPolicy, Sender, redact
@@ -54,6 +54,17 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise ValueError(f"must be at least 1: {text}")
+    return value
+
+
+def _orphan_age_s(text: str) -> float:
+    """gc-orphans' age: prune's least age for an orphan, an hour, or more."""
+    value = float(text)
+    if not value >= ORPHAN_MIN_AGE_S:  # NaN too
+        raise ValueError(
+            f"must be at least {ORPHAN_MIN_AGE_S} (an hour, as for prune): a younger object"
+            f" may be an upload whose manifest row is still on its way: {text}"
+        )
     return value
 
 
@@ -240,9 +251,10 @@ def add_commands(sub: Any) -> None:
     gc = sub.add_parser("gc-orphans", help="remove uploaded objects that no manifest row names")
     gc.add_argument(
         "--older-than-s",
-        type=float,
-        default=3600.0,
-        help="only objects older than this many seconds (default 3600)",
+        type=_argtype(_orphan_age_s),
+        default=float(ORPHAN_MIN_AGE_S),
+        help="only objects older than this many seconds (default and least 3600: a younger"
+        " object may be an upload whose manifest row is still on its way)",
     )
     gc.add_argument("--dry-run", action="store_true")
     gc.add_argument(

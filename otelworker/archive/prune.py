@@ -33,10 +33,11 @@ from otelworker.sinks.base import ObjectStore
 CHUNK_ROWS = 1000
 SWEEP_PAGE = 500
 DELETE_CONCURRENCY = 8
-# No object younger than this is ever taken for an orphan (gc-orphans' default age): its
-# manifest row may still be on its way.
+# No object younger than this is ever taken for an orphan (gc-orphans' default and least
+# age, prune's least age for its sweep): its manifest row may still be on its way.
 ORPHAN_MIN_AGE = timedelta(hours=1)
 
+ORPHAN_MIN_AGE_S = int(ORPHAN_MIN_AGE.total_seconds())
 
 class PruneError(OtelWorkerError):
     """Manifest rows were deleted but some of their objects could not be."""
@@ -79,7 +80,14 @@ async def gc_orphans(
     default_tenant: str = "default",
 ) -> int:
     """Delete objects under ``prefix`` that no manifest row names, older than the age
-    (only ``tenant``'s keys, unless None: :func:`tenant_prefixes`)."""
+    (only ``tenant``'s keys, unless None: :func:`tenant_prefixes`). The age is at least
+    :data:`ORPHAN_MIN_AGE` (ValueError below it): a younger object without a row may be an
+    upload whose row is about to commit, and deleting it would lose acknowledged data."""
+    if not older_than >= ORPHAN_MIN_AGE:
+        raise ValueError(
+            f"the age of an orphan must be at least {ORPHAN_MIN_AGE_S} seconds (an hour):"
+            " a younger object may be an upload whose manifest row is still on its way"
+        )
     cutoff = (now or datetime.now(UTC)) - older_than
     found = 0
     page: list[str] = []

@@ -11,6 +11,7 @@ import sys
 import uuid
 import zlib
 from collections import Counter
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -20,6 +21,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from otelworker import otlp
+from otelworker.archive.manifest import ArchiveIndex
+from otelworker.archive.prune import ORPHAN_MIN_AGE, gc_orphans
+from otelworker.settings import load_settings
+from otelworker.sinks.factory import open_store
 from tests.support.objects import (
     KEY_LAYOUT,
     S3Access,
@@ -97,6 +102,26 @@ def cli_env(
             S3_FORCE_PATH_STYLE="true",
         )
     return env
+
+
+async def gc_orphans_hours_later(database_url: str, s3_server: Any, bucket: str) -> int:
+    """gc-orphans as a run two hours from now would see the bucket: the objects planted by
+    a test are as young as gc-orphans' least age (an hour) lets through no run, and S3
+    objects cannot be backdated."""
+    settings = load_settings(database_url=database_url, **s3_settings(s3_server, bucket))
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+    store = await open_store(settings)
+    try:
+        return await gc_orphans(
+            store,
+            ArchiveIndex(pool),
+            prefix=settings.s3_prefix,
+            older_than=ORPHAN_MIN_AGE,
+            now=datetime.now(UTC) + timedelta(hours=2),
+        )
+    finally:
+        await store.close()
+        await pool.close()
 
 
 async def cli(env: dict[str, str], cwd: Path, *args: str) -> str:
@@ -414,14 +439,20 @@ async def test_gc_orphans_removes_only_old_unindexed_objects_under_the_prefix(
     assert "removed 0 orphan object(s)" in out  # too young
     assert store.keys() == everything
 
+    # Below prune's least age for an orphan (an hour): a usage error, nothing removed.
+    with pytest.raises(AssertionError, match="at least 3600"):
+        await cli(env, tmp_path, "gc-orphans", "--older-than-s", "0")
     textfile = tmp_path / "otelworker_gc.prom"
-    out = await cli(env, tmp_path, "gc-orphans", "--older-than-s", "0", "--textfile", str(textfile))
-    assert "removed 1 orphan object(s)" in out
+    out = await cli(env, tmp_path, "gc-orphans", "--dry-run", "--textfile", str(textfile))
+    assert "would remove 0 orphan object(s)" in out
     # For node_exporter's textfile collector: the alert on orphans reads this.
     families = {f.name: f for f in text_string_to_metric_families(textfile.read_text())}
     [found] = families["otelworker_gc_orphans_found"].samples
-    assert found.value == 1 and found.labels == {"dry_run": "false"}
+    assert found.value == 0 and found.labels == {"dry_run": "true"}
     assert families["otelworker_gc_orphans_last_run_timestamp_seconds"].samples[0].value > 0
+    assert store.keys() == everything
+
+    assert await gc_orphans_hours_later(database_url, s3_server, s3_bucket) == 1
     assert store.keys() == sorted([*indexed, outside])
     # The manifest's objects are intact and still decode.
     again = await read_exported(database_url, store)

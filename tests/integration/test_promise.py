@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import sys
 import uuid
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +17,16 @@ import asyncpg
 import httpx
 import pytest
 
+from otelworker.archive.manifest import ArchiveIndex
+from otelworker.archive.prune import gc_orphans
 from otelworker.exceptions import StagingRefused
+from otelworker.metrics import Metrics
+from otelworker.processing.export import Exporter
+from otelworker.settings import Compression
+from otelworker.sinks.local import LocalObjectStore
 from otelworker.staging.database import create_pool
 from otelworker.staging.group_commit import GroupCommitter
-from otelworker.staging.queue import Facts, StagingQueue
+from otelworker.staging.queue import Facts, RetryPolicy, StagingQueue
 from tests.support.objects import manifest_rows, migrate, queue_rows, until, wait_drained
 from tests.support.payloads import traces
 from tests.support.server import running_service
@@ -25,6 +34,7 @@ from tests.support.server import running_service
 pytestmark = pytest.mark.integration
 
 PROTOBUF = "application/x-protobuf"
+ZERO = timedelta(0)
 
 
 def nul_trace_json() -> bytes:
@@ -261,4 +271,96 @@ async def test_a_claim_never_returns_a_row_its_worker_holds_after_its_lease_ran_
         taken = await queue.claim(10, 30, other)
         assert sorted(c.id for c in taken) == sorted(held)
     finally:
+        await pool.close()
+
+
+# --- 3: gc-orphans shares prune's minimum age -------------------------------------------------
+
+
+async def gc_orphans_cli(database_url: str, objects: Path, *args: str) -> tuple[int, str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("OTEL_", "S3_", "DATABASE_URL", "LOCAL_OBJECT_DIR"))
+    }
+    env.update(DATABASE_URL=database_url, LOCAL_OBJECT_DIR=str(objects))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "otelworker",
+        "gc-orphans",
+        *args,
+        env=env,
+        cwd=objects.parent,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_gc_orphans_racing_an_export_never_removes_its_object(
+    database_url: str, tmp_path: Path
+) -> None:
+    """An export uploads its object, then commits its manifest row: in between, the object
+    is named by no row. gc-orphans --older-than-s 0 deleted it then; the row committed
+    after named a missing object and the records were gone. Below prune's minimum age
+    gc-orphans is a usage error now, and at it a just-uploaded object is never taken."""
+    await migrate(database_url)
+    objects = tmp_path / "objects"
+    pool = await create_pool(
+        database_url, min_size=1, max_size=4, connect_timeout_s=5, startup_timeout_s=10
+    )
+    queue = StagingQueue(pool)
+    uploaded = asyncio.Event()
+    commit = asyncio.Event()
+
+    class Racing:
+        """The queue, its index commit held until the race has run."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(queue, name)
+
+        async def complete(self, *args: Any, **kwargs: Any) -> int | bool:
+            uploaded.set()
+            await commit.wait()
+            return await queue.complete(*args, **kwargs)
+
+    token = uuid.uuid4()
+    exporter = Exporter(
+        Racing(),  # type: ignore[arg-type]
+        LocalObjectStore(objects),
+        Metrics(),
+        token=token,
+        prefix="otel",
+        compression=Compression.GZIP,
+        retry=RetryPolicy(5, 10, 100),
+    )
+    try:
+        body = traces(3).SerializeToString()
+        await queue.stage_many(["traces"], [body], [3])
+        claimed = await queue.claim(10, 60, token)
+        flush = asyncio.create_task(exporter.flush("traces", list(claimed)), name="flush")
+        await asyncio.wait_for(uploaded.wait(), 30)
+        [key] = [p.relative_to(objects).as_posix() for p in objects.rglob("*.gz")]
+
+        code, out, err = await gc_orphans_cli(database_url, objects, "--older-than-s", "0")
+        assert code == 2, (out, err)
+        assert "--older-than-s" in err and "3600" in err
+        code, out, err = await gc_orphans_cli(database_url, objects)
+        assert code == 0 and "removed 0 orphan object(s)" in out, (out, err)
+        with pytest.raises(ValueError, match="at least 3600"):
+            await gc_orphans(
+                LocalObjectStore(objects), ArchiveIndex(pool), prefix="otel", older_than=ZERO
+            )
+        assert (objects / key).is_file()
+
+        commit.set()
+        await asyncio.wait_for(flush, 30)
+        manifest = await manifest_rows(database_url)
+        assert [row["object_key"] for row in manifest] == [key]
+        assert (objects / key).is_file()
+    finally:
+        commit.set()
         await pool.close()

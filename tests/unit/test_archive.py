@@ -652,7 +652,10 @@ async def test_gc_orphans_never_takes_a_young_object() -> None:
     store, index = prune_fixture()
     found = await gc_orphans(store, index, prefix="otel", older_than=timedelta(days=500), now=NOW)
     assert found == 0  # the orphan is 400 days old
-    found = await gc_orphans(store, index, prefix="otel", older_than=timedelta(0), now=NOW)
+    with pytest.raises(ValueError, match="at least 3600"):  # prune's least age, an hour
+        await gc_orphans(store, index, prefix="otel", older_than=timedelta(0), now=NOW)
+    assert "otel/orphan" in store.objects
+    found = await gc_orphans(store, index, prefix="otel", older_than=ORPHAN_MIN_AGE, now=NOW)
     assert found == 1 and "otel/orphan" not in store.objects
     assert timedelta(hours=1) == ORPHAN_MIN_AGE
 
