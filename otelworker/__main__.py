@@ -11,6 +11,7 @@ import sys
 from otelworker import logs, tls
 from otelworker.archive import cli as archive_cli
 from otelworker.exceptions import ConfigError, OtelWorkerError
+from otelworker.forwarding import cli as forwarding_cli
 from otelworker.processes import is_child, reuse_port_socket, serve_processes
 from otelworker.settings import Settings, load_settings
 
@@ -88,12 +89,16 @@ async def _with_pool(settings: Settings, action: str, args: argparse.Namespace) 
             print(f"migrations applied: {applied or 'none (schema current)'}")
             return 0
         queue = StagingQueue(pool)
+        if action == "requeue-dead" and args.destination is not None:
+            return await forwarding_cli.requeue_dead(args, settings, pool)
         if action == "requeue-dead":
             n = await queue.requeue_dead(args.signal, args.limit)
             print(f"requeued {n} dead item(s)")
             return 0
         if action in archive_cli.COMMANDS:
             return await archive_cli.run(args, settings, pool)
+        if action in forwarding_cli.COMMANDS:
+            return await forwarding_cli.run(args, settings, pool)
         raise AssertionError(action)
     finally:
         await pool.close()
@@ -117,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     requeue = sub.add_parser("requeue-dead", help="make dead items pending again")
     requeue.add_argument("--signal", choices=["traces", "metrics", "logs"])
     requeue.add_argument("--limit", type=int, default=1_000_000)
+    forwarding_cli.add_requeue_argument(requeue)
     archive_cli.add_commands(sub)
+    forwarding_cli.add_commands(sub)
     args = parser.parse_args(argv)
 
     try:
@@ -126,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"otelworker: {exc}", file=sys.stderr)
         return 2
     logs.configure(settings.log_level)
-    if args.command in archive_cli.COMMANDS:
+    if args.command in archive_cli.COMMANDS + forwarding_cli.COMMANDS:
         archive_cli.logs_to_stderr()
     server_tls = None
     if args.command == "serve":

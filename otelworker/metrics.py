@@ -6,7 +6,32 @@ on counters, and only low-cardinality labels (transport, signal, code, reason).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+
+class LostObjects(Collector):
+    """``otelworker_forward_lost_objects_total{destination}``: a running total kept in the
+    database (``delivery_losses``, written by ``prune --force``, another process), as last
+    read by the forwarder's stats task. Every forwarding process reports the same total:
+    aggregate with ``max``, not ``sum``."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "otelworker_forward_lost_objects",
+            "Objects prune --force deleted before a destination had taken them (their"
+            " deliveries were pending), per destination; the database's running total.",
+            labels=["destination"],
+        )
+        for destination, total in sorted(self.totals.items()):
+            family.add_metric([destination], total)
+        yield family
 
 
 class Metrics:
@@ -217,3 +242,44 @@ class Metrics:
             ["signal"],
             registry=r,
         )
+        # --- forwarding (otelworker/forwarding; the gauges as of the last stats count) ---
+        self.forward_delivered_records = Counter(
+            "otelworker_forward_delivered_records",
+            "Records a destination took (acknowledged, not counting those it rejected).",
+            ["destination", "signal"],
+            registry=r,
+        )
+        self.forward_rejected_records = Counter(
+            "otelworker_forward_rejected_records",
+            "Records a destination rejected in a partial success (not retried).",
+            ["destination", "signal"],
+            registry=r,
+        )
+        self.forward_attempts = Counter(
+            "otelworker_forward_attempts",
+            "Delivery attempts (one per object sent, whatever its parts), by outcome:"
+            " delivered, retry, permanent, object_missing, object_store_error.",
+            ["destination", "outcome"],
+            registry=r,
+        )
+        self.forward_pending_objects = Gauge(
+            "otelworker_forward_pending_objects",
+            "Deliveries not yet taken by the destination (pending or being sent).",
+            ["destination"],
+            registry=r,
+        )
+        self.forward_lag = Gauge(
+            "otelworker_forward_lag_seconds",
+            "Age of the oldest delivery the destination has not taken yet (0 when none).",
+            ["destination"],
+            registry=r,
+        )
+        self.forward_dead_objects = Gauge(
+            "otelworker_forward_dead_objects",
+            "Deliveries parked dead (a permanent refusal, or the object is gone);"
+            " requeue-dead --destination brings them back.",
+            ["destination"],
+            registry=r,
+        )
+        self.forward_lost_objects = LostObjects()
+        r.register(self.forward_lost_objects)

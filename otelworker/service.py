@@ -10,6 +10,9 @@ from typing import Any
 import asyncpg
 
 from otelworker.exceptions import ConfigError
+from otelworker.forwarding.deliveries import DeliveryQueue
+from otelworker.forwarding.destinations import DestinationsFile
+from otelworker.forwarding.forwarder import Forwarder
 from otelworker.ingress.admission import (
     BacklogTracker,
     InflightBytes,
@@ -50,6 +53,7 @@ class Service:
         self.gate: OverflowGate | None = None
         self.store: ObjectStore | None = None
         self.pipeline: Pipeline | None = None
+        self.forwarder: Forwarder | None = None
         self.embedded: Any = None
         self.dsn: str | None = None
         self.accepting = False
@@ -146,6 +150,10 @@ class Service:
         s = self.settings
         if s.runs_ingress:
             self.tenants = Tenants(s)
+        # DESTINATIONS_FILE: read at start (a bad file is a ConfigError), re-read on change.
+        destinations = None
+        if s.runs_forwarder and s.destinations_file is not None:
+            destinations = DestinationsFile(s.destinations_file)
         self.dsn = await self._resolve_dsn()
         self.pool = await create_pool(
             self.dsn,
@@ -201,20 +209,44 @@ class Service:
                     port=port,
                 )
 
-        if s.runs_worker:
+        if destinations is not None:
             self.store = await open_store(s)
+            self.forwarder = Forwarder(
+                DeliveryQueue(self.pool, s.default_tenant),
+                self.store,
+                self.metrics,
+                destinations=destinations.current,
+                lease_s=s.forward_lease_s,
+                backoff_max_s=s.forward_backoff_max_s,
+                poll_interval_s=s.forward_poll_interval_s,
+                cache_bytes=s.forward_cache_bytes,
+                events_window_s=s.log_aggregation_window_s,
+            )
+
+        if s.runs_worker:
+            if self.store is None:
+                self.store = await open_store(s)
             self.pipeline = Pipeline(s, self.queue, self.store, self.metrics, self.events)
             self.metrics.buffer_depth.set_function(self._buffer_depth)
             if self.backlog is not None:
                 # ROLE=all: this process's own exports leave the backlog figure at once,
                 # not only at the next recount (no early shedding while the drain keeps up).
                 self.pipeline.exporter.on_completed = self._exported
+            if self.forwarder is not None:
+                # Deliveries committed with each manifest row; the object handed over.
+                exporter = self.pipeline.exporter
+                exporter.route = self.forwarder.route
+                exporter.on_stored = self.forwarder.offer
+                exporter.on_handed = self.forwarder.wake
             self.pipeline.start(self.supervisor, self.dsn)
             if s.queue_vacuum_interval_s > 0 and self.dsn is not None:
                 vacuum = QueueVacuum(
                     self.dsn, s.queue_vacuum_interval_s, self.metrics, s.db_connect_timeout_s
                 )
                 self.supervisor.spawn(vacuum.run(), "queue-vacuum")
+
+        if self.forwarder is not None:
+            self.forwarder.start(self.supervisor, self.dsn)
 
         self.intake.tenants = self.tenants
         self.accepting = True
@@ -247,6 +279,10 @@ class Service:
                 )
         if self.pipeline is not None:
             await self.pipeline.stop(self.supervisor)
+        if self.forwarder is not None:
+            # After the pipeline's last commits: sends in flight finish within the grace,
+            # the rest are given back (pending again) for another forwarder.
+            await self.forwarder.stop(self.supervisor, grace)
         await self.supervisor.cancel_all()
         if self.store is not None:
             await self.store.close()

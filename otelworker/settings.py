@@ -42,6 +42,7 @@ class Role(enum.StrEnum):
     ALL = "all"
     INGRESS = "ingress"
     WORKER = "worker"
+    FORWARDER = "forwarder"
 
 
 class OverflowPolicy(enum.StrEnum):
@@ -161,6 +162,13 @@ class Settings(BaseSettings):
     s3_timeout_s: float = Field(30.0, gt=0.0, le=3600.0)
     local_object_dir: str = "./.otelworker/objects"
 
+    # --- forwarding (docs/forwarding.md) -----------------------------------------------
+    destinations_file: str | None = None
+    forward_lease_s: float = Field(60.0, ge=1.0, le=86_400.0)
+    forward_backoff_max_s: float = Field(300.0, ge=1.0, le=86_400.0)
+    forward_cache_bytes: int = Field(64 * MiB, ge=0, le=64 * 1024 * MiB)
+    forward_poll_interval_s: float = Field(5.0, ge=0.05, le=3600.0)
+
     @field_validator(
         "database_url",
         "s3_endpoint_url",
@@ -174,6 +182,7 @@ class Settings(BaseSettings):
         "tls_cert_file",
         "tls_key_file",
         "tls_client_ca_file",
+        "destinations_file",
         mode="before",
     )
     @classmethod
@@ -201,6 +210,8 @@ class Settings(BaseSettings):
             raise ValueError("TLS_CERT_FILE and TLS_KEY_FILE must be set together")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
             raise ValueError("TLS_CLIENT_CA_FILE needs TLS_CERT_FILE and TLS_KEY_FILE")
+        if self.role is Role.FORWARDER and self.destinations_file is None:
+            raise ValueError("ROLE=forwarder needs DESTINATIONS_FILE")
         return self
 
     @property
@@ -233,6 +244,13 @@ class Settings(BaseSettings):
     @property
     def runs_worker(self) -> bool:
         return self.role in (Role.ALL, Role.WORKER)
+
+    @property
+    def runs_forwarder(self) -> bool:
+        """ROLE=forwarder, and ROLE=all or worker when DESTINATIONS_FILE is set."""
+        if self.role is Role.FORWARDER:
+            return True
+        return self.runs_worker and self.destinations_file is not None
 
 
 def _describe(error: dict[str, Any]) -> str:

@@ -247,6 +247,13 @@ def add_commands(sub: Any) -> None:
     )
     _tenant_argument(prune_)
     prune_.add_argument("--dry-run", action="store_true", help="count, delete nothing")
+    prune_.add_argument(
+        "--force",
+        action="store_true",
+        help="also delete objects a forwarding destination has not taken yet (kept"
+        " otherwise); they are counted lost per destination"
+        " (otelworker_forward_lost_objects_total)",
+    )
 
     gc = sub.add_parser("gc-orphans", help="remove uploaded objects that no manifest row names")
     gc.add_argument(
@@ -306,6 +313,7 @@ async def run(args: argparse.Namespace, settings: Settings, pool: asyncpg.Pool) 
                 dry_run=args.dry_run,
                 tenant=args.tenant,
                 default_tenant=settings.default_tenant,
+                force=args.force,
             )
             verb = "would delete" if args.dry_run else "deleted"
             assert result.cutoff is not None
@@ -316,6 +324,16 @@ async def run(args: argparse.Namespace, settings: Settings, pool: asyncpg.Pool) 
                 f"{whose}; {'would remove' if args.dry_run else 'removed'} {result.orphans}"
                 " orphan object(s)"
             )
+            if result.kept:
+                per = ", ".join(f"{n} {c}" for n, c in sorted(result.kept_for.items()))
+                print(
+                    f"kept {result.kept} object(s) that destinations have not taken yet"
+                    f" ({per}); --force deletes them too"
+                )
+            if result.lost_for:
+                per = ", ".join(f"{n} {c}" for n, c in sorted(result.lost_for.items()))
+                lost = "would lose" if args.dry_run else "lost"
+                print(f"{lost} undelivered object(s) per destination: {per}")
             return 0
         if args.command == "gc-orphans":
             removed = await gc_orphans(

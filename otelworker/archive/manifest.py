@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
@@ -80,6 +80,17 @@ class Expired:
 
     keys: list[str]
     bytes: int
+    # prune --force: per destination, the objects deleted before it had taken them.
+    lost: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Undelivered:
+    """Objects stored before a cut that a destination has not taken yet (prune keeps
+    them): ``objects`` distinct in all, and per destination."""
+
+    objects: int = 0
+    by_destination: dict[str, int] = field(default_factory=dict)
 
 
 class KnownKeys(Protocol):
@@ -177,17 +188,43 @@ class ArchiveIndex:
         return {r[0] for r in rows}
 
     async def expire(
-        self, signal: str, before: datetime, limit: int, tenant: str | None = None
+        self,
+        signal: str,
+        before: datetime,
+        limit: int,
+        tenant: str | None = None,
+        force: bool = False,
     ) -> Expired:
         """Delete (and commit) up to ``limit`` rows of ``signal`` stored before ``before``
-        (only ``tenant``'s, unless None)."""
+        (only ``tenant``'s, unless None); a row a destination has not taken yet only with
+        ``force`` (its deliveries are then counted lost)."""
         rows = await self._fetch(
-            "archive_expire", signal, before, limit, tenant, self.default_tenant
+            "archive_expire", signal, before, limit, tenant, self.default_tenant, force
         )
+        lost: dict[str, int] = {}
+        for r in rows:
+            for destination in r["lost"] or ():
+                lost[destination] = lost.get(destination, 0) + 1
         return Expired(
-            [r["object_key"] for r in rows], sum(int(r["compressed_bytes"]) for r in rows)
+            [r["object_key"] for r in rows], sum(int(r["compressed_bytes"]) for r in rows), lost
         )
 
-    async def expired_totals(self, before: datetime, tenant: str | None = None) -> Totals:
-        [row] = await self._fetch("archive_expired_totals", before, tenant, self.default_tenant)
+    async def expired_totals(
+        self, before: datetime, tenant: str | None = None, force: bool = False
+    ) -> Totals:
+        [row] = await self._fetch(
+            "archive_expired_totals", before, tenant, self.default_tenant, force
+        )
         return Totals(int(row[0]), 0, int(row[1]))
+
+    async def undelivered(self, before: datetime, tenant: str | None = None) -> Undelivered:
+        """Rows stored before ``before`` that a destination has not taken yet."""
+        rows = await self._fetch("archive_kept_for_delivery", before, tenant, self.default_tenant)
+        total = 0
+        by_destination: dict[str, int] = {}
+        for r in rows:
+            if r["destination"] is None:
+                total = int(r["objects"])
+            else:
+                by_destination[r["destination"]] = int(r["objects"])
+        return Undelivered(total, by_destination)

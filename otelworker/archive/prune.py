@@ -21,10 +21,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol, runtime_checkable
 
-from otelworker.archive.manifest import ExpiringIndex, KnownKeys
+from otelworker.archive.manifest import ExpiringIndex, KnownKeys, Undelivered
 from otelworker.exceptions import ObjectStoreError, OtelWorkerError
 from otelworker.logs import log_event
 from otelworker.otlp import SIGNALS
@@ -36,8 +37,8 @@ DELETE_CONCURRENCY = 8
 # No object younger than this is ever taken for an orphan (gc-orphans' default and least
 # age, prune's least age for its sweep): its manifest row may still be on its way.
 ORPHAN_MIN_AGE = timedelta(hours=1)
-
 ORPHAN_MIN_AGE_S = int(ORPHAN_MIN_AGE.total_seconds())
+
 
 class PruneError(OtelWorkerError):
     """Manifest rows were deleted but some of their objects could not be."""
@@ -66,6 +67,18 @@ class PruneResult:
     bytes: int = 0  # their stored bytes
     orphans: int = 0  # orphan objects deleted (or found, in a dry run)
     cutoff: datetime | None = None  # rows stored before this went
+    # Objects past the cut that a destination has not taken yet (a pending or processing
+    # delivery): kept, in all and per destination; with force, deleted and counted lost.
+    kept: int = 0
+    kept_for: dict[str, int] = field(default_factory=dict)
+    lost_for: dict[str, int] = field(default_factory=dict)
+
+
+@runtime_checkable
+class DeliveryAware(Protocol):
+    """What prune asks of the manifest about forwarding (ArchiveIndex)."""
+
+    async def undelivered(self, before: datetime, tenant: str | None = None) -> Undelivered: ...
 
 
 async def gc_orphans(
@@ -139,15 +152,30 @@ async def prune(
     chunk_rows: int = CHUNK_ROWS,
     tenant: str | None = None,
     default_tenant: str = "default",
+    force: bool = False,
 ) -> PruneResult:
     """Delete the manifest rows stored before ``now - older_than``, then their objects
-    (only ``tenant``'s rows, and orphans among its keys, unless None)."""
+    (only ``tenant``'s rows, and orphans among its keys, unless None).
+
+    A row that a forwarding destination has not taken yet (a pending or processing
+    delivery) is kept, and counted in ``kept``/``kept_for``; with ``force`` it goes too,
+    its deliveries counted lost per destination (``lost_for``, and in the database's
+    ``delivery_losses``: ``otelworker_forward_lost_objects_total``). Dead deliveries keep
+    nothing: they go with their object."""
     now = now or datetime.now(UTC)
     cutoff = now - older_than
     result = PruneResult(cutoff=cutoff)
     orphan_age = max(older_than, ORPHAN_MIN_AGE)
+    forced: dict[str, Any] = {"force": True} if force else {}
+    if isinstance(index, DeliveryAware):
+        undelivered = await index.undelivered(cutoff, tenant)
+        if force:
+            if dry_run:
+                result.lost_for = dict(undelivered.by_destination)
+        else:
+            result.kept, result.kept_for = undelivered.objects, dict(undelivered.by_destination)
     if dry_run:
-        totals = await index.expired_totals(cutoff, tenant)
+        totals = await index.expired_totals(cutoff, tenant, **forced)
         result.rows = result.objects = totals.objects
         result.bytes = totals.bytes
         result.orphans = await gc_orphans(
@@ -163,11 +191,13 @@ async def prune(
         return result
     for signal in SIGNALS:
         while True:
-            expired = await index.expire(signal, cutoff, chunk_rows, tenant)  # committed
+            expired = await index.expire(signal, cutoff, chunk_rows, tenant, **forced)  # committed
             if not expired.keys:
                 break
             result.rows += len(expired.keys)
             result.bytes += expired.bytes
+            for destination, lost in expired.lost.items():
+                result.lost_for[destination] = result.lost_for.get(destination, 0) + lost
             try:
                 await delete_objects(store, expired.keys)
             except ObjectStoreError as exc:
@@ -212,5 +242,16 @@ async def prune(
         bytes=result.bytes,
         orphans=result.orphans,
         cutoff=cutoff.isoformat(),
+        kept_undelivered=result.kept,
+        kept_for=result.kept_for,
+        lost_for=result.lost_for,
     )
+    if result.lost_for:
+        log_event(
+            "forward_objects_lost",
+            "prune --force deleted objects that destinations had not taken",
+            reason="prune_force",
+            level=logging.WARNING,
+            lost_for=result.lost_for,
+        )
     return result

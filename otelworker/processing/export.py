@@ -152,6 +152,12 @@ class Exporter:
         self.on_uploaded = on_uploaded
         # Told (items, commit xid, tenant) of each batch deleted from the queue.
         self.on_completed = on_completed
+        # Forwarding (otelworker/forwarding): the destinations that want a (signal,
+        # tenant)'s objects get deliveries in the commit; the object's bytes are offered
+        # to this process's forwarder once stored, and it is woken once committed.
+        self.route: Callable[[str, str], Sequence[str]] | None = None
+        self.on_stored: Callable[[str, bytes, int], None] | None = None
+        self.on_handed: Callable[[Sequence[str]], None] | None = None
 
     async def flush(self, signal: str, items: list[Claimed]) -> None:
         """Flush one batch. Takes ownership of ``items``: the list is emptied once the
@@ -165,6 +171,7 @@ class Exporter:
             return
         ids = prepared.good
         tenant = items[0].tenant  # the batcher never mixes tenants in a batch
+        wanted = list(self.route(signal, tenant)) if self.route is not None else []
         batch_id = uuid.uuid4()
         key = object_key(self.prefix, signal, batch_id, datetime.now(UTC), self.compression, tenant)
         size = len(prepared.body)
@@ -182,6 +189,8 @@ class Exporter:
                 key, prepared.body, "application/x-protobuf", CONTENT_ENCODING[self.compression]
             )
             self.metrics.upload_duration.observe(time.monotonic() - started)
+            if wanted and self.on_stored is not None:
+                self.on_stored(key, prepared.body, len(wanted))
             # Stored: neither the object nor the payloads are kept while the index commits.
             prepared.body = b""
             items.clear()
@@ -200,7 +209,10 @@ class Exporter:
                 service_names=prepared.service_names,
                 tenant=tenant,
             )
-            committed = await self.queue.complete(manifest, ids, self.token)
+            if wanted:
+                committed = await self.queue.complete(manifest, ids, self.token, wanted)
+            else:
+                committed = await self.queue.complete(manifest, ids, self.token)
         except (ObjectStoreError, StagingUnavailable) as exc:
             reason = getattr(exc, "reason", None) or _cause_name(exc)
             await asyncio.shield(self._fail(signal, ids, reason, str(exc), context))
@@ -218,6 +230,8 @@ class Exporter:
             return
         if self.on_completed is not None:
             self.on_completed(len(ids), committed if committed is not True else None, tenant)
+        if wanted and self.on_handed is not None:
+            self.on_handed(wanted)
         self.metrics.batches.labels(signal).inc()
         self.metrics.batch_items.labels(signal).observe(len(ids))
         self.metrics.batch_records.labels(signal).inc(prepared.record_count)

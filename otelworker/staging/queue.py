@@ -141,7 +141,11 @@ class QueuePort(Protocol):
     async def renew(self, ids: Sequence[int], lease_s: float, token: uuid.UUID) -> None: ...
 
     async def complete(
-        self, manifest: Manifest, ids: Sequence[int], token: uuid.UUID
+        self,
+        manifest: Manifest,
+        ids: Sequence[int],
+        token: uuid.UUID,
+        destinations: Sequence[str] = (),
     ) -> int | bool: ...
 
     async def fail(
@@ -269,9 +273,16 @@ class StagingQueue:
         await self._execute("renew_leases", list(ids), lease_s, token)
 
     async def complete(
-        self, manifest: Manifest, ids: Sequence[int], token: uuid.UUID
+        self,
+        manifest: Manifest,
+        ids: Sequence[int],
+        token: uuid.UUID,
+        destinations: Sequence[str] = (),
     ) -> int | bool:
         """Index the object and delete its items in one transaction; its transaction id.
+
+        ``destinations``: the forwarding destinations that want the object; each gets a
+        delivery row in the same transaction (and the forwarders a wake-up at commit).
 
         Returns False, committing nothing, when some rows are no longer ours (their lease
         expired and another worker claimed them): the object is then an orphan.
@@ -298,6 +309,7 @@ class StagingQueue:
                         manifest.max_time,
                         [storable(n) for n in manifest.service_names],
                         manifest.tenant,
+                        list(destinations),
                     )
                 except BaseException:
                     await tx.rollback()

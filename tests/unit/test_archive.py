@@ -827,10 +827,10 @@ async def test_prune_queries_take_the_tenant() -> None:
     await index.expire("logs", NOW, 10)
     await index.expired_totals(NOW)
     assert index.calls == [
-        ("archive_expire", ("logs", NOW, 10, "team-b", "main")),
-        ("archive_expired_totals", (NOW, "team-b", "main")),
-        ("archive_expire", ("logs", NOW, 10, None, "main")),
-        ("archive_expired_totals", (NOW, None, "main")),
+        ("archive_expire", ("logs", NOW, 10, "team-b", "main", False)),
+        ("archive_expired_totals", (NOW, "team-b", "main", False)),
+        ("archive_expire", ("logs", NOW, 10, None, "main", False)),
+        ("archive_expired_totals", (NOW, None, "main", False)),
     ]
 
 

@@ -99,10 +99,26 @@ SET lease_expires_at = now() + make_interval(secs => $2)
 WHERE id = ANY($1::bigint[]) AND lease_token = $3 AND status = 'processing';
 
 -- name: insert_manifest --
-INSERT INTO export_batches (batch_id, signal, object_key, item_count, record_count,
-                            compressed_bytes, raw_bytes, min_time, max_time, service_names,
-                            tenant)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11);
+-- The manifest row and, in the same statement (so the same transaction and round trip),
+-- one delivery per destination named in $12 (those that want the object's signal and
+-- tenant), and one wake-up of the forwarders, naming those destinations, at commit.
+WITH manifest AS (
+    INSERT INTO export_batches (batch_id, signal, object_key, item_count, record_count,
+                                compressed_bytes, raw_bytes, min_time, max_time,
+                                service_names, tenant)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+    RETURNING batch_id, signal, object_key, record_count, raw_bytes, compressed_bytes, tenant
+), handed AS (
+    INSERT INTO deliveries (destination, batch_id, object_key, signal, tenant, record_count,
+                            raw_bytes, compressed_bytes)
+    SELECT d, m.batch_id, m.object_key, m.signal, coalesce(m.tenant, 'default'),
+           m.record_count, m.raw_bytes, m.compressed_bytes
+    FROM manifest m, unnest($12::text[]) AS d
+    RETURNING destination
+)
+SELECT pg_notify('otelworker_deliveries', string_agg(destination, ','))
+FROM handed
+HAVING count(*) > 0;
 
 -- name: delete_claimed --
 -- Rows whose lease has passed to another worker are not ours to delete: the caller
@@ -206,25 +222,46 @@ FROM (
 -- name: archive_expire --
 -- prune: delete up to $3 manifest rows of signal $1 stored before $2, of the tenant $4
 -- (NULL: any; a row without one is $5's, DEFAULT_TENANT's), returning what their objects
--- were. Its own transaction: the objects go only after it has committed.
-DELETE FROM export_batches
-WHERE batch_id IN (
-    SELECT batch_id FROM export_batches
+-- were. Its own transaction: the objects go only after it has committed. A row that a
+-- destination has not taken yet (a pending or processing delivery) is kept, unless $6
+-- (--force): then those deliveries go with it (the cascade), each counted lost for its
+-- destination in delivery_losses, and returned as the row's `lost` destinations.
+WITH doomed AS (
+    SELECT batch_id FROM export_batches b
     WHERE signal = $1 AND created_at < $2
       AND ($4::text IS NULL OR tenant = $4 OR (tenant IS NULL AND $4 = $5::text))
+      AND ($6::boolean OR NOT EXISTS (
+          SELECT 1 FROM deliveries d
+          WHERE d.batch_id = b.batch_id AND d.status IN ('pending', 'processing')))
     ORDER BY created_at
     LIMIT $3
     FOR UPDATE SKIP LOCKED
+), lost AS (
+    INSERT INTO delivery_losses AS l (destination, objects, last_lost_at)
+    SELECT destination, count(*), now() FROM deliveries
+    WHERE batch_id IN (SELECT batch_id FROM doomed) AND status IN ('pending', 'processing')
+    GROUP BY destination
+    ON CONFLICT (destination) DO UPDATE
+    SET objects = l.objects + excluded.objects, last_lost_at = excluded.last_lost_at
 )
-RETURNING object_key, compressed_bytes;
+DELETE FROM export_batches e
+WHERE batch_id IN (SELECT batch_id FROM doomed)
+RETURNING object_key, compressed_bytes,
+          ARRAY(SELECT destination FROM deliveries d
+                WHERE d.batch_id = e.batch_id AND d.status IN ('pending', 'processing')
+                ORDER BY destination) AS lost;
 
 -- name: archive_expired_totals --
 -- prune --dry-run: the rows (and their stored bytes) stored before $1, of the tenant $2
--- (NULL: any; a row without one is $3's, DEFAULT_TENANT's).
+-- (NULL: any; a row without one is $3's, DEFAULT_TENANT's); without $4 (--force), not
+-- those a destination has not taken yet.
 SELECT count(*), coalesce(sum(compressed_bytes), 0)::bigint
-FROM export_batches
+FROM export_batches b
 WHERE created_at < $1
-  AND ($2::text IS NULL OR tenant = $2 OR (tenant IS NULL AND $2 = $3::text));
+  AND ($2::text IS NULL OR tenant = $2 OR (tenant IS NULL AND $2 = $3::text))
+  AND ($4::boolean OR NOT EXISTS (
+      SELECT 1 FROM deliveries d
+      WHERE d.batch_id = b.batch_id AND d.status IN ('pending', 'processing')));
 
 -- name: vacuum_lock --
 -- One process vacuums the queue at a time (a session lock: its connection is closed after).
@@ -234,3 +271,176 @@ SELECT pg_try_advisory_lock(hashtext('otelworker.vacuum'));
 -- Not FULL: no lock that blocks inserts, claims or deletes; rows and pages locked by a
 -- claim are skipped, not waited for. Vacuums the table's TOAST too.
 VACUUM (SKIP_LOCKED) ingestion_queue;
+
+-- ---------------------------------------------------------------------------------------
+-- Forwarding (otelworker/forwarding): deliveries of archived objects to destinations.
+-- ---------------------------------------------------------------------------------------
+
+-- name: delivery_claim --
+-- Up to $2 of destination $1's deliveries that are due: pending whose next attempt has
+-- come, or processing whose lease has expired (a crashed or stalled forwarder's), never
+-- one this forwarder ($4) still holds ($5: the ids it is sending; one of its own whose
+-- mark failed and which it no longer holds may be taken again); oldest due first. A
+-- claimed row's next_attempt_at is its lease's end, so both kinds come from the one
+-- partial index in order.
+WITH due AS (
+    SELECT id FROM deliveries
+    WHERE destination = $1
+      AND status IN ('pending', 'processing')
+      AND next_attempt_at <= now()
+      AND (status = 'pending'
+           OR (lease_expires_at < now()
+               AND (lease_token IS DISTINCT FROM $4::uuid OR id <> ALL($5::bigint[]))))
+    ORDER BY next_attempt_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE deliveries d
+SET status = 'processing',
+    lease_token = $4,
+    lease_expires_at = now() + make_interval(secs => $3),
+    next_attempt_at = now() + make_interval(secs => $3)
+FROM due
+WHERE d.id = due.id
+RETURNING d.id, d.destination, d.batch_id, d.object_key, d.signal, d.tenant, d.record_count,
+          d.raw_bytes, d.compressed_bytes, d.attempts, d.created_at;
+
+-- name: delivery_renew --
+UPDATE deliveries
+SET lease_expires_at = now() + make_interval(secs => $2),
+    next_attempt_at = now() + make_interval(secs => $2)
+WHERE id = ANY($1::bigint[]) AND lease_token = $3 AND status = 'processing';
+
+-- name: delivery_delivered --
+-- Taken by the destination; $3 of its records it rejected (partial success).
+UPDATE deliveries
+SET status = 'delivered', delivered_at = now(), last_attempt_at = now(),
+    attempts = attempts + 1, rejected_records = $3, last_status = $4, last_error = NULL,
+    lease_token = NULL, lease_expires_at = NULL
+WHERE id = $1 AND lease_token = $2 AND status = 'processing';
+
+-- name: delivery_retry --
+-- A retryable failure: pending again after $3 seconds. Never dead, however many attempts.
+UPDATE deliveries
+SET status = 'pending', attempts = attempts + 1, last_attempt_at = now(),
+    next_attempt_at = now() + make_interval(secs => $3), last_status = $4, last_error = $5,
+    lease_token = NULL, lease_expires_at = NULL
+WHERE id = $1 AND lease_token = $2 AND status = 'processing';
+
+-- name: delivery_dead --
+-- A permanent refusal (or the object is gone): parked until requeue-dead --destination.
+UPDATE deliveries
+SET status = 'dead', attempts = attempts + 1, last_attempt_at = now(), last_status = $3,
+    last_error = $4, lease_token = NULL, lease_expires_at = NULL
+WHERE id = $1 AND lease_token = $2 AND status = 'processing';
+
+-- name: delivery_release --
+-- Shutdown: every delivery this forwarder still holds is pending again at once, attempts
+-- unchanged (one cut off mid-send may then be sent twice: at-least-once).
+UPDATE deliveries
+SET status = 'pending', next_attempt_at = now(), lease_token = NULL, lease_expires_at = NULL
+WHERE lease_token = $1 AND status = 'processing';
+
+-- name: delivery_stats --
+-- Per destination: deliveries not yet taken (pending, processing), the age in seconds of
+-- the oldest of them, and the dead ones. Reads the two partial indexes' rows only.
+WITH open AS (
+    SELECT destination, count(*) AS pending,
+           extract(epoch FROM now() - min(created_at))::float8 AS lag_s
+    FROM deliveries WHERE status IN ('pending', 'processing')
+    GROUP BY destination
+), dead AS (
+    SELECT destination, count(*) AS dead FROM deliveries WHERE status = 'dead'
+    GROUP BY destination
+)
+SELECT coalesce(o.destination, d.destination) AS destination,
+       coalesce(o.pending, 0)::bigint AS pending,
+       coalesce(o.lag_s, 0)::float8 AS lag_s,
+       coalesce(d.dead, 0)::bigint AS dead
+FROM open o FULL JOIN dead d ON o.destination = d.destination;
+
+-- name: delivery_losses --
+SELECT destination, objects, last_lost_at FROM delivery_losses;
+
+-- name: delivery_summary --
+-- The destinations command: everything each destination has in the table.
+SELECT destination,
+       count(*) FILTER (WHERE status IN ('pending', 'processing'))::bigint AS pending,
+       coalesce(sum(record_count) FILTER (WHERE status IN ('pending', 'processing')), 0)::bigint
+           AS pending_records,
+       coalesce(extract(epoch FROM now() - min(created_at)
+                FILTER (WHERE status IN ('pending', 'processing'))), 0)::float8 AS oldest_s,
+       count(*) FILTER (WHERE status = 'delivered')::bigint AS delivered,
+       coalesce(sum(record_count - rejected_records) FILTER (WHERE status = 'delivered'), 0)
+           ::bigint AS delivered_records,
+       coalesce(sum(rejected_records) FILTER (WHERE status = 'delivered'), 0)::bigint
+           AS rejected_records,
+       count(*) FILTER (WHERE status = 'dead')::bigint AS dead,
+       coalesce(sum(record_count) FILTER (WHERE status = 'dead'), 0)::bigint AS dead_records,
+       max(delivered_at) AS last_delivered_at
+FROM deliveries
+GROUP BY destination;
+
+-- name: delivery_last_errors --
+-- The latest failure of each destination among the deliveries it has not taken.
+SELECT DISTINCT ON (destination) destination, status, last_status, last_error, last_attempt_at
+FROM deliveries
+WHERE last_error IS NOT NULL AND status <> 'delivered'
+ORDER BY destination, last_attempt_at DESC NULLS LAST;
+
+-- name: redeliver --
+-- Queue destination $1 for the manifest rows $2: a new delivery for an object it has none
+-- of; a dead one pending again; a delivered one only with $3 (--again); a pending or
+-- processing one is left as it is. The forwarders are woken at commit. A manifest row
+-- without a tenant is $4's (DEFAULT_TENANT).
+WITH queued AS (
+    INSERT INTO deliveries (destination, batch_id, object_key, signal, tenant, record_count,
+                            raw_bytes, compressed_bytes)
+    SELECT $1, batch_id, object_key, signal, coalesce(tenant, $4), record_count, raw_bytes,
+           compressed_bytes
+    FROM export_batches
+    WHERE batch_id = ANY($2::uuid[])
+    ON CONFLICT (destination, batch_id) DO UPDATE
+    SET status = 'pending', attempts = 0, next_attempt_at = now(), created_at = now(),
+        lease_token = NULL, lease_expires_at = NULL, last_status = NULL, last_error = NULL,
+        delivered_at = NULL, rejected_records = 0
+    WHERE deliveries.status = 'dead' OR ($3 AND deliveries.status = 'delivered')
+    RETURNING 1
+)
+SELECT count(*), pg_notify('otelworker_deliveries', $1) FROM queued;
+
+-- name: redeliver_count --
+-- redeliver --dry-run: how many of the manifest rows $2 it would queue for $1.
+SELECT count(*)
+FROM export_batches b
+LEFT JOIN deliveries d ON d.batch_id = b.batch_id AND d.destination = $1
+WHERE b.batch_id = ANY($2::uuid[])
+  AND (d.id IS NULL OR d.status = 'dead' OR ($3 AND d.status = 'delivered'));
+
+-- name: requeue_dead_deliveries --
+WITH picked AS (
+    SELECT id FROM deliveries
+    WHERE destination = $1 AND status = 'dead'
+    ORDER BY id
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+), requeued AS (
+    UPDATE deliveries d
+    SET status = 'pending', attempts = 0, next_attempt_at = now(), created_at = now(),
+        last_error = NULL, last_status = NULL
+    FROM picked p WHERE d.id = p.id
+    RETURNING 1
+)
+SELECT count(*), pg_notify('otelworker_deliveries', $1) FROM requeued;
+
+-- name: archive_kept_for_delivery --
+-- prune: manifest rows stored before $1 (of the tenant $2; NULL: any; a row without one is
+-- $3's) that a destination has not taken yet (pending or processing), per destination.
+-- The row with a NULL destination: the distinct objects in all.
+SELECT d.destination, count(DISTINCT d.batch_id)::bigint AS objects
+FROM deliveries d
+JOIN export_batches b ON b.batch_id = d.batch_id
+WHERE d.status IN ('pending', 'processing') AND b.created_at < $1
+  AND ($2::text IS NULL OR b.tenant = $2 OR (b.tenant IS NULL AND $2 = $3::text))
+GROUP BY GROUPING SETS ((d.destination), ())
+ORDER BY d.destination NULLS FIRST;
