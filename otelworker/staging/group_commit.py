@@ -64,17 +64,35 @@ class _Entry:
 PENDING: ContextVar[_Entry | None] = ContextVar("otelworker_pending_commit", default=None)
 
 
+def _withdraw(entry: _Entry, why: str) -> bool:
+    """Withdraw an entry no commit has taken (``_take`` skips it: it is never inserted)
+    and settle it as not stored; False if a commit has it, or it is settled already."""
+    if entry.taken or entry.outcome is not UNSETTLED:
+        return False
+    entry.withdrawn = True
+    exc = StagingUnavailable(why)
+    entry.settle(exc)
+    if not entry.done.done():  # cancelled with its request: the outcome is what answers
+        entry.done.set_exception(exc)
+    return True
+
+
 async def outcome_of(entry: _Entry, within_s: float) -> Any:
-    """The entry's commit outcome (xid or exception), waiting at most ``within_s``;
-    UNSETTLED if none came."""
-    if entry.outcome is UNSETTLED:
+    """The outcome (xid or exception) of the entry of a request the server cancelled,
+    waiting at most ``within_s``, and never one that could still change after it: an
+    entry no commit has taken by then is withdrawn (its outcome: not stored), and one in
+    a commit is waited for up to ``within_s`` more (the commit has its own bound, shorter).
+    UNSETTLED only if even that commit never ended."""
+    for _ in range(2):
+        if entry.outcome is not UNSETTLED:
+            break
         if entry.settled is None:
             entry.settled = asyncio.get_running_loop().create_future()
         try:
             async with asyncio.timeout(within_s):
                 await asyncio.shield(entry.settled)
         except TimeoutError:
-            pass
+            _withdraw(entry, "shutting down: withdrawn before any commit took it")
     return entry.outcome
 
 
@@ -133,29 +151,27 @@ class GroupCommitter:
         timer = loop.call_later(self.timeout_s, self._expire, entry)
         pending = PENDING.set(entry)
         try:
-            # A client that goes away cancels only this future: the entry stays queued or
-            # in its batch and is committed all the same. No shield, which would cost
-            # every request one more pass of the event loop.
+            # A client that goes away (or a server that gives up) cancels only this
+            # future: the entry stays queued or in its batch, and its timer stays too, so
+            # it is committed if a commit takes it in time and withdrawn if not, exactly as
+            # if it had been waited for. No shield, which would cost every request one more
+            # pass of the event loop.
             result = await entry.done
         except asyncio.CancelledError:
-            raise  # PENDING stays set: the request is answered by the commit's outcome
+            raise  # PENDING stays set: the request is answered by the entry's outcome
         except BaseException:
+            timer.cancel()
             PENDING.reset(pending)
             raise
-        finally:
-            timer.cancel()
+        timer.cancel()
         PENDING.reset(pending)
         return result
 
     @staticmethod
     def _expire(entry: _Entry) -> None:
-        if entry.taken or entry.done.done():
-            return  # in a commit: its outcome answers (bounded by the commit's timeout)
-        # Still waiting: withdrawn, so _take skips it and it is never inserted.
-        entry.withdrawn = True
-        exc = StagingUnavailable("commit timeout: withdrawn before any commit took it")
-        entry.settle(exc)
-        entry.done.set_exception(exc)
+        # Still waiting (its request waiting or cancelled): withdrawn, never inserted. In
+        # a commit: its outcome answers (bounded by the commit's timeout).
+        _withdraw(entry, "commit timeout: withdrawn before any commit took it")
 
     def _take(self) -> list[_Entry]:
         batch: list[_Entry] = []

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from otelworker.exceptions import StagingRefused, StagingUnavailable
-from otelworker.staging.group_commit import GroupCommitter
+from otelworker.staging.group_commit import PENDING, UNSETTLED, GroupCommitter, outcome_of
 
 
 class HeldStore:
@@ -108,7 +108,7 @@ async def test_drain_ends_when_only_withdrawn_entries_were_left() -> None:
 async def test_a_cancelled_request_is_still_committed_not_withdrawn() -> None:
     store = HeldStore()
     committer = GroupCommitter(
-        store.stage_many, max_items=10, max_bytes=1 << 20, timeout_s=0.05, commit_timeout_s=5
+        store.stage_many, max_items=10, max_bytes=1 << 20, timeout_s=5, commit_timeout_s=5
     )
     tasks = await running(committer)
     try:
@@ -188,3 +188,88 @@ async def test_an_unexpected_error_fails_its_commit_503_and_the_committer_lives_
         assert not any(t.done() for t in tasks)
     finally:
         await stop(tasks)
+
+
+async def test_a_request_cancelled_while_the_database_is_slow_is_never_503_and_stored() -> None:
+    """The server gives up on a request waiting for its commit (hypercorn's graceful
+    timeout) while the database is slow. AnswerInFlight answers it by its entry's outcome:
+    503 only if the entry is withdrawn, never to be inserted, else the commit's own answer."""
+    store = HeldStore()
+    committer = GroupCommitter(
+        store.stage_many, max_items=10, max_bytes=1 << 20, timeout_s=0.2, commit_timeout_s=30
+    )
+    answers: dict[bytes, Any] = {}
+
+    async def request(payload: bytes) -> None:
+        try:
+            await committer.stage("traces", payload, 1)
+        except asyncio.CancelledError:
+            # What AnswerInFlight does where the cancellation lands.
+            task = asyncio.current_task()
+            assert task is not None
+            task.uncancel()
+            entry = PENDING.get()
+            assert entry is not None
+            answers[payload] = await outcome_of(entry, 0.05)
+            raise
+
+    tasks = await running(committer)
+    try:
+        first = asyncio.create_task(committer.stage("traces", b"in-the-slow-commit", 1))
+        await store.started.wait()  # the database is slow: the only committer is held
+        waiting = asyncio.create_task(request(b"cancelled-while-waiting"))
+        await until_waiting(committer, 1)
+        waiting.cancel()  # the server gives up on it
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        answer = answers[b"cancelled-while-waiting"]
+        assert answer is not UNSETTLED
+        assert isinstance(answer, StagingUnavailable)  # so answered 503: it must not be stored
+        store.release.set()  # the database recovers
+        await first
+        await asyncio.wait_for(committer.drain(), 5)
+    finally:
+        await stop(tasks)
+    assert store.committed == [[b"in-the-slow-commit"]]
+
+
+async def test_a_request_cancelled_in_a_commit_is_answered_by_that_commit() -> None:
+    store = HeldStore()
+    committer = GroupCommitter(
+        store.stage_many, max_items=10, max_bytes=1 << 20, timeout_s=0.05, commit_timeout_s=30
+    )
+    tasks = await running(committer)
+    try:
+        entries: list[Any] = []
+
+        async def request() -> None:
+            try:
+                await committer.stage("traces", b"in-the-commit", 1)
+            except asyncio.CancelledError:
+                entries.append(PENDING.get())
+                raise
+
+        requested = asyncio.create_task(request())
+        await store.started.wait()
+        requested.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await requested
+        [entry] = entries
+        assert entry is not None
+        answer = asyncio.create_task(outcome_of(entry, 0.5))
+        # Past the bound given: a commit in flight is not withdrawn but awaited further.
+        done, _ = await asyncio.wait({answer}, timeout=0.6)
+        assert not done and not entry.withdrawn
+        store.release.set()
+        assert await asyncio.wait_for(answer, 5) == 1  # the commit's xid: answered 200
+    finally:
+        await stop(tasks)
+    assert store.committed == [[b"in-the-commit"]]
+
+
+async def until_waiting(committer: GroupCommitter, n: int) -> None:
+    for _ in range(10_000):
+        if committer.waiting >= n:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"{n} entries never waited")
