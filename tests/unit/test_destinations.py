@@ -98,6 +98,10 @@ def test_the_issue_example_parses_with_its_values() -> None:
     assert d.tls is None
 
 
+def test_gzip_members_many() -> None:
+    assert one("name: a\nendpoint: http://x\ngzip_members: many").gzip_members == "many"
+
+
 def test_defaults() -> None:
     d = one("name: a\nendpoint: http://collector:4318/")
     assert d.protocol == "http/protobuf"
@@ -110,6 +114,7 @@ def test_defaults() -> None:
     assert d.max_request_bytes == 4 * 1024 * 1024
     assert d.concurrency == 4
     assert d.tls is None
+    assert d.gzip_members == "one"
     # A trailing slash is not doubled; every signal has its URL.
     assert d.urls == {s: f"http://collector:4318/v1/{s}" for s in SIGNALS}
 
@@ -315,6 +320,12 @@ ENTRY_ERRORS = [
         "traces_endpoint: given, but traces is not in signals",
     ),
     ("name: a\nsignals: [logs]\nlogs_endpoint: loki", "logs_endpoint: must be an http://"),
+    ("name: a\nendpoint: http://x\ngzip_members: all", "gzip_members: must be one of one, many"),
+    (
+        "name: a\nendpoint: http://x\ncompression: none\ngzip_members: many",
+        "gzip_members: only for protocol http/protobuf with compression gzip",
+    ),
+    ("name: a\nprotocol: grpc\nendpoint: x:1\ngzip_members: one", "gzip_members: only for"),
     ("name: a\nprotocol: grpc\nendpoint: collector", "needs its port"),
     ("name: a\nprotocol: grpc", "endpoint: missing"),
     ("name: a\nprotocol: grpc\nendpoint: ftp://x:1", "scheme must be http://"),
