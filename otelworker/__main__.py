@@ -1,5 +1,7 @@
-"""Command line: ``python -m otelworker serve|migrate|requeue-dead`` and the archive's
-``batches|replay|prune|gc-orphans`` (in :mod:`otelworker.archive.cli`)."""
+"""The command line, `otelworker` (or `python -m otelworker`): serve, migrate and
+requeue-dead here, the archive's commands in otelworker/archive/cli.py. Every subcommand is
+added with otelworker.cli_help.add_command (its help: what it does, an example, the exit
+status); docs/cli.md documents them all."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import asyncio
 import signal
 import sys
 
-from otelworker import logs, tls
+from otelworker import cli_help, logs, tls
 from otelworker.archive import cli as archive_cli
 from otelworker.exceptions import ConfigError, OtelWorkerError
 from otelworker.forwarding import cli as forwarding_cli
@@ -106,22 +108,71 @@ async def _with_pool(settings: Settings, action: str, args: argparse.Namespace) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="otelworker", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser(
+    parser = cli_help.program_parser()
+    sub = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
+    serve = cli_help.add_command(
+        sub,
         "serve",
-        help="run the service (OTLP/HTTP on HOST:PORT 0.0.0.0:4318, OTLP/gRPC on GRPC_PORT 4317)",
+        summary="run the service (OTLP/HTTP on port 4318, OTLP/gRPC on 4317)",
+        description="""\
+Run the service: OTLP/HTTP on HOST:PORT (default 0.0.0.0:4318), OTLP/gRPC on
+HOST:GRPC_PORT (4317; GRPC_ENABLED=false turns it off), probes at /healthz and /readyz,
+Prometheus metrics at /metrics, and (unless ROLE=ingress) the workers that batch the
+staged data into object storage. It applies the database migrations at start.
+
+SIGTERM or Ctrl-C stops it gracefully: readiness fails first, the requests in flight
+finish their commits, then the workers drain and it exits 0.""",
+        example="""\
+otelworker serve
+DATABASE_URL=postgresql://otel@db/otel S3_BUCKET=telemetry otelworker serve --processes 4""",
+        exit_status="""\
+Exit status:
+  0    stopped by SIGTERM or Ctrl-C, after a clean shutdown
+  1    failed to start or stopped on an error (with --processes: one process exited
+       on its own, or outlived the shutdown budget)
+  2    an invalid setting, certificate or key, or --processes below 1""",
     )
     serve.add_argument(
         "--processes",
         type=int,
         metavar="N",
-        help="service processes sharing the ports (PROCESSES, default 1)",
+        help="service processes sharing the ports (default: the PROCESSES setting, 1)",
     )
-    sub.add_parser("migrate", help="apply database migrations and exit")
-    requeue = sub.add_parser("requeue-dead", help="make dead items pending again")
-    requeue.add_argument("--signal", choices=["traces", "metrics", "logs"])
-    requeue.add_argument("--limit", type=int, default=1_000_000)
+    cli_help.add_command(
+        sub,
+        "migrate",
+        summary="apply the database migrations and exit",
+        description="""\
+Apply the database migrations (the schema otelworker needs) to DATABASE_URL's database,
+and exit. serve applies them itself at start; run this ahead of a rolling update
+(docs/deploy.md). Running it again on a current schema changes nothing.""",
+        example="DATABASE_URL=postgresql://otel@db/otel otelworker migrate",
+    )
+    requeue = cli_help.add_command(
+        sub,
+        "requeue-dead",
+        summary="make dead staged items pending again, to be exported once more",
+        description="""\
+Make dead staged items pending again, so that the workers export them once more. An
+item is dead when its export attempts ran out or it could not be decoded (the gauge
+otelworker_staging_dead_items, the alert OtelworkerDeadItems). Fix the cause first:
+docs/deploy.md, "Runbook: dead items".""",
+        example="""\
+otelworker requeue-dead
+otelworker requeue-dead --signal logs --limit 1000""",
+    )
+    requeue.add_argument(
+        "--signal",
+        choices=["traces", "metrics", "logs"],
+        help="only this signal's items (default: every signal's)",
+    )
+    requeue.add_argument(
+        "--limit",
+        type=int,
+        default=1_000_000,
+        metavar="N",
+        help="at most N items (default 1000000)",
+    )
     forwarding_cli.add_requeue_argument(requeue)
     archive_cli.add_commands(sub)
     forwarding_cli.add_commands(sub)

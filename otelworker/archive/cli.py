@@ -22,6 +22,7 @@ from otelworker.archive.prune import ORPHAN_MIN_AGE_S, gc_orphans, prune
 from otelworker.archive.replay import DEFAULT_MAX_REQUEST_BYTES, Replay, ReplayOptions, summary
 from otelworker.archive.selection import Selection, TimeSpec, parse_duration
 from otelworker.archive.sender import RetryPolicy, Sender, redact
+from otelworker.cli_help import add_command
 from otelworker.ingress.tenants import valid_tenant
 from otelworker.logs import JSONFormatter, log_event
 from otelworker.otlp import SIGNALS
@@ -135,11 +136,23 @@ def _tenant_argument(parser: argparse.ArgumentParser) -> None:
 
 def add_commands(sub: Any) -> None:
     """Add the four archive commands to ``python -m otelworker``'s subparsers."""
-    batches = sub.add_parser(
+    batches = add_command(
+        sub,
         "batches",
-        help="list archived objects (manifest rows) with filters, and their totals",
-        description="List the manifest rows whose data overlaps [--since, --until), signal by"
-        " signal in the order they were stored, then the totals (objects, records, bytes).",
+        summary="list archived objects (manifest rows) with filters, and their totals",
+        description="""\
+List the archived objects (one manifest row each) whose data overlaps [--since, --until),
+signal by signal in the order they were stored, then the totals (objects, records,
+bytes). It reads only the database; nothing is changed.""",
+        example="""\
+otelworker batches --since 2h
+otelworker batches --signal traces --service checkout --since 2024-05-01T00:00:00Z --json""",
+        exit_status="""\
+Exit status:
+  0    listed (an empty list too)
+  1    failed; the reason is on stderr
+  2    bad usage, --since not before --until, or an invalid setting
+  130  interrupted (Ctrl-C)""",
     )
     _selection_arguments(batches)
     batches.add_argument(
@@ -149,13 +162,27 @@ def add_commands(sub: Any) -> None:
         ' {"totals": {"objects": N, "records": N, "bytes": N}}',
     )
 
-    replay = sub.add_parser(
+    replay = add_command(
+        sub,
         "replay",
-        help="send archived records to an OTLP/HTTP endpoint",
-        description="Send the records of the selected objects whose own timestamp is in"
-        " [--since, --until) (spans by start time, data points by time, log records by time,"
-        " else observed time) to an OTLP/HTTP endpoint, as gzip'd protobuf. Exit status 0"
-        " only when everything selected was acknowledged.",
+        summary="send archived records to an OTLP/HTTP endpoint",
+        description="""\
+Send the records of the selected objects whose own timestamp is in [--since, --until)
+(spans by start time, data points and log records by time, else observed time) to an
+OTLP/HTTP endpoint, as gzip-compressed protobuf, retrying 429 and 5xx answers. With
+--checkpoint an interrupted replay resumes where it stopped. docs/replay.md has more.""",
+        example="""\
+otelworker replay --dry-run --signal logs --since 6h
+otelworker replay --to http://collector:4318 --since 2024-05-01T10:00:00Z \\
+    --until 2024-05-01T11:00:00Z --checkpoint replay-0501.ckpt""",
+        exit_status="""\
+Exit status:
+  0    every selected record was acknowledged (or, with --dry-run, read)
+  1    stopped on an error, or the target rejected records (partial success); re-run
+       with the same --checkpoint to resume
+  2    bad usage (no --to without --dry-run, --since not before --until), or an invalid
+       setting
+  130  interrupted (Ctrl-C); re-run with the same --checkpoint to resume""",
     )
     _selection_arguments(replay)
     replay.add_argument(
@@ -231,12 +258,17 @@ def add_commands(sub: Any) -> None:
         "--dry-run", action="store_true", help="read and cut the objects, print, send nothing"
     )
 
-    prune_ = sub.add_parser(
+    prune_ = add_command(
+        sub,
         "prune",
-        help="delete manifest rows stored longer ago than an age, then their objects",
-        description="Delete the manifest rows stored (created_at) before now minus --older-than,"
-        " committed before their objects are deleted, so that no row ever names a missing"
-        " object; then remove orphan objects older than both the age and an hour.",
+        summary="delete manifest rows stored longer ago than an age, then their objects",
+        description="""\
+Delete the manifest rows stored (created_at) before now minus --older-than, committed
+before their objects are deleted, so that no row ever names a missing object; then
+remove orphan objects older than both the age and an hour. Try --dry-run first.""",
+        example="""\
+otelworker prune --older-than 30d --dry-run
+otelworker prune --older-than 30d""",
     )
     prune_.add_argument(
         "--older-than",
@@ -255,7 +287,20 @@ def add_commands(sub: Any) -> None:
         " (otelworker_forward_lost_objects_total)",
     )
 
-    gc = sub.add_parser("gc-orphans", help="remove uploaded objects that no manifest row names")
+    gc = add_command(
+        sub,
+        "gc-orphans",
+        summary="remove uploaded objects that no manifest row names",
+        description="""\
+Remove the objects under S3_PREFIX that no manifest row names: uploads whose index
+commit was lost (a crash between the upload and the commit). Only objects older than
+--older-than-s are taken, so that an upload whose row is on its way is left alone. With
+--textfile the outcome is also written for node_exporter's textfile collector, which
+the alert OtelworkerOrphanObjects reads (docs/deploy.md).""",
+        example="""\
+otelworker gc-orphans --dry-run
+otelworker gc-orphans --textfile /var/lib/node_exporter/otelworker_gc.prom""",
+    )
     gc.add_argument(
         "--older-than-s",
         type=_argtype(_orphan_age_s),
@@ -263,7 +308,7 @@ def add_commands(sub: Any) -> None:
         help="only objects older than this many seconds (default and least 3600: a younger"
         " object may be an upload whose manifest row is still on its way)",
     )
-    gc.add_argument("--dry-run", action="store_true")
+    gc.add_argument("--dry-run", action="store_true", help="count, remove nothing")
     gc.add_argument(
         "--textfile",
         metavar="PATH",

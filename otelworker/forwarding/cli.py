@@ -15,6 +15,7 @@ import orjson
 
 from otelworker.archive.manifest import ArchiveIndex
 from otelworker.archive.selection import Selection, TimeSpec
+from otelworker.cli_help import add_command
 from otelworker.exceptions import ConfigError
 from otelworker.forwarding.deliveries import DeliveryQueue
 from otelworker.forwarding.destinations import Destination, load_destinations
@@ -43,20 +44,27 @@ def _tenant(text: str) -> str:
 
 def add_commands(sub: Any) -> None:
     """Add ``redeliver`` and ``destinations`` to ``python -m otelworker``'s subparsers."""
-    formatter = argparse.RawDescriptionHelpFormatter
-    redeliver = sub.add_parser(
+    redeliver = add_command(
+        sub,
         "redeliver",
-        help="send archived objects to a destination (again): backfill or rewind",
-        description="Queue the archived objects whose data overlaps [--since, --until) for"
-        " one destination of DESTINATIONS_FILE; the running forwarders send them. An object"
-        " already pending or delivered to that destination is skipped (unless --again);"
-        " one parked dead is queued again. Only the signals and tenants the destination"
-        " takes are queued. Prints how many objects were queued.",
-        epilog="Example:\n"
-        "  python -m otelworker redeliver --destination tempo --since 7d --signal traces\n"
-        "  python -m otelworker redeliver --destination loki --since 2024-05-01T00:00:00Z"
-        " --until 2024-05-02T00:00:00Z --again",
-        formatter_class=formatter,
+        summary="send archived objects to a destination (again): backfill or rewind",
+        description="""\
+Queue the archived objects whose data overlaps [--since, --until) for one destination
+of DESTINATIONS_FILE; the running forwarders send them. An object already pending or
+delivered to that destination is skipped (unless --again); one parked dead is queued
+again. Only the signals and tenants the destination takes are queued. Prints how many
+objects were queued.""",
+        example="""\
+otelworker redeliver --destination tempo --since 7d --signal traces
+otelworker redeliver --destination loki --since 2024-05-01T00:00:00Z \\
+    --until 2024-05-02T00:00:00Z --again""",
+        exit_status="""\
+Exit status:
+  0    queued (or, with --dry-run, counted)
+  1    failed; the reason is on stderr
+  2    bad usage (--since not before --until), DESTINATIONS_FILE unset or invalid, no
+       such destination, or an invalid setting
+  130  interrupted (Ctrl-C)""",
     )
     redeliver.add_argument(
         "--destination", required=True, metavar="NAME", help="a destination's name"
@@ -87,18 +95,24 @@ def add_commands(sub: Any) -> None:
         "--dry-run", action="store_true", help="count what would be queued, queue nothing"
     )
 
-    listing = sub.add_parser(
+    listing = add_command(
+        sub,
         "destinations",
-        help="each destination's progress: pending, oldest pending, delivered, dead, lost",
-        description="For each destination in DESTINATIONS_FILE, and each one that has"
-        " deliveries in the database but is no longer configured: the objects not yet taken"
-        " (and the age of the oldest), the objects and records delivered, the records it"
-        " rejected, the objects parked dead, those prune --force deleted before delivery,"
-        " and the last error.",
-        epilog="Example:\n"
-        "  python -m otelworker destinations\n"
-        "  python -m otelworker destinations --json | jq 'select(.pending_objects > 0)'",
-        formatter_class=formatter,
+        summary="each destination's progress: pending, oldest pending, delivered, dead, lost",
+        description="""\
+For each destination in DESTINATIONS_FILE, and each one that has deliveries in the
+database but is no longer configured: the objects not yet taken (and the age of the
+oldest), the objects and records delivered, the records it rejected, the objects parked
+dead, those prune --force deleted before delivery, and the last error.""",
+        example="""\
+otelworker destinations
+otelworker destinations --json | jq 'select(.pending_objects > 0)'""",
+        exit_status="""\
+Exit status:
+  0    listed (no destinations too)
+  1    failed; the reason is on stderr
+  2    bad usage, DESTINATIONS_FILE invalid, or an invalid setting
+  130  interrupted (Ctrl-C)""",
     )
     listing.add_argument(
         "--json", action="store_true", help="one JSON object per line, one per destination"
