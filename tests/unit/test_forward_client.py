@@ -802,6 +802,33 @@ async def test_grpc_tls_with_ca_file(pki: Pki) -> None:
         await served.server.stop(None)
 
 
+async def test_grpc_mutual_tls(pki: Pki) -> None:
+    credentials = grpc.ssl_server_credentials(
+        [(pki.server_key.read_bytes(), pki.server_cert.read_bytes())],
+        root_certificates=pki.ca.read_bytes(),
+        require_client_auth=True,
+    )
+    served = await _grpc_server(credentials)
+    try:
+        d = destination(
+            f"name: g\nprotocol: grpc\nendpoint: https://localhost:{served.port}\n"
+            f"tls: {{ca_file: {pki.ca}, cert_file: {pki.client_cert},"
+            f" key_file: {pki.client_key}}}"
+        )
+        result = await send(d, stored(spans_request(1, 3)))
+        assert (result.outcome, result.records) == (Outcome.DELIVERED, 3)
+        # Without the client certificate the handshake fails: retried, nothing arrives.
+        anonymous = destination(
+            f"name: g\nprotocol: grpc\nendpoint: localhost:{served.port}\n"
+            f"tls: {{ca_file: {pki.ca}}}\ntimeout_s: 2"
+        )
+        result = await send(anonymous, stored(spans_request(1, 3)))
+        assert result.outcome is Outcome.RETRY
+        assert len(served.fake.requests) == 1
+    finally:
+        await served.server.stop(None)
+
+
 def test_make_client_is_a_destination_client(tmp_path: Path) -> None:
     http = destination("name: a\nendpoint: http://x")
     grpc_d = destination("name: b\nprotocol: grpc\nendpoint: x:4317")
