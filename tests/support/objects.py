@@ -412,9 +412,17 @@ class Sent:
 class Telemetry:
     """Spans, metric points and log records made with the OTel SDK, sent with its exporters."""
 
-    def __init__(self, base_url: str, *, service_name: str = "e2e", tag: str = "") -> None:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        service_name: str = "e2e",
+        tag: str = "",
+        headers: dict[str, str] | None = None,
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.tag = tag
+        self.headers = headers  # on every request (a tenant's X-Scope-OrgID, a token)
         self.resource = Resource.create({"service.name": service_name})
         self.sent = Sent()
         self._seq = 0
@@ -488,7 +496,10 @@ class Telemetry:
     # Sending -------------------------------------------------------------------------
     def send_spans(self, spans: Sequence[Any], *, sizes: Iterable[int] = CHUNK_SIZES) -> None:
         exporter = OTLPSpanExporter(
-            endpoint=f"{self.base_url}/v1/traces", compression=OTLPCompression.Gzip, timeout=10
+            endpoint=f"{self.base_url}/v1/traces",
+            compression=OTLPCompression.Gzip,
+            timeout=10,
+            headers=self.headers,
         )
         try:
             for chunk in chunks(spans, sizes):
@@ -498,7 +509,9 @@ class Telemetry:
             exporter.shutdown()
 
     def send_logs(self, records: Sequence[Any], *, sizes: Iterable[int] = CHUNK_SIZES) -> None:
-        exporter = OTLPLogExporter(endpoint=f"{self.base_url}/v1/logs", timeout=10)
+        exporter = OTLPLogExporter(
+            endpoint=f"{self.base_url}/v1/logs", timeout=10, headers=self.headers
+        )
         try:
             for chunk in chunks(records, sizes):
                 ok = exporter.export(chunk) is LogRecordExportResult.SUCCESS
@@ -509,7 +522,9 @@ class Telemetry:
     def send_metrics(
         self, points: Sequence[NumberDataPoint], *, sizes: Iterable[int] = CHUNK_SIZES
     ) -> None:
-        exporter = OTLPMetricExporter(endpoint=f"{self.base_url}/v1/metrics", timeout=10)
+        exporter = OTLPMetricExporter(
+            endpoint=f"{self.base_url}/v1/metrics", timeout=10, headers=self.headers
+        )
         try:
             for chunk in chunks(points, sizes):
                 result = exporter.export(self._metrics_data(chunk))
