@@ -74,7 +74,9 @@ class SendResult:
     """What became of one attempt to send one object."""
 
     outcome: Outcome
-    status: str  # "http_200", "http_503", "grpc_UNAVAILABLE", "connect_error", "timeout", ...
+    # "http_200", "http_503", "grpc_UNAVAILABLE", "grpc_OK", "connect_error", "tls_error",
+    # "timeout", "disconnected", "transport_error", "corrupt_object", "empty" (no records)
+    status: str
     message: str  # the destination's Status message or a short body detail (<= 512 chars)
     retry_after_s: float | None  # Retry-After, or gRPC RetryInfo's retry_delay
     records: int  # records in the parts the destination accepted (rejected ones included)
@@ -255,6 +257,8 @@ class _HttpTransport:
             return _Answer(
                 Outcome.RETRY, "timeout", f"no answer within {self.destination.timeout_s:g} s"
             )
+        except aiohttp.ClientSSLError as exc:  # before its base, ClientConnectorError
+            return _Answer(Outcome.RETRY, "tls_error", _bounded(str(exc)))
         except aiohttp.ClientConnectorError as exc:
             return _Answer(Outcome.RETRY, "connect_error", _bounded(str(exc)))
         except aiohttp.ServerDisconnectedError:

@@ -571,10 +571,11 @@ async def test_https_with_ca_file_and_client_certificate(pki: Pki) -> None:
         )
         result = await send(d, stored(spans_request(1, 2)))
         assert result.outcome is Outcome.DELIVERED
-        # Without the CA the server is not trusted: a connection error, retried.
+        # Without the CA the server is not trusted: a TLS error, retried.
         untrusted = destination(f"name: tls\nendpoint: https://localhost:{server.port}")
         result = await send(untrusted, stored(spans_request(1, 2)))
-        assert (result.outcome, result.status) == (Outcome.RETRY, "connect_error")
+        assert (result.outcome, result.status) == (Outcome.RETRY, "tls_error")
+        assert "certificate" in result.message.lower()
         assert len(server.received) == 1
     finally:
         await server.stop()
