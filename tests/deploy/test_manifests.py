@@ -568,8 +568,29 @@ def test_alerts_cover_the_issue_list() -> None:
         'otelworker_requests_total{code=~"503|UNAVAILABLE"}',
         "otelworker_ready == 0",
         "otelworker_gc_orphans_found > 0",
+        # forwarding (issue 21)
+        "max by (destination) (otelworker_forward_lag_seconds) > 300",
+        "delta(otelworker_forward_dead_objects[15m])) > 0",
     ):
         assert needle in exprs
+    lagging = [r for r in _alert_rules() if r["alert"] == "OtelworkerForwardLagging"]
+    assert [r["for"] for r in lagging] == ["10m"]
+
+
+def test_dashboard_has_the_forwarding_row() -> None:
+    """Issue 21's row: delivered records per destination, pending, lag, attempts, dead."""
+    panels = list(_dashboard_panels())
+    (row,) = [p for p in panels if p["type"] == "row" and p["title"] == "Forwarding"]
+    below = [p for p in panels if p["type"] != "row" and p["gridPos"]["y"] > row["gridPos"]["y"]]
+    exprs = " ".join(t["expr"] for p in below for t in p["targets"])
+    for name in (
+        "otelworker_forward_delivered_records_total",
+        "otelworker_forward_pending_objects",
+        "otelworker_forward_lag_seconds",
+        "otelworker_forward_attempts_total",
+        "otelworker_forward_dead_objects",
+    ):
+        assert name in exprs, name
 
 
 def test_dashboard_model() -> None:
