@@ -229,6 +229,11 @@ class Lane:
     senders: list[asyncio.Task[None]] = field(default_factory=list)
     helpers: list[asyncio.Task[None]] = field(default_factory=list)
     sending: int = 0
+    # The destination's own backoff: after a retryable failure the lane claims nothing
+    # until resume_at, then one delivery at a time (a probe) until one goes through; so a
+    # destination down for a day costs a probe per backoff, not an attempt per row.
+    failures: int = 0
+    resume_at: float = 0.0
 
     @property
     def name(self) -> str:
@@ -423,7 +428,13 @@ class Forwarder:
 
     async def _claim_loop(self, lane: Lane) -> None:
         while True:
+            pause = lane.resume_at - time.monotonic()
+            if pause > 0:
+                await asyncio.sleep(pause)  # the destination's backoff: wake-ups wait too
+                continue
             free = lane.concurrency - len(lane.held)
+            if lane.failures:
+                free = 1 - len(lane.held)  # failing: one probe at a time
             if free <= 0:
                 lane.room.clear()
                 await lane.room.wait()
@@ -476,6 +487,7 @@ class Forwarder:
                     )
                     return self._count(lane, OBJECT_MISSING)
                 reason = str(getattr(exc, "reason", "") or type(exc).__name__)
+                self._lane_backoff(lane, True, None)
                 await self._retry(lane, d, OBJECT_STORE_ERROR, f"{reason}: {exc}", None)
                 return self._count(lane, OBJECT_STORE_ERROR)
         try:
@@ -498,10 +510,12 @@ class Forwarder:
                 destination=lane.name,
                 object_key=d.object_key,
             )
+            self._lane_backoff(lane, True, None)
             await self._retry(lane, d, type(exc).__name__, str(exc) or type(exc).__name__, None)
             return self._count(lane, RETRY)
         del body
         outcome = str(result.outcome)
+        self._lane_backoff(lane, outcome == RETRY, result.retry_after_s)
         if outcome == DELIVERED:
             await self._delivered(lane, d, result)
             return self._count(lane, DELIVERED)
@@ -510,6 +524,17 @@ class Forwarder:
             return self._count(lane, PERMANENT)
         await self._retry(lane, d, result.status, result.message, result.retry_after_s)
         return self._count(lane, RETRY)
+
+    def _lane_backoff(self, lane: Lane, failed: bool, retry_after_s: float | None) -> None:
+        """A retryable failure pauses the lane's claims (exponential with jitter, or the
+        destination's Retry-After if longer); anything else the destination answered ends
+        the pause."""
+        if not failed:
+            lane.failures, lane.resume_at = 0, 0.0
+            return
+        delay = retry_delay_s(lane.failures, retry_after_s, self.backoff_max_s, self.rng)
+        lane.failures += 1
+        lane.resume_at = max(lane.resume_at, time.monotonic() + delay)
 
     def _count(self, lane: Lane, outcome: str) -> str:
         self.metrics.forward_attempts.labels(lane.name, outcome).inc()

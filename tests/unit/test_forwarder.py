@@ -488,6 +488,31 @@ async def test_retryable_failures_never_make_a_delivery_dead(supervisor: Supervi
     assert sum(r.attempts for r in deliveries.rows.values()) >= 200
 
 
+async def test_a_down_destination_is_probed_one_delivery_at_a_time_not_hammered(
+    supervisor: Supervisor,
+) -> None:
+    """A lane whose destination fails backs off as a whole: one probe per backoff, the
+    destination's Retry-After honoured, not one attempt per due row; back at full speed
+    once an attempt goes through."""
+    deliveries = FakeDeliveries()
+    deliveries.add("down", 200)
+    up = asyncio.Event()
+    client = FakeClient(lambda _: delivered() if up.is_set() else retry("429", 0.2), 0.01)
+    forwarder, _, _ = make(
+        deliveries, {"down": client}, [Dest("down", concurrency=4)], backoff_max_s=0.2
+    )
+    forwarder.start(supervisor, None)
+    await asyncio.sleep(1.0)
+    # 4 at first (all slots), then one probe per 0.2 s Retry-After: ~8, never ~hundreds.
+    assert 4 <= len(client.calls) <= 14, len(client.calls)
+    assert client.most_in_flight == 4
+    up.set()
+    client.most_in_flight = 0
+    await until(lambda: all(r.status == "delivered" for r in deliveries.rows.values()), 10)
+    await forwarder.stop(supervisor, 1.0)
+    assert client.most_in_flight == 4  # full concurrency again once it answered
+
+
 def test_backoff_is_exponential_with_jitter_in_its_upper_half_and_capped() -> None:
     low, high = (lambda: 0.0), (lambda: 1.0)
     assert [backoff_s(a, 300, low) for a in range(4)] == [0.5, 1.0, 2.0, 4.0]
