@@ -277,6 +277,7 @@ class Forwarder:
         self._supervisor: Supervisor | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stats_names: set[str] = set()
+        self._unstartable: list[Any] = []  # destinations whose client could not be made
         self.stopping = False
 
     # --- the exporter's side (same process) --------------------------------------------
@@ -302,7 +303,7 @@ class Forwarder:
     # --- start and stop ------------------------------------------------------------------
     def start(self, supervisor: Supervisor, dsn: str | None) -> None:
         self._supervisor = supervisor
-        self._reconcile()
+        self._reconcile(startup=True)
         self._tasks = [
             supervisor.spawn(self._watch_destinations(), "forward-destinations"),
             supervisor.spawn(self._renew_leases(), "forward-lease-renewer"),
@@ -323,7 +324,7 @@ class Forwarder:
         self.stopping = True
         for task in self._tasks:
             await supervisor.cancel(task)
-        lanes = list(self.lanes.values())
+        lanes = [*self.lanes.values(), *self._retiring]
         self.lanes = {}
         for lane in lanes:
             if lane.claimer is not None:
@@ -366,8 +367,10 @@ class Forwarder:
             await asyncio.wait_for(lane.client.close(), 5.0)
 
     # --- destinations: started, changed, removed ----------------------------------------
-    def _reconcile(self) -> list[Lane]:
-        """Start lanes for new destinations; return the lanes to stop (changed, removed)."""
+    def _reconcile(self, startup: bool = False) -> list[Lane]:
+        """Start lanes for new destinations; return the lanes to stop (changed, removed).
+        At start-up a destination whose client cannot be made is an error; on a reload it
+        is logged (``forward_destination_failed``) and left out."""
         assert self._supervisor is not None
         wanted = {d.name: d for d in self.destinations()}
         retired: list[Lane] = []
@@ -375,8 +378,24 @@ class Forwarder:
             if wanted.get(name) != lane.destination:
                 retired.append(self.lanes.pop(name))
         for name, destination in wanted.items():
-            if name not in self.lanes:
+            if name in self.lanes:
+                continue
+            if not startup and destination in self._unstartable:
+                continue  # said once; tried again when the file changes
+            try:
                 self.lanes[name] = self._start_lane(destination)
+            except Exception as exc:
+                if startup:
+                    raise
+                self._unstartable.append(destination)
+                log_event(
+                    "forward_destination_failed",
+                    "a changed destination could not be started; fix DESTINATIONS_FILE",
+                    reason=type(exc).__name__,
+                    level=logging.ERROR,
+                    destination=name,
+                    error=str(exc)[:500],
+                )
         return retired
 
     def _start_lane(self, destination: Any) -> Lane:
