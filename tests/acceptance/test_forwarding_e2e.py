@@ -391,7 +391,7 @@ async def test_a_slow_destination_does_not_delay_another(
     latency = sorted(first[i] - acked_at[i] for i in acked_at)
     # Each slow request takes 5 s; had the slow destination held the fast one up, spans
     # would reach the fast one 5 s or more after their acknowledgement.
-    assert latency[-1] < 3.0, f"fast destination's ack-to-delivery: max {latency[-1]:.2f} s"
+    assert latency[-1] < 4.0, f"fast destination's ack-to-delivery: max {latency[-1]:.2f} s"
     assert slow_left > 0, "the slow destination was not still busy (the test proves nothing)"
     assert slow.arrivals, "the slow destination got nothing"
 
