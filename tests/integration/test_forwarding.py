@@ -741,3 +741,37 @@ async def test_ack_to_delivery_latency_at_default_settings(
         p99 = latencies[int(len(latencies) * 0.99) - 1]
         print(f"ack-to-delivery latency: p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms")
         assert p99 < 2.0, (p50, p99)
+
+
+async def test_an_object_missing_from_s3_is_told_apart_from_an_outage(
+    s3_server: Any, s3_bucket: str, tcp_proxy: Any
+) -> None:
+    """The forwarder parks a delivery dead only when the store says the object is not
+    there (S3's NoSuchKey); an unreachable store is an outage, retried."""
+    from otelworker.exceptions import ObjectStoreError
+    from otelworker.forwarding.forwarder import object_missing
+    from otelworker.settings import load_settings
+    from otelworker.sinks.factory import open_store
+    from tests.integration.test_failures import proxied_s3, s3_settings
+
+    store = await open_store(load_settings(**s3_settings(s3_server, s3_bucket)))
+    try:
+        await store.put("otel/present", b"x", "application/x-protobuf", None)
+        assert await store.get("otel/present") == b"x"
+        with pytest.raises(ObjectStoreError) as missing:
+            await store.get("otel/absent")
+        assert object_missing(missing.value), missing.value
+    finally:
+        await store.close()
+    proxy, endpoint = proxied_s3(tcp_proxy, s3_server)
+    proxy.refuse()  # the store is unreachable
+    settings = load_settings(
+        **s3_settings(s3_server, s3_bucket, s3_endpoint_url=endpoint, s3_timeout_s=2)
+    )
+    store = await open_store(settings.model_copy(update={"s3_create_bucket": False}))
+    try:
+        with pytest.raises(ObjectStoreError) as outage:
+            await store.get("otel/present")
+        assert not object_missing(outage.value), outage.value
+    finally:
+        await store.close()
