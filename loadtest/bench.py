@@ -1695,6 +1695,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="N",
         help="forward: connections of the paced run that measures latency at a sustained rate",
     )
+    parser.add_argument(
+        "--forward-gzip-members",
+        choices=("one", "many"),
+        help="forward: the destination's gzip_members (default: the destinations file's"
+        " default, one)",
+    )
     parser.add_argument("--json", metavar="PATH", help="write every figure as JSON")
     parser.add_argument(
         "--settle",

@@ -327,9 +327,12 @@ async def bench_forward(ctx: Context) -> dict[str, Any]:
     pg_pid = ctx.pg.postmaster_pid()
     receiver = ReceiverProcess(provision.free_port(), log_path=ctx.workdir / "noop-receiver.log")
     destinations = ctx.workdir / "forward-destinations.yaml"
-    destinations.write_text(
-        f"destinations:\n  - name: noop\n    endpoint: {receiver.url}\n    signals: [traces]\n"
-    )
+    entry = f"  - name: noop\n    endpoint: {receiver.url}\n    signals: [traces]\n"
+    if args.forward_gzip_members:
+        # many: objects posted as stored (aiohttp, like Go's reader, reads every member);
+        # the default, one, compresses a many-member object again as one member.
+        entry += f"    gzip_members: {args.forward_gzip_members}\n"
+    destinations.write_text("destinations:\n" + entry)
     dsns: list[str] = []
     rows: list[Row] = []
     prober = Prober(args.probe_interval_ms / 1000.0)
