@@ -23,7 +23,15 @@ class StagingRefused(StagingUnavailable):
 
 
 class ObjectStoreError(OtelWorkerError):
-    """The object store refused or failed an operation."""
+    """The object store refused or failed an operation.
+
+    ``refused``: the store answered that this request itself is invalid (an object it
+    will not take), which retrying the same request cannot cure. False for an outage: the
+    store unreachable, timed out, failing (5xx), throttling, or refusing the credentials
+    or the bucket, which is the same for every request and passes.
+    """
+
+    refused: bool = False
 
 
 class BadPayload(OtelWorkerError):

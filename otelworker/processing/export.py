@@ -13,7 +13,12 @@ from typing import Any
 
 from otelworker import otlp
 from otelworker.compression import ENCODING, checksum, compress, decompress
-from otelworker.exceptions import BadPayload, ObjectStoreError, StagingUnavailable
+from otelworker.exceptions import (
+    BadPayload,
+    ObjectStoreError,
+    StagingRefused,
+    StagingUnavailable,
+)
 from otelworker.logs import log_event
 from otelworker.metrics import Metrics
 from otelworker.settings import Compression
@@ -152,6 +157,9 @@ class Exporter:
         self.on_uploaded = on_uploaded
         # Told (items, commit xid, tenant) of each batch deleted from the queue.
         self.on_completed = on_completed
+        # Consecutive outage failures of this worker's flushes (reset by one that the
+        # store and the database answer): the backoff's exponent while they fail.
+        self._outage = 0
         # Forwarding (otelworker/forwarding): the destinations that want a (signal,
         # tenant)'s objects get deliveries in the commit; the object's bytes are offered
         # to this process's forwarder once stored, and it is woken once committed.
@@ -215,8 +223,10 @@ class Exporter:
                 committed = await self.queue.complete(manifest, ids, self.token)
         except (ObjectStoreError, StagingUnavailable) as exc:
             reason = getattr(exc, "reason", None) or _cause_name(exc)
-            await asyncio.shield(self._fail(signal, ids, reason, str(exc), context))
+            counts = _refused_itself(exc)
+            await asyncio.shield(self._fail(signal, ids, reason, str(exc), context, counts))
             return
+        self._outage = 0  # the store and the database answered: any outage is over
         if not committed:
             self.metrics.orphans.labels(signal).inc()
             log_event(
@@ -245,18 +255,36 @@ class Exporter:
         )
 
     async def _fail(
-        self, signal: str, ids: list[int], reason: str, error: str, context: dict[str, Any]
+        self,
+        signal: str,
+        ids: list[int],
+        reason: str,
+        error: str,
+        context: dict[str, Any],
+        counts: bool,
     ) -> None:
+        """Mark the batch's rows failed, for a retry after a backoff. Only a failure that
+        ``counts`` (the store or the database refused this batch itself) is one of the
+        rows' attempts, past MAX_ATTEMPTS of which they are dead; an outage (unreachable,
+        timed out, failing, throttled) is not theirs: their attempts stay, they never die
+        of it, and they back off by this worker's run of outage failures, capped."""
         self.metrics.batch_failures.labels(signal, reason).inc()
         log_event(
             "batch_persist_failed",
             "batch write failed; items marked failed for retry",
             reason=reason,
             level=logging.WARNING,
+            counted=counts,
             **context,
         )
+        step = None
+        if not counts:
+            step = min(self._outage, 60)
+            self._outage += 1
         try:
-            outcome = await self.queue.fail(ids, self.token, f"{reason}: {error}", self.retry)
+            outcome = await self.queue.fail(
+                ids, self.token, f"{reason}: {error}", self.retry, counts=counts, step=step
+            )
         except StagingUnavailable as exc:
             # The rows stay claimed; their lease expires and another claim retries them.
             log_event(
@@ -296,6 +324,15 @@ class Exporter:
                 item_ids=[item_id],
                 count=1,
             )
+
+
+def _refused_itself(exc: ObjectStoreError | StagingUnavailable) -> bool:
+    """Whether the store or the database refused this batch itself (an object the store
+    calls invalid, data the database cannot store), which counts toward its rows'
+    attempts; anything else is an outage of the infrastructure, the same for every row."""
+    if isinstance(exc, ObjectStoreError):
+        return exc.refused
+    return isinstance(exc, StagingRefused)
 
 
 def _cause_name(exc: BaseException) -> str:

@@ -15,13 +15,37 @@ from otelworker.exceptions import ObjectStoreError
 from otelworker.settings import Settings
 from otelworker.sinks.base import StoredObject
 
+# Codes S3 answers with 400 that say nothing about the request's object: a timeout, the
+# clock, the credentials, the bucket, throttling. An outage or a setting, never the object's.
+_NOT_THE_OBJECT = frozenset(
+    {
+        "RequestTimeout",
+        "RequestTimeTooSkewed",
+        "ExpiredToken",
+        "InvalidToken",
+        "TokenRefreshRequired",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "AuthorizationHeaderMalformed",
+        "AccessDenied",
+        "NoSuchBucket",
+        "SlowDown",
+    }
+)
+
 
 def _error(action: str, key: str, exc: BaseException) -> ObjectStoreError:
     reason = type(exc).__name__
+    refused = False
     if isinstance(exc, ClientError):
         reason = str(exc.response.get("Error", {}).get("Code", reason))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        # The store refuses this request as invalid (400 InvalidArgument, EntityTooLarge,
+        # BadDigest, KeyTooLongError, 411, 413): retrying it cannot succeed.
+        refused = status in (400, 411, 413) and reason not in _NOT_THE_OBJECT
     err = ObjectStoreError(f"{action} {key}: {reason}")
     err.reason = reason  # type: ignore[attr-defined]
+    err.refused = refused
     return err
 
 

@@ -149,7 +149,14 @@ class QueuePort(Protocol):
     ) -> int | bool: ...
 
     async def fail(
-        self, ids: Sequence[int], token: uuid.UUID, error: str, policy: RetryPolicy
+        self,
+        ids: Sequence[int],
+        token: uuid.UUID,
+        error: str,
+        policy: RetryPolicy,
+        *,
+        counts: bool = True,
+        step: int | None = None,
     ) -> list[tuple[int, str]]: ...
 
     async def kill(self, ids: Sequence[int], token: uuid.UUID, error: str) -> None: ...
@@ -322,8 +329,20 @@ class StagingQueue:
             raise StagingUnavailable(f"complete: {type(exc).__name__}") from exc
 
     async def fail(
-        self, ids: Sequence[int], token: uuid.UUID, error: str, policy: RetryPolicy
+        self,
+        ids: Sequence[int],
+        token: uuid.UUID,
+        error: str,
+        policy: RetryPolicy,
+        *,
+        counts: bool = True,
+        step: int | None = None,
     ) -> list[tuple[int, str]]:
+        """Mark claimed rows failed, for a retry after a backoff with full jitter; their
+        ids and new status. ``counts``: the failure is one of the rows' attempts (past
+        ``policy.max_attempts`` they are dead; the backoff grows with their attempts); if
+        not (an outage), their attempts stay, they never die of it, and the backoff's
+        exponent is ``step``."""
         rows = await self._fetch(
             "fail_claimed",
             list(ids),
@@ -332,6 +351,8 @@ class StagingQueue:
             policy.max_attempts,
             float(policy.backoff_initial_ms),
             float(policy.backoff_max_ms),
+            counts,
+            step or 0,
         )
         return [(r["id"], r["status"]) for r in rows]
 

@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import payloads
 from tests.support.objects import until
+from tests.support.refusing_s3 import refusing_s3
 from tests.support.server import RunningService, running_service
 
 pytestmark = pytest.mark.integration
@@ -414,13 +415,18 @@ async def test_pause_metrics_when_the_buffer_fills(database_url: str, tmp_path: 
 
 
 async def test_failure_and_dead_metrics(database_url: str, tmp_path: Path) -> None:
-    blocked = tmp_path / "a-file"
-    blocked.write_text("not a directory\n")
+    # The store refuses every object as invalid: a failure of the batch itself, which
+    # counts toward its rows' attempts (an outage would not).
     async with (
+        refusing_s3() as endpoint,
         running_service(
             database_url=database_url,
             role="all",
-            local_object_dir=str(blocked),
+            s3_endpoint_url=endpoint,
+            s3_bucket="refusing",
+            s3_access_key_id="test",
+            s3_secret_access_key="test",
+            s3_force_path_style=True,
             batch_max_size=1,
             batch_flush_interval_ms=20,
             max_attempts=1,  # the first failure makes an item dead

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import sys
 import uuid
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
@@ -27,6 +29,7 @@ from otelworker.sinks.local import LocalObjectStore
 from otelworker.staging.database import create_pool
 from otelworker.staging.group_commit import GroupCommitter
 from otelworker.staging.queue import Facts, RetryPolicy, StagingQueue
+from tests.integration.test_failures import FAST, s3_settings
 from tests.support.objects import manifest_rows, migrate, queue_rows, until, wait_drained
 from tests.support.payloads import traces
 from tests.support.server import running_service
@@ -364,3 +367,73 @@ async def test_gc_orphans_racing_an_export_never_removes_its_object(
     finally:
         commit.set()
         await pool.close()
+
+
+# --- 4: an outage is not a row's failure --------------------------------------------------------
+
+
+async def test_an_s3_outage_of_many_backoff_periods_kills_no_row_and_the_cap_engages(
+    database_url: str,
+    s3_server: Any,
+    s3_bucket: str,
+    tcp_proxy: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The issue's 3-minute outage, scaled down: with MAX_ATTEMPTS 2 and a 20-200 ms
+    backoff, the old rule made every row dead within a second of failures; they left the
+    backlog, so the staging cap stopped engaging during the very outage it exists for."""
+    caplog.set_level(logging.INFO, logger="otelworker")
+    parts = urlsplit(s3_server.endpoint_url)
+    proxy = tcp_proxy(parts.hostname, parts.port)
+    cap = 6
+    async with (
+        running_service(
+            database_url=database_url,
+            **s3_settings(
+                s3_server, s3_bucket, s3_endpoint_url=proxy.url_for(s3_server.endpoint_url)
+            ),
+            **{**FAST, "batch_max_size": 2},
+            max_attempts=2,
+            retry_backoff_initial_ms=20,
+            retry_backoff_max_ms=200,
+            staging_max_backlog=cap,
+            backlog_refresh_interval_ms=50,
+        ) as svc,
+        httpx.AsyncClient(timeout=30) as client,
+    ):
+        proxy.refuse()  # S3 unreachable
+
+        async def post() -> int:
+            body = traces(2, service="outage").SerializeToString()
+            response = await client.post(
+                svc.endpoint("traces"), content=body, headers={"content-type": PROTOBUF}
+            )
+            return response.status_code
+
+        for _ in range(cap):
+            assert await post() == 200
+
+        # Many times MAX_ATTEMPTS failures of every batch, each after its backoff.
+        def failures() -> list[logging.LogRecord]:
+            return [
+                r for r in caplog.records if getattr(r, "event", None) == "batch_persist_failed"
+            ]
+
+        await until(lambda: len(failures()) >= 10 * cap, within_s=120, what="many failed tries")
+        assert not any(r.counted for r in failures())
+        rows = await queue_rows(database_url)
+        assert len(rows) == cap
+        assert {r["status"] for r in rows} <= {"failed", "processing", "pending"}, rows
+        assert all(r["attempts"] == 0 for r in rows), rows
+        # The failed rows are the backlog: the cap engages during the outage.
+        await until(
+            lambda: svc.service.backlog is not None and svc.service.backlog.value >= cap,
+            what="the backlog recount",
+        )
+        assert await post() == 429
+
+        proxy.pass_through()  # S3 back: everything drains, nothing dead
+        status = await wait_drained(database_url, within_s=120)
+        assert status == {}
+        manifest = await manifest_rows(database_url)
+    assert sum(row["record_count"] for row in manifest) == cap * 2

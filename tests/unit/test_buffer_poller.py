@@ -99,7 +99,14 @@ class FakeQueue:
         return True
 
     async def fail(
-        self, ids: Sequence[int], token: uuid.UUID, error: str, policy: RetryPolicy
+        self,
+        ids: Sequence[int],
+        token: uuid.UUID,
+        error: str,
+        policy: RetryPolicy,
+        *,
+        counts: bool = True,
+        step: int | None = None,
     ) -> list[tuple[int, str]]:
         return [(i, "failed") for i in ids]
 

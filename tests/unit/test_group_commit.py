@@ -184,7 +184,7 @@ async def test_an_unexpected_error_fails_its_commit_503_and_the_committer_lives_
         with pytest.raises(StagingUnavailable) as failed:
             await committer.stage("traces", b"first", 1)
         assert not isinstance(failed.value, StagingRefused)
-        assert await committer.stage("traces", b"second", 1) == 7
+        assert await asyncio.wait_for(committer.stage("traces", b"second", 1), 5) == 7
         assert not any(t.done() for t in tasks)
     finally:
         await stop(tasks)

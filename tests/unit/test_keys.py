@@ -112,7 +112,14 @@ class RecordingQueue:
         return True
 
     async def fail(
-        self, ids: Sequence[int], token: uuid.UUID, error: str, policy: RetryPolicy
+        self,
+        ids: Sequence[int],
+        token: uuid.UUID,
+        error: str,
+        policy: RetryPolicy,
+        *,
+        counts: bool = True,
+        step: int | None = None,
     ) -> list[tuple[int, str]]:
         raise AssertionError("no failure expected")
 

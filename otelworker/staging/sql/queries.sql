@@ -133,13 +133,18 @@ WITH deleted AS (
 SELECT count(*), pg_current_xact_id()::text FROM deleted;
 
 -- name: fail_claimed --
--- Failed rows wait an exponential backoff with full jitter; past $4 attempts they are dead.
+-- Failed rows wait an exponential backoff with full jitter. A failure that counts ($7: the
+-- store or the database refused the batch itself) is one of the rows' attempts, the
+-- backoff grows with them, and past $4 of them a row is dead. An outage ($7 false: the
+-- store or the database unreachable, timing out, failing) is not the rows': attempts stay,
+-- no row dies of it, and the backoff's exponent is $8, the worker's run of outage failures.
 UPDATE ingestion_queue
-SET attempts = attempts + 1,
-    status = CASE WHEN attempts + 1 >= $4 THEN 'dead' ELSE 'failed' END,
+SET attempts = attempts + CASE WHEN $7::boolean THEN 1 ELSE 0 END,
+    status = CASE WHEN $7::boolean AND attempts + 1 >= $4 THEN 'dead' ELSE 'failed' END,
     available_at = now() + make_interval(secs => random() * least(
         $6::double precision,
-        $5::double precision * power(2, least(attempts, 60))) / 1000.0),
+        $5::double precision * power(2, least(
+            CASE WHEN $7::boolean THEN attempts ELSE $8::integer END, 60))) / 1000.0),
     lease_expires_at = NULL,
     lease_token = NULL,
     last_error = $3
