@@ -12,6 +12,24 @@ from otelworker.exceptions import ObjectStoreError
 from otelworker.sinks.base import StoredObject
 
 
+def _missing_dirs(directory: Path) -> list[Path]:
+    """The directories a ``mkdir(parents=True)`` of ``directory`` would make, innermost
+    first."""
+    missing: list[Path] = []
+    while not directory.exists() and directory.parent != directory:
+        missing.append(directory)
+        directory = directory.parent
+    return missing
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class LocalObjectStore:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root).resolve()
@@ -24,6 +42,7 @@ class LocalObjectStore:
 
     def _write(self, key: str, body: bytes) -> None:
         path = self._path(key)
+        made = _missing_dirs(path.parent)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
         with open(tmp, "wb") as fh:
@@ -31,6 +50,12 @@ class LocalObjectStore:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        # The object is durable once its name is: the rename lives in its directory, and a
+        # directory made for it lives in its parent. Synced before the upload is reported
+        # done, so an object the manifest names survives a power loss with it.
+        _fsync_dir(path.parent)
+        for directory in made:
+            _fsync_dir(directory.parent)
 
     async def put(
         self, key: str, body: bytes, content_type: str, content_encoding: str | None
