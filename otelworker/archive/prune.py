@@ -67,7 +67,7 @@ class PruneResult:
     bytes: int = 0  # their stored bytes
     orphans: int = 0  # orphan objects deleted (or found, in a dry run)
     cutoff: datetime | None = None  # rows stored before this went
-    # Objects past the cut that a destination has not taken yet (a pending or processing
+    # Objects past the cut that a destination has not taken (a pending, processing or dead
     # delivery): kept, in all and per destination; with force, deleted and counted lost.
     kept: int = 0
     kept_for: dict[str, int] = field(default_factory=dict)
@@ -157,11 +157,10 @@ async def prune(
     """Delete the manifest rows stored before ``now - older_than``, then their objects
     (only ``tenant``'s rows, and orphans among its keys, unless None).
 
-    A row that a forwarding destination has not taken yet (a pending or processing
+    A row that a forwarding destination has not taken (a pending, processing or dead
     delivery) is kept, and counted in ``kept``/``kept_for``; with ``force`` it goes too,
     its deliveries counted lost per destination (``lost_for``, and in the database's
-    ``delivery_losses``: ``otelworker_forward_lost_objects_total``). Dead deliveries keep
-    nothing: they go with their object."""
+    ``delivery_losses``: ``otelworker_forward_lost_objects_total``)."""
     now = now or datetime.now(UTC)
     cutoff = now - older_than
     result = PruneResult(cutoff=cutoff)

@@ -610,7 +610,7 @@ async def test_prune_keeps_what_a_destination_has_not_taken_and_force_counts_it_
     objects = tmp_path / "objects"
     old = await seed(database_url, objects, 4, ["tempo"], stored_ago=timedelta(days=40))
     young = await seed(database_url, objects, 1, ["tempo"])
-    # Two old objects taken, one dead (a dead delivery keeps nothing), one still pending.
+    # Two old objects taken, one dead (refused: not taken, so kept), one still pending.
     await fetch(
         database_url,
         "UPDATE deliveries SET status = 'delivered' WHERE object_key = ANY($1::text[])",
@@ -625,22 +625,23 @@ async def test_prune_keeps_what_a_destination_has_not_taken_and_force_counts_it_
     env = forwarding_env(database_url, tmp_path, path)
 
     run = ok(await run_cli(env, tmp_path, "prune", "--older-than", "30d", "--dry-run"))
-    assert "would delete 3 manifest row(s)" in run.out, run.out
-    assert "kept 1 object(s) that destinations have not taken yet (tempo 1)" in run.out
+    assert "would delete 2 manifest row(s)" in run.out, run.out
+    assert "kept 2 object(s) that destinations have not taken yet (tempo 2)" in run.out
     run = ok(await run_cli(env, tmp_path, "prune", "--older-than", "30d"))
-    assert "deleted 3 manifest row(s)" in run.out and "kept 1 object(s)" in run.out, run.out
+    assert "deleted 2 manifest row(s)" in run.out and "kept 2 object(s)" in run.out, run.out
     keys = {
         r["object_key"] for r in await fetch(database_url, "SELECT object_key FROM export_batches")
     }
-    assert keys == {old[3].key, young[0].key}
+    assert keys == {old[2].key, old[3].key, young[0].key}
     assert (objects / old[3].key).exists() and not (objects / old[0].key).exists()
+    assert (objects / old[2].key).exists()  # the dead one: requeue-dead can still send it
 
     run = ok(await run_cli(env, tmp_path, "prune", "--older-than", "30d", "--force", "--dry-run"))
-    assert "would delete 1 manifest row(s)" in run.out and "would lose" in run.out, run.out
+    assert "would delete 2 manifest row(s)" in run.out and "would lose" in run.out, run.out
     run = ok(await run_cli(env, tmp_path, "prune", "--older-than", "30d", "--force"))
-    assert "deleted 1 manifest row(s)" in run.out, run.out
-    assert "lost undelivered object(s) per destination: tempo 1" in run.out, run.out
-    assert not (objects / old[3].key).exists()
+    assert "deleted 2 manifest row(s)" in run.out, run.out
+    assert "lost undelivered object(s) per destination: tempo 2" in run.out, run.out
+    assert not (objects / old[3].key).exists() and not (objects / old[2].key).exists()
     assert await statuses(database_url, "tempo") == Counter({"pending": 1})  # the young one
 
     # The loss is kept in the database: the forwarder's metric and the listing show it.
@@ -661,7 +662,7 @@ async def test_prune_keeps_what_a_destination_has_not_taken_and_force_counts_it_
             registry.get_sample_value(
                 "otelworker_forward_lost_objects_total", {"destination": "tempo"}
             )
-            == 1
+            == 2
         )
         assert (
             registry.get_sample_value(
@@ -670,7 +671,7 @@ async def test_prune_keeps_what_a_destination_has_not_taken_and_force_counts_it_
             == 1
         )
     [listed] = json_lines(ok(await run_cli(env, tmp_path, "destinations", "--json")).out)
-    assert listed["lost_objects"] == 1
+    assert listed["lost_objects"] == 2
 
 
 async def test_a_forwarder_only_process_delivers_what_a_worker_exported(

@@ -228,7 +228,7 @@ FROM (
 -- prune: delete up to $3 manifest rows of signal $1 stored before $2, of the tenant $4
 -- (NULL: any; a row without one is $5's, DEFAULT_TENANT's), returning what their objects
 -- were. Its own transaction: the objects go only after it has committed. A row that a
--- destination has not taken yet (a pending or processing delivery) is kept, unless $6
+-- destination has not taken (a pending, processing or dead delivery) is kept, unless $6
 -- (--force): then those deliveries go with it (the cascade), each counted lost for its
 -- destination in delivery_losses, and returned as the row's `lost` destinations.
 WITH doomed AS (
@@ -237,14 +237,14 @@ WITH doomed AS (
       AND ($4::text IS NULL OR tenant = $4 OR (tenant IS NULL AND $4 = $5::text))
       AND ($6::boolean OR NOT EXISTS (
           SELECT 1 FROM deliveries d
-          WHERE d.batch_id = b.batch_id AND d.status IN ('pending', 'processing')))
+          WHERE d.batch_id = b.batch_id AND d.status <> 'delivered'))
     ORDER BY created_at
     LIMIT $3
     FOR UPDATE SKIP LOCKED
 ), lost AS (
     INSERT INTO delivery_losses AS l (destination, objects, last_lost_at)
     SELECT destination, count(*), now() FROM deliveries
-    WHERE batch_id IN (SELECT batch_id FROM doomed) AND status IN ('pending', 'processing')
+    WHERE batch_id IN (SELECT batch_id FROM doomed) AND status <> 'delivered'
     GROUP BY destination
     ON CONFLICT (destination) DO UPDATE
     SET objects = l.objects + excluded.objects, last_lost_at = excluded.last_lost_at
@@ -253,7 +253,7 @@ DELETE FROM export_batches e
 WHERE batch_id IN (SELECT batch_id FROM doomed)
 RETURNING object_key, compressed_bytes,
           ARRAY(SELECT destination FROM deliveries d
-                WHERE d.batch_id = e.batch_id AND d.status IN ('pending', 'processing')
+                WHERE d.batch_id = e.batch_id AND d.status <> 'delivered'
                 ORDER BY destination) AS lost;
 
 -- name: archive_expired_totals --
@@ -266,7 +266,7 @@ WHERE created_at < $1
   AND ($2::text IS NULL OR tenant = $2 OR (tenant IS NULL AND $2 = $3::text))
   AND ($4::boolean OR NOT EXISTS (
       SELECT 1 FROM deliveries d
-      WHERE d.batch_id = b.batch_id AND d.status IN ('pending', 'processing')));
+      WHERE d.batch_id = b.batch_id AND d.status <> 'delivered'));
 
 -- name: vacuum_lock --
 -- One process vacuums the queue at a time (a session lock: its connection is closed after).
@@ -440,12 +440,12 @@ SELECT count(*), pg_notify('otelworker_deliveries', $1) FROM requeued;
 
 -- name: archive_kept_for_delivery --
 -- prune: manifest rows stored before $1 (of the tenant $2; NULL: any; a row without one is
--- $3's) that a destination has not taken yet (pending or processing), per destination.
+-- $3's) that a destination has not taken (pending, processing or dead), per destination.
 -- The row with a NULL destination: the distinct objects in all.
 SELECT d.destination, count(DISTINCT d.batch_id)::bigint AS objects
 FROM deliveries d
 JOIN export_batches b ON b.batch_id = d.batch_id
-WHERE d.status IN ('pending', 'processing') AND b.created_at < $1
+WHERE d.status <> 'delivered' AND b.created_at < $1
   AND ($2::text IS NULL OR b.tenant = $2 OR (b.tenant IS NULL AND $2 = $3::text))
 GROUP BY GROUPING SETS ((d.destination), ())
 ORDER BY d.destination NULLS FIRST;
