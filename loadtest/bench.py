@@ -208,6 +208,8 @@ class CpuMeter:
         }
         for name, value in used.items():
             report[f"{name}_cores"] = None if value is None else round(value / wall, 2)
+        # The CPU seconds themselves: per-span figures divide these, not the rounded cores.
+        report["cpu_s"] = {n: None if v is None else round(v, 4) for n, v in used.items()}
         # How the service's CPU fell on its processes (hypercorn -w N: is the load spread?)
         pid = self.trees.get("service")
         if pid is not None and wall > 0:
@@ -1700,6 +1702,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=("one", "many"),
         help="forward: the destination's gzip_members (default: the destinations file's"
         " default, one)",
+    )
+    parser.add_argument(
+        "--forward-receiver-decode",
+        choices=("shallow", "full"),
+        default="shallow",
+        help="forward: the no-op receiver counts spans by a shallow decode (default) or by"
+        " decoding every span (as before 2026-12-07: ~1 us per span more of the receiver's"
+        " CPU on the cores the service is measured on)",
     )
     parser.add_argument("--json", metavar="PATH", help="write every figure as JSON")
     parser.add_argument(

@@ -6,26 +6,31 @@
 Two ``python -m hypercorn otelworker.app:app`` processes with ``ROLE=all`` on databases
 and buckets of their own (S3 as the ``all`` row has it): ``all`` (no destination) and
 ``all_fwd`` (``DESTINATIONS_FILE`` naming one OTLP/HTTP destination, the no-op receiver
-:mod:`loadtest.noop_receiver` in a third process: it decompresses, decodes and counts,
-keeps nothing). Each gets the same closed-loop load (:mod:`loadtest.loadgen`, alternated
-A/B/A/B) and, beside it, **probes**: the benchmark itself sends a 1-span trace request
+:mod:`loadtest.noop_receiver` in a third process: it decompresses and counts, keeps
+nothing). Each gets the same closed-loop load (:mod:`loadtest.loadgen`, alternated
+A/B, B/A, ...) and, beside it, **probes**: the benchmark itself sends a 1-span trace request
 every ``--probe-interval-ms`` whose trace id is :data:`~loadtest.noop_receiver.PROBE_MAGIC`
 and a sequence number, and stamps the time its 200 arrived; the receiver stamps the time
 the probe's span arrived in a forwarded request. Their difference is the
 **acknowledgement-to-delivery latency** of a record.
 
-Per row and size:
+Per row and size (rounds alternated all/all_fwd, then all_fwd/all, and so on):
 
 - **delivered spans/s**: spans the receiver counted during the timed window over its
   length, and over the whole time until every acknowledged span had arrived;
 - **service CPU us per acknowledged span**, from the window's start until the queue is
   drained (and, with the destination, every delivery delivered and every probe arrived):
-  the service process tree's CPU (psutil), as the other rows measure it. Forwarding's
-  share is the difference between the two rows, its cost the ratio (target: at most
-  1.25 at 512 spans);
-- **ack-to-delivery p50/p99** under the full load, and in a paced run after the rounds
-  (``--forward-latency-concurrency`` connections, 4: a rate the service sustains without a
-  backlog, where the target p99 <= 2 s applies);
+  the service process tree's CPU seconds (psutil, unrounded), as the other rows measure
+  it, over the spans acknowledged in the window (probes included), the same quantity in
+  both rows. Forwarding's share is the difference between the two rows, its cost the
+  ratio of their medians (target: at most 1.25 at 512 spans), shown beside the median of
+  each round's own ratio and the ratio with PostgreSQL's CPU added. The receiver's CPU is
+  measured too (it shares the two cores) and counted in no per-span figure;
+- **ack-to-delivery p50/p99** of every probe of the rounds pooled. A run is at a
+  *sustained* rate when at most 5 % of what its window acknowledged was undelivered at the
+  window's end (the destination kept up, no backlog): the latency target applies to the
+  full load's probes when every round was sustained, and to a paced run after the rounds
+  (``--forward-latency-concurrency`` connections, 4) always;
 - the at-least-once check: the receiver got at least every acknowledged span, no delivery
   is dead, every acknowledged probe arrived; duplicates (spans beyond the acknowledged) are
   reported.
@@ -135,13 +140,13 @@ async def _pending_deliveries(dsn: str) -> tuple[int, int]:
 
 
 async def _wait_delivered(
-    dsn: str, receiver: ReceiverProcess, probes: dict[int, float], limit_s: float
+    dsn: str, receiver: ReceiverProcess, probes: dict[int, float], limit_s: float, since: int
 ) -> dict[str, Any]:
     """Until no delivery is pending and every acknowledged probe reached the receiver."""
     deadline = time.monotonic() + limit_s
     while True:
         live, dead = await _pending_deliveries(dsn)
-        stats = await asyncio.to_thread(receiver.stats)
+        stats = await asyncio.to_thread(receiver.stats, since)
         missing = [s for s in probes if str(s) not in stats["probes"]]
         if live == 0 and not missing:
             return {"dead": dead, "stats": stats, "note": None}
@@ -155,15 +160,19 @@ async def _wait_delivered(
         await asyncio.sleep(0.1)
 
 
-def _latency(probes: dict[int, float], stats: dict[str, Any]) -> dict[str, Any]:
+def _lags_ms(probes: dict[int, float], stats: dict[str, Any]) -> list[float]:
     arrived = stats["probes"]
-    lags = sorted(
+    return sorted(
         max(0.0, arrived[str(seq)] - acked) * 1000.0
         for seq, acked in probes.items()
         if str(seq) in arrived
     )
+
+
+def _latency(lags: list[float], probes: int) -> dict[str, Any]:
+    """p50/p99/max of ascending ack-to-delivery lags (ms)."""
     return {
-        "probes": len(probes),
+        "probes": probes,
         "arrived": len(lags),
         "p50_ms": None if not lags else round(percentile(lags, 50) or 0.0, 1),
         "p99_ms": None if not lags else round(percentile(lags, 99) or 0.0, 1),
@@ -171,12 +180,27 @@ def _latency(probes: dict[int, float], stats: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# A run is at a *sustained* rate when the destination kept up with it: at the window's end
+# at most this share of the spans acknowledged in it was still undelivered (at 20 s, 1 s of
+# load). Its probes' latency is then the latency at the sustained rate, not at a backlog.
+SUSTAINED_BACKLOG = 0.05
+
+
 class Row:
-    def __init__(self, name: str, proc: provision.AppProcess, dsn: str, pg_pid: int | None):
+    def __init__(
+        self,
+        name: str,
+        proc: provision.AppProcess,
+        dsn: str,
+        pg_pid: int | None,
+        receiver_pid: int,
+    ) -> None:
         self.name = name
         self.proc = proc
         self.dsn = dsn
-        self.trees = {"service": proc.pid, "postgres": pg_pid}
+        # The receiver's CPU is the destination's, not the service's: measured to show
+        # what it takes of the machine's two cores, counted in no per-span figure.
+        self.trees = {"service": proc.pid, "postgres": pg_pid, "receiver": receiver_pid}
         self.rate_hint: dict[str, float] = {}
 
 
@@ -203,7 +227,8 @@ async def _one_run(
     )
     quiet = await settle(args.settle, args.settle_cores) if args.settle > 0 else None
     meter = CpuMeter(row.trees)
-    before = await asyncio.to_thread(receiver.stats)
+    since = prober.next_seq  # this run's probes are numbered from here
+    before = await asyncio.to_thread(receiver.stats, since)
     stop = asyncio.Event()
     probing: asyncio.Task[dict[int, float]] | None = None
     started = time.time()
@@ -216,7 +241,8 @@ async def _one_run(
 
     result = await run_in_subprocess(spec, on_timing=on_timing)
     window = meter.stop(result.client_cpu_s)
-    at_window_end = await asyncio.to_thread(receiver.stats)
+    window_end = time.time()
+    at_window_end = await asyncio.to_thread(receiver.stats, since)
     stop.set()
     probes = await probing if probing is not None else {}
     acked_spans = result.ok * size.records + len(probes)
@@ -237,28 +263,46 @@ async def _one_run(
     }
     delivered: dict[str, Any] | None = None
     if row.name == "all_fwd":
-        delivered = await _wait_delivered(row.dsn, receiver, probes, args.drain_wait)
+        delivered = await _wait_delivered(row.dsn, receiver, probes, args.drain_wait, since)
         after = delivered["stats"]
         gained = after["records"]["traces"] - before["records"]["traces"]
         in_window = at_window_end["records"]["traces"] - before["records"]["traces"]
         until = max(after["last_arrival"] - started, 1e-9)
+        backlog = max(0.0, 1.0 - in_window / acked_spans) if acked_spans else 0.0
         record["delivered"] = {
             "spans": gained,
             "spans_in_window": in_window,
             "spans_per_s_window": round(in_window / result.elapsed_s, 0),
             "spans_per_s_until_delivered": round(gained / until, 0),
+            # Undelivered at the window's end (share of the acknowledged), and how long
+            # after the window's end the last span arrived: a backlog, or none.
+            "backlog_at_window_end": round(backlog, 4),
+            "catch_up_s": round(max(0.0, after["last_arrival"] - window_end), 3),
+            "sustained": backlog <= SUSTAINED_BACKLOG,
             "duplicates": max(0, gained - acked_spans),
             "probe_repeats": after["probe_repeats"] - before["probe_repeats"],
             "dead_deliveries": delivered["dead"],
             "note": delivered["note"],
         }
-        record["latency"] = _latency(probes, after)
+        lags = _lags_ms(probes, after)
+        record["latency"] = _latency(lags, len(probes))
+        record["_lags"] = lags  # pooled over the rounds; not in the JSON
     full = meter.stop()
-    service_s = (full.get("service_cores") or 0.0) * full["wall_s"]
+    # The CPU seconds from the window's start until everything acknowledged in it is
+    # drained (and delivered), over those spans: the same quantity in both rows.
+    service_s = full["cpu_s"]["service"] or 0.0
+    postgres_s = full["cpu_s"].get("postgres") or 0.0
     record["cpu_to_done"] = full
     record["acked_spans"] = acked_spans
     record["service_cpu_us_per_span"] = (
         round(service_s / acked_spans * 1e6, 3) if acked_spans else None
+    )
+    record["service_pg_cpu_us_per_span"] = (
+        round((service_s + postgres_s) / acked_spans * 1e6, 3) if acked_spans else None
+    )
+    receiver_s = full["cpu_s"].get("receiver") or 0.0
+    record["receiver_cpu_us_per_span"] = (
+        round(receiver_s / acked_spans * 1e6, 3) if acked_spans else None
     )
     record["check"] = {
         "drained": drained_note is None and dead_rows == 0,
@@ -287,7 +331,10 @@ async def _one_run(
             f"; delivered {_fmt(d['spans_per_s_window'], 0)} spans/s in window,"
             f" {_fmt(d['spans_per_s_until_delivered'], 0)} until delivered,"
             f" dup {d['duplicates']}; ack->delivery p50 {_fmt(lat['p50_ms'])} ms"
-            f" p99 {_fmt(lat['p99_ms'])} ms ({lat['arrived']}/{lat['probes']} probes)"
+            f" p99 {_fmt(lat['p99_ms'])} ms ({lat['arrived']}/{lat['probes']} probes);"
+            f" backlog at window end {d['backlog_at_window_end']:.1%},"
+            f" caught up {d['catch_up_s']:.2f} s after;"
+            f" receiver {_fmt(record['receiver_cpu_us_per_span'], 2)} us CPU/span"
         )
     if not record["check"]["ok"]:
         line += f"  CHECK FAILED {record['check']}"
@@ -305,6 +352,7 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "req_per_s": med([r["ok_per_s"] for r in runs], 1),
         "spans_per_s": med([r["spans_per_s"] for r in runs], 0),
         "service_cpu_us_per_span": med([r["service_cpu_us_per_span"] for r in runs], 3),
+        "service_pg_cpu_us_per_span": med([r["service_pg_cpu_us_per_span"] for r in runs], 3),
         "non_200": sum(r["requests"] - r["ok"] for r in runs),
     }
     if runs and "delivered" in runs[0]:
@@ -317,6 +365,15 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         out["duplicates"] = sum(r["delivered"]["duplicates"] for r in runs)
         out["latency_p50_ms"] = med([r["latency"]["p50_ms"] for r in runs], 1)
         out["latency_p99_ms"] = med([r["latency"]["p99_ms"] for r in runs], 1)
+        # Every probe of the rounds together: a p99 of hundreds of probes, not of tens.
+        pooled = sorted(lag for r in runs for lag in r["_lags"])
+        out["latency_pooled"] = _latency(pooled, sum(r["latency"]["probes"] for r in runs))
+        out["sustained"] = all(r["delivered"]["sustained"] for r in runs)
+        out["backlog_at_window_end_max"] = max(
+            r["delivered"]["backlog_at_window_end"] for r in runs
+        )
+        out["catch_up_s_max"] = max(r["delivered"]["catch_up_s"] for r in runs)
+        out["receiver_cpu_us_per_span"] = med([r["receiver_cpu_us_per_span"] for r in runs], 3)
     return out
 
 
@@ -325,20 +382,28 @@ async def bench_forward(ctx: Context) -> dict[str, Any]:
     sizes = [parse_size(s) for s in args.forward_sizes.split(",") if s.strip()]
     s3 = await asyncio.to_thread(ctx.s3)
     pg_pid = ctx.pg.postmaster_pid()
-    receiver = ReceiverProcess(provision.free_port(), log_path=ctx.workdir / "noop-receiver.log")
+    receiver = ReceiverProcess(
+        provision.free_port(),
+        log_path=ctx.workdir / "noop-receiver.log",
+        decode=args.forward_receiver_decode,
+    )
     destinations = ctx.workdir / "forward-destinations.yaml"
-    entry = f"  - name: noop\n    endpoint: {receiver.url}\n    signals: [traces]\n"
+    yaml_entry = f"  - name: noop\n    endpoint: {receiver.url}\n    signals: [traces]\n"
     if args.forward_gzip_members:
         # many: objects posted as stored (aiohttp, like Go's reader, reads every member);
         # the default, one, compresses a many-member object again as one member.
-        entry += f"    gzip_members: {args.forward_gzip_members}\n"
-    destinations.write_text("destinations:\n" + entry)
+        yaml_entry += f"    gzip_members: {args.forward_gzip_members}\n"
+    destinations.write_text("destinations:\n" + yaml_entry)
     dsns: list[str] = []
     rows: list[Row] = []
     prober = Prober(args.probe_interval_ms / 1000.0)
     results: dict[str, Any] = {
         "rows": list(ROWS),
-        "destination": {"receiver": "loadtest.noop_receiver", "file": destinations.read_text()},
+        "destination": {
+            "receiver": "loadtest.noop_receiver",
+            "decode": args.forward_receiver_decode,
+            "file": destinations.read_text(),
+        },
         "sizes": {},
     }
     try:
@@ -352,7 +417,7 @@ async def bench_forward(ctx: Context) -> dict[str, Any]:
             proc = provision.AppProcess(
                 "otelworker.app:app", settings=settings, log_path=ctx.workdir / f"{name}.log"
             )
-            rows.append(Row(name, proc, dsn, pg_pid))
+            rows.append(Row(name, proc, dsn, pg_pid, receiver.pid))
         try:
             await receiver.wait_ready_async()
             for row in rows:
@@ -370,7 +435,9 @@ async def bench_forward(ctx: Context) -> dict[str, Any]:
                         ctx, row, size, "warmup", args.warmup, args.concurrency, prober, receiver
                     )
                 for n in range(1, args.rounds + 1):
-                    for row in rows:
+                    # A/B, then B/A: a drift over the rounds (the machine's other work)
+                    # falls on both rows alike.
+                    for row in rows if n % 2 else rows[::-1]:
                         runs.append(
                             await _one_run(
                                 ctx,
@@ -397,15 +464,36 @@ async def bench_forward(ctx: Context) -> dict[str, Any]:
                 base = by_row["all"]["service_cpu_us_per_span"]
                 fwd = by_row["all_fwd"]["service_cpu_us_per_span"]
                 ratio = round(fwd / base, 3) if base and fwd else None
+                base_pg = by_row["all"]["service_pg_cpu_us_per_span"]
+                fwd_pg = by_row["all_fwd"]["service_pg_cpu_us_per_span"]
+                # Each round's all_fwd over the same round's all: drift-free, a spread.
+                paired = sorted(
+                    b["service_cpu_us_per_span"] / a["service_cpu_us_per_span"]
+                    for a, b in zip(
+                        [r for r in runs if r["row"] == "all"],
+                        [r for r in runs if r["row"] == "all_fwd"],
+                        strict=True,
+                    )
+                    if a["service_cpu_us_per_span"] and b["service_cpu_us_per_span"]
+                )
                 entry: dict[str, Any] = {
                     "rows": by_row,
                     "cpu_ratio": ratio,
+                    "cpu_ratio_paired": {
+                        "median": round(_median(paired), 3) if paired else None,
+                        "min": round(paired[0], 3) if paired else None,
+                        "max": round(paired[-1], 3) if paired else None,
+                    },
+                    "cpu_ratio_with_postgres": (
+                        round(fwd_pg / base_pg, 3) if base_pg and fwd_pg else None
+                    ),
                     "forwarding_cpu_us_per_span": round(fwd - base, 3) if base and fwd else None,
                     "paced": {
                         "req_per_s": paced["ok_per_s"],
                         "spans_per_s": paced["spans_per_s"],
                         "latency": paced.get("latency"),
                         "service_cpu_us_per_span": paced["service_cpu_us_per_span"],
+                        "sustained": paced["delivered"]["sustained"],
                     },
                     "verification": {
                         "ok": all(r["check"]["ok"] for r in [*runs, paced]),
@@ -413,6 +501,8 @@ async def bench_forward(ctx: Context) -> dict[str, Any]:
                     },
                     "runs": [*runs, paced],
                 }
+                for run in entry["runs"]:
+                    run.pop("_lags", None)
                 results["sizes"][size.key] = entry
                 _print_size(size, entry)
         finally:
@@ -442,11 +532,25 @@ def _targets(sizes: dict[str, Any]) -> list[dict[str, Any]]:
             }
         )
     for key, entry in sizes.items():
+        # The full load's rate, when the destination kept up with it (no backlog), is the
+        # sustained rate: the target applies to its probes, all rounds pooled. Otherwise
+        # (a backlog: the latency grows with the run's length) to the paced run's.
+        full = entry["rows"]["all_fwd"]
+        p99 = full["latency_pooled"]["p99_ms"]
+        if full["sustained"] and p99 is not None:
+            found.append(
+                {
+                    "what": f"ack-to-delivery p99 at the full load (sustained), {key} spans",
+                    "target": f"<= {P99_TARGET_MS:.0f} ms",
+                    "value": p99,
+                    "met": p99 <= P99_TARGET_MS,
+                }
+            )
         p99 = (entry["paced"]["latency"] or {}).get("p99_ms")
         if p99 is not None:
             found.append(
                 {
-                    "what": f"ack-to-delivery p99 at a sustained rate, {key} spans",
+                    "what": f"ack-to-delivery p99 at the paced rate, {key} spans",
                     "target": f"<= {P99_TARGET_MS:.0f} ms",
                     "value": p99,
                     "met": p99 <= P99_TARGET_MS,
@@ -462,13 +566,20 @@ def _print_size(size: Size, entry: dict[str, Any]) -> None:
             f"  {TITLES[name]:<26} {_fmt(row['req_per_s']):>8} req/s"
             f" {_fmt(row['spans_per_s'], 0):>9} spans/s acknowledged;"
             f" service {_fmt(row['service_cpu_us_per_span'], 2)} us CPU/span"
+            f" (+PostgreSQL {_fmt(row['service_pg_cpu_us_per_span'], 2)})"
         )
         if "delivered_spans_per_s_window" in row:
+            pooled = row["latency_pooled"]
             text += (
                 f"; delivered {_fmt(row['delivered_spans_per_s_window'], 0)} spans/s"
                 f" (window), {_fmt(row['delivered_spans_per_s_until_delivered'], 0)}"
-                f" (until delivered); ack->delivery p50 {_fmt(row['latency_p50_ms'])} ms,"
-                f" p99 {_fmt(row['latency_p99_ms'])} ms; duplicates {row['duplicates']}"
+                f" (until delivered); ack->delivery p50 {_fmt(pooled['p50_ms'])} ms,"
+                f" p99 {_fmt(pooled['p99_ms'])} ms ({pooled['arrived']} probes pooled;"
+                f" per-round medians {_fmt(row['latency_p50_ms'])}/"
+                f"{_fmt(row['latency_p99_ms'])}); {'sustained' if row['sustained'] else 'BACKLOG'}"
+                f" (backlog at window end <= {row['backlog_at_window_end_max']:.1%}, caught up"
+                f" <= {row['catch_up_s_max']:.2f} s); duplicates {row['duplicates']};"
+                f" receiver {_fmt(row['receiver_cpu_us_per_span'], 2)} us CPU/span"
             )
         _say(text)
     paced = entry["paced"]
@@ -478,9 +589,12 @@ def _print_size(size: Size, entry: dict[str, Any]) -> None:
         f" {_fmt(paced['spans_per_s'], 0)} spans/s, ack->delivery p50 {_fmt(lat.get('p50_ms'))}"
         f" ms, p99 {_fmt(lat.get('p99_ms'))} ms, max {_fmt(lat.get('max_ms'))} ms"
     )
+    paired = entry["cpu_ratio_paired"]
     _say(
         f"  forwarding: {_fmt(entry['forwarding_cpu_us_per_span'], 2)} us CPU/span more,"
-        f" ratio {_fmt(entry['cpu_ratio'], 3)} (target <= {CPU_RATIO_TARGET} at 512 spans);"
+        f" ratio {_fmt(entry['cpu_ratio'], 3)} (target <= {CPU_RATIO_TARGET} at 512 spans;"
+        f" per round {_fmt(paired['median'], 3)} median, {_fmt(paired['min'], 3)}"
+        f"-{_fmt(paired['max'], 3)}; with PostgreSQL {_fmt(entry['cpu_ratio_with_postgres'], 3)});"
         f" verification {'ok' if entry['verification']['ok'] else 'FAILED'}"
     )
 
