@@ -128,6 +128,22 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=r,
         )
+        self.commit_outcome_unknown = Counter(
+            "otelworker_commit_outcome_unknown",
+            "Requests answered 503 whose commit may have happened (it timed out), by"
+            " reason: commit_timeout, or sync_replication_wait when this role's commits"
+            " were waiting for a synchronous standby (committed on the primary, not yet"
+            " acknowledged by the standby).",
+            ["reason"],
+            registry=r,
+        )
+        self.durability_scope = Gauge(
+            "otelworker_durability_scope",
+            "1 for the scope of the 2xx promise read from the database's replication"
+            " settings (single_node, synchronous_replica or unknown), 0 for the others.",
+            ["scope"],
+            registry=r,
+        )
         self.group_commit_size = Histogram(
             "otelworker_group_commit_requests",
             "Requests per group commit.",

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from typing import Any
 
 import asyncpg
 
-from otelworker.exceptions import ConfigError
+from otelworker.exceptions import ConfigError, StagingUnavailable
 from otelworker.forwarding.deliveries import DeliveryQueue
 from otelworker.forwarding.destinations import DestinationsFile
 from otelworker.forwarding.forwarder import Forwarder
@@ -28,11 +29,27 @@ from otelworker.processing.pipeline import Pipeline
 from otelworker.settings import Settings
 from otelworker.sinks.base import ObjectStore
 from otelworker.sinks.factory import open_store
-from otelworker.staging.database import DB_ERRORS, create_pool, migrate, schema_is_current
+from otelworker.staging.database import (
+    DB_ERRORS,
+    SCOPES,
+    SYNCHRONOUS_REPLICA,
+    Durability,
+    create_pool,
+    forget_connections,
+    log_durability,
+    migrate,
+    read_durability,
+    schema_is_current,
+)
 from otelworker.staging.group_commit import GroupCommitter
 from otelworker.staging.maintenance import QueueVacuum
 from otelworker.staging.queue import Facts, StagingQueue
+from otelworker.staging.sql import query
 from otelworker.supervisor import Supervisor
+
+# How often readiness re-reads the replication settings (a failover may land on a server
+# configured otherwise; a change is logged as a new durability_scope event).
+DURABILITY_REREAD_S = 30.0
 
 
 class Service:
@@ -61,6 +78,12 @@ class Service:
         self.intake = Intake(self)
         self.grpc: OtlpGrpc | None = None
         self._last_ready = False
+        # What the database's replication settings say of the 2xx promise (read at start,
+        # re-read by readiness now and then: a failover may land on other settings).
+        self.durability: Durability | None = None
+        self._durability_read_at = 0.0
+        # The last reason readiness gave for the database's state, to log changes once.
+        self._db_state = "ok"
         self.metrics.ready.set_function(self._ready)
         self.metrics.process_index.set(int(os.environ.get(CHILD_ENV, "0")))
 
@@ -162,8 +185,7 @@ class Service:
             connect_timeout_s=s.db_connect_timeout_s,
             startup_timeout_s=s.db_startup_timeout_s,
         )
-        async with self.pool.acquire() as conn:
-            await migrate(conn)
+        await self._prepare_schema()
         self.queue = StagingQueue(self.pool, s.default_tenant)
         self.supervisor.spawn(self.events.run(), "log-aggregator")
 
@@ -173,6 +195,7 @@ class Service:
                 max_items=s.group_commit_max_items,
                 max_bytes=s.group_commit_max_bytes,
                 timeout_s=s.staging_commit_timeout_s,
+                on_unknown=self._commit_outcome_unknown,
             )
             for n in range(s.group_commit_workers):
                 self.supervisor.spawn(self.committer.run(), f"group-commit-{n}")
@@ -294,6 +317,107 @@ class Service:
         await self.release_embedded()
         log_event("service_stopped", "otelworker stopped", reason="shutdown")
 
+    # --- the database's state: replication, read-only servers -----------------------------
+
+    def _set_durability(self, durability: Durability) -> None:
+        previous = self.durability
+        self.durability = durability
+        self._durability_read_at = time.monotonic()
+        for scope in SCOPES:
+            self.metrics.durability_scope.labels(scope).set(
+                1.0 if scope == durability.scope else 0.0
+            )
+        if previous is None or previous.scope != durability.scope:
+            log_durability(durability)
+
+    async def _prepare_schema(self) -> None:
+        """Read the durability scope and migrate. A server that takes no writes (a standby
+        reached by mistake, a demoted primary) cannot be migrated: if the schema there is
+        current already, start anyway, not ready (readiness says why) and retrying like
+        any outage, so that the pod stays up and turns ready when the server does; if it
+        is not, retry for DB_STARTUP_TIMEOUT_S and then give up with a clear error."""
+        assert self.pool is not None
+        deadline = time.monotonic() + self.settings.db_startup_timeout_s
+        delay = 0.5
+        while True:
+            try:
+                async with self.pool.acquire() as conn:
+                    durability = await read_durability(conn)
+                    self._set_durability(durability)
+                    if not durability.read_only and not durability.in_recovery:
+                        await migrate(conn)
+                        return
+                    if await schema_is_current(conn):
+                        self._note_db_state("read_only")
+                        return
+                    reason = "read_only_schema_not_current"
+            except DB_ERRORS as exc:
+                # Also a primary demoted between the check and the migration.
+                await forget_connections(self.pool, exc)
+                reason = type(exc).__name__
+            if time.monotonic() + delay > deadline:
+                raise StagingUnavailable(
+                    "the database takes no writes (a standby, or a read-only primary) and"
+                    " the schema is not migrated: point DATABASE_URL at the primary (a"
+                    " multi-host URL with target_session_attrs=read-write finds it)"
+                    if reason == "read_only_schema_not_current"
+                    else f"cannot migrate the database: {reason}"
+                )
+            log_event(
+                "database_unavailable",
+                "cannot migrate the database yet (read-only or unreachable); retrying",
+                reason=reason,
+                level=logging.WARNING,
+                retry_in_s=round(delay, 2),
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    def _note_db_state(self, state: str, detail: str = "") -> None:
+        """Log the database's state once per change (ok, read_only, sync_replication_wait)."""
+        if state == self._db_state:
+            return
+        previous, self._db_state = self._db_state, state
+        if state == "read_only":
+            log_event(
+                "database_read_only",
+                "the database takes no writes (a standby or a demoted primary): not ready,"
+                " requests answered 503, retrying",
+                reason="in_recovery_or_read_only",
+                level=logging.ERROR,
+            )
+        elif state == "sync_replication_wait":
+            log_event(
+                "commits_waiting_on_replication",
+                "commits wait for a synchronous standby that does not answer: not ready"
+                " until they pass (they are committed on the primary)",
+                reason="sync_rep_wait",
+                level=logging.ERROR,
+                detail=detail,
+            )
+        else:
+            log_event(
+                "database_writable",
+                "the database takes writes again",
+                reason=f"after_{previous}",
+            )
+
+    async def _commit_outcome_unknown(self, requests: int) -> None:
+        """Count the requests of a timed-out commit: apart when this role's commits are
+        waiting for a synchronous standby (each committed locally already)."""
+        reason = "commit_timeout"
+        if self.pool is not None:
+            try:
+                async with asyncio.timeout(1.0):
+                    async with self.pool.acquire() as conn:
+                        row = await conn.fetchrow(query("server_state"))
+                if row["sync_rep_waits"]:
+                    reason = "sync_replication_wait"
+                    self._note_db_state("sync_replication_wait", "a commit timed out")
+            except DB_ERRORS:
+                pass
+        self.metrics.commit_outcome_unknown.labels(reason).inc(requests)
+
     async def readiness(self) -> tuple[bool, str]:
         ok, reason = await self._readiness()
         self._last_ready = ok
@@ -313,6 +437,27 @@ class Service:
                 async with self.pool.acquire() as conn:
                     if not await schema_is_current(conn):
                         return False, "schema not current"
+                    state = await conn.fetchrow(query("server_state"))
+                    if time.monotonic() - self._durability_read_at > DURABILITY_REREAD_S:
+                        self._set_durability(await read_durability(conn))
         except DB_ERRORS as exc:
+            await forget_connections(self.pool, exc)
             return False, f"database unreachable: {type(exc).__name__}"
+        if state["read_only"]:
+            self._note_db_state("read_only")
+            return False, "database read-only: a standby or a demoted primary"
+        if state["sync_rep_waits"]:
+            self._note_db_state("sync_replication_wait", f"{state['sync_rep_waits']} waiting")
+            return False, "commits waiting for a synchronous standby"
+        committer = self.committer
+        slow_s = self.settings.staging_commit_timeout_s / 2
+        if committer is not None and committer.oldest_commit_s > slow_s:
+            return False, f"a commit in flight for over {slow_s:g} s"
+        self._note_db_state("ok")
+        durability = self.durability
+        if self.settings.require_synchronous_replica and (
+            durability is None or durability.scope != SYNCHRONOUS_REPLICA
+        ):
+            scope = durability.scope if durability is not None else "unknown"
+            return False, f"durability scope {scope}: REQUIRE_SYNCHRONOUS_REPLICA is set"
         return True, "ready"

@@ -95,6 +95,9 @@ class Settings(BaseSettings):
     db_pool_max_size: int = Field(10, ge=1, le=1000)
     db_connect_timeout_s: float = Field(5.0, gt=0.0, le=300.0)
     db_startup_timeout_s: float = Field(30.0, ge=0.0, le=3600.0)
+    # Readiness fails unless a commit waits for a synchronous standby (the 2xx survives a
+    # failover): docs/deploy.md, high availability.
+    require_synchronous_replica: bool = False
 
     # --- ingress ---------------------------------------------------------------
     max_request_body_bytes: int = Field(16 * MiB, ge=1024, le=1024 * MiB)
@@ -168,6 +171,12 @@ class Settings(BaseSettings):
     forward_backoff_max_s: float = Field(300.0, ge=1.0, le=86_400.0)
     forward_cache_bytes: int = Field(64 * MiB, ge=0, le=64 * 1024 * MiB)
     forward_poll_interval_s: float = Field(5.0, ge=0.05, le=3600.0)
+
+    # --- query (docs/query.md) ---------------------------------------------------------
+    query_cache_dir: str = "./.otelworker/query-cache"
+    query_cache_bytes: int = Field(1024 * MiB, ge=MiB, le=1024 * 1024 * MiB)
+    # Refuse `query` and `verify` without a tenant's token (OTELWORKER_TOKEN, --token-file).
+    query_require_token: bool = False
 
     @field_validator(
         "database_url",

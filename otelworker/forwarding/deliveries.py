@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import asyncpg
 
 from otelworker.exceptions import StagingUnavailable
-from otelworker.staging.database import DB_ERRORS
+from otelworker.staging.database import DB_ERRORS, forget_connections
 from otelworker.staging.queue import fetch, storable
 from otelworker.staging.sql import query
 
@@ -120,6 +120,7 @@ class DeliveryQueue:
                 status: str = await conn.execute(query(name), *args)
                 return status
         except DB_ERRORS as exc:
+            await forget_connections(self.pool, exc)
             raise StagingUnavailable(f"{name}: {type(exc).__name__}") from exc
 
     async def _mark(self, name: str, *args: Any) -> bool:

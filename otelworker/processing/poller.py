@@ -12,7 +12,7 @@ from typing import Any
 import asyncpg
 
 from otelworker.exceptions import StagingUnavailable
-from otelworker.logs import AggregatedEvents, log_event
+from otelworker.logs import AggregatedEvents
 from otelworker.metrics import Metrics
 from otelworker.processing.buffer import Buffer
 from otelworker.staging.database import DB_ERRORS
@@ -75,12 +75,13 @@ class Poller:
                 buffer_depth=self.buffer.depth,
             )
 
-    async def _idle(self) -> None:
+    async def _idle(self, within_s: float | None = None) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.wake.wait(), self.poll_interval_s)
+            await asyncio.wait_for(self.wake.wait(), within_s or self.poll_interval_s)
         self.wake.clear()
 
     async def run(self) -> None:
+        failures = 0
         while True:
             if self.buffer.room <= 0:
                 await self._pause_until_room()
@@ -94,14 +95,18 @@ class Poller:
                     held=self.buffer.held_ids(),
                 )
             except StagingUnavailable as exc:
-                log_event(
+                # The database away (a failover, a restart, a standby): retried with a
+                # backoff, logged aggregated. Every driver error arrives here as
+                # StagingUnavailable (DB_ERRORS), never as the poller's end.
+                self.events.emit(
                     "claim_failed",
-                    "could not claim staged items",
-                    reason=str(exc).split(":")[-1].strip(),
-                    level=logging.WARNING,
+                    str(exc).split(":")[-1].strip(),
+                    "could not claim staged items; retrying",
                 )
-                await self._idle()
+                failures += 1
+                await self._idle(min(self.poll_interval_s * 2 ** min(failures, 6), 5.0))
                 continue
+            failures = 0
             for item in claimed:
                 if self.buffer.put(item):
                     self.metrics.items_claimed.labels(item.signal).inc()
@@ -124,9 +129,18 @@ class Poller:
                 conn.add_termination_listener(lambda *_, ev=closed: ev.set())
                 self.wake.set()  # catch up on what was staged while not listening
                 await closed.wait()
-            except DB_ERRORS:
-                pass
+                reason = "connection_closed"
+            except DB_ERRORS as exc:
+                # Also a multi-host DATABASE_URL finding no primary yet in a failover
+                # (TargetServerAttributeNotMatched, an InternalClientError).
+                reason = type(exc).__name__
             finally:
                 if conn is not None and not conn.is_closed():
                     await asyncio.shield(conn.close(timeout=2))
+            self.events.emit(
+                "listen_lost",
+                reason,
+                "insert notifications lost; reconnecting (polling meanwhile)",
+                channel=CHANNEL,
+            )
             await asyncio.sleep(self.poll_interval_s)

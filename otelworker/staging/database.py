@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -13,15 +14,27 @@ from otelworker.exceptions import StagingUnavailable
 from otelworker.logs import log_event
 from otelworker.staging.sql import migrations, query
 
-# What asyncpg raises when the server is away, restarting or refusing: these turn
-# into StagingUnavailable (503) and never into a 500.
+# What asyncpg raises when the server is away, restarting, failing over or refusing:
+# these turn into StagingUnavailable (503) and never into a 500 or a dead task. A failover
+# shows as all of them: a connection reset (OSError, ConnectionDoesNotExistError), a pool
+# acquisition or connect that times out (TimeoutError), a protocol state the driver did
+# not expect (InternalClientError, e.g. ProtocolError; also TargetServerAttributeNotMatched
+# when a multi-host DATABASE_URL with target_session_attrs=read-write finds no primary
+# yet), a closed pool or connection (InterfaceError) and a server that refuses a write
+# because it is a standby (ReadOnlySQLTransactionError, a PostgresError).
 DB_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
     asyncpg.exceptions.ConnectionDoesNotExistError,
 )
+# SQLSTATE classes that say "this server cannot take writes / this session is gone", not
+# "this statement is wrong": 08 connection exception, 25006 read-only transaction, 57P
+# operator intervention (admin/crash shutdown, cannot connect now), 53 insufficient
+# resources, 40001/40P01 are not among them (a retry on the same server is fine).
+_LOST_SQLSTATES = ("08", "25006", "57P", "53")
 # The errors that the data of a statement causes, not the database's state: SQLSTATE class
 # 22 (data exception: a character not in the encoding's repertoire, a value out of range)
 # and 23 (a constraint), and a value the driver cannot encode. Retrying the same data can
@@ -31,6 +44,25 @@ DATA_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.IntegrityConstraintViolationError,
     asyncpg.exceptions._base.DataError,
 )
+
+
+def primary_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` says the connection's server is gone or no longer the primary (a
+    failover, a restart, a demotion): the pool's other idle connections are likely to
+    the same dead or read-only server and are better discarded than tried one by one."""
+    if isinstance(exc, asyncpg.PostgresError):
+        state = str(getattr(exc, "sqlstate", "") or "")
+        return state.startswith(_LOST_SQLSTATES)
+    return isinstance(exc, (OSError, asyncpg.InterfaceError, asyncpg.InternalClientError))
+
+
+async def forget_connections(pool: Any, exc: BaseException) -> None:
+    """After an error that says the primary is gone (:func:`primary_lost`), expire the
+    pool's connections: each is closed when next released or acquired and replaced by a
+    new one, which a multi-host DATABASE_URL with target_session_attrs=read-write opens
+    on whichever server is the primary now. Cheap (a flag per connection)."""
+    if isinstance(pool, asyncpg.Pool) and primary_lost(exc):
+        await pool.expire_connections()
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
@@ -118,3 +150,117 @@ async def schema_is_current(conn: Any) -> bool:
     except asyncpg.UndefinedTableError:
         return False
     return bool(version is not None and version >= latest_version())
+
+
+# --- durability across a failover ---------------------------------------------------------
+
+SINGLE_NODE = "single_node"
+SYNCHRONOUS_REPLICA = "synchronous_replica"
+UNKNOWN = "unknown"
+SCOPES = (SINGLE_NODE, SYNCHRONOUS_REPLICA, UNKNOWN)
+
+
+@dataclass(frozen=True, slots=True)
+class Durability:
+    """Where a 2xx's data is when it is answered: on the primary's disk alone
+    (``single_node``: a failover to a standby can lose it), also on a synchronous standby
+    (``synchronous_replica``: a failover to that standby keeps it), or not known here."""
+
+    scope: str
+    reason: str
+    synchronous_commit: str | None = None
+    synchronous_standby_names: str | None = None
+    in_recovery: bool | None = None
+    read_only: bool | None = None
+    sync_standbys: int | None = None
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            "scope": self.scope,
+            "synchronous_commit": self.synchronous_commit,
+            "synchronous_standby_names": self.synchronous_standby_names,
+            "in_recovery": self.in_recovery,
+            "sync_standbys": self.sync_standbys,
+        }
+
+
+def classify_durability(
+    synchronous_commit: str | None,
+    synchronous_standby_names: str | None,
+    *,
+    in_recovery: bool = False,
+    aurora: bool = False,
+    managed: bool = False,
+) -> tuple[str, str]:
+    """The scope of the 2xx promise from the server's settings, and why.
+
+    A commit waits for a standby only when ``synchronous_standby_names`` names one and
+    ``synchronous_commit`` is ``on``, ``remote_apply`` or ``remote_write`` (the last: in
+    the standby's memory, not yet on its disk). ``local`` and ``off`` never wait for one
+    (``off`` does not even wait for the primary's own disk). Aurora's storage
+    acknowledges a commit on a quorum across zones, whatever these settings say; RDS and
+    Cloud SQL may replicate below PostgreSQL (Multi-AZ instance, regional disk), which no
+    setting shows: unknown unless PostgreSQL's own replication is synchronous."""
+    if in_recovery:
+        return UNKNOWN, "in_recovery"
+    if aurora:
+        return SYNCHRONOUS_REPLICA, "aurora_storage_quorum"
+    if synchronous_commit is None or synchronous_standby_names is None:
+        return UNKNOWN, "settings_unreadable"
+    commit = synchronous_commit.strip().lower()
+    if commit in ("off", "local"):
+        return SINGLE_NODE, f"synchronous_commit_{commit}"
+    names = synchronous_standby_names.strip()
+    if commit in ("on", "remote_apply", "remote_write"):
+        if names:
+            return SYNCHRONOUS_REPLICA, f"synchronous_commit_{commit}"
+        if managed:
+            return UNKNOWN, "managed_replication_not_visible"
+        return SINGLE_NODE, "no_synchronous_standby_names"
+    return UNKNOWN, f"synchronous_commit_{commit}"
+
+
+async def read_durability(conn: Any) -> Durability:
+    """Read the server's replication settings and classify them; ``unknown`` (with the
+    error as reason) if they cannot be read."""
+    try:
+        row = await conn.fetchrow(query("replication_settings"))
+    except DB_ERRORS as exc:
+        return Durability(UNKNOWN, f"unreadable: {type(exc).__name__}")
+    scope, reason = classify_durability(
+        row["synchronous_commit"],
+        row["synchronous_standby_names"],
+        in_recovery=bool(row["in_recovery"]),
+        aurora=bool(row["aurora"]),
+        managed=bool(row["managed"]),
+    )
+    standbys = row["sync_standbys"]
+    return Durability(
+        scope,
+        reason,
+        row["synchronous_commit"],
+        row["synchronous_standby_names"],
+        bool(row["in_recovery"]),
+        bool(row["read_only"]),
+        int(standbys) if standbys is not None else None,
+    )
+
+
+def log_durability(durability: Durability) -> None:
+    """The one start-up event (and one more whenever the scope changes, e.g. a failover
+    to a server configured otherwise)."""
+    if durability.scope == SYNCHRONOUS_REPLICA:
+        message = "a 2xx survives a failover to a synchronous standby"
+        level = logging.INFO
+    elif durability.scope == SINGLE_NODE:
+        message = (
+            "a 2xx is on the primary's disk only: a failover to an asynchronous standby"
+            " can lose acknowledged data (docs/deploy.md, high availability)"
+        )
+        level = logging.WARNING
+    else:
+        message = "cannot tell whether a 2xx survives a failover (check your provider)"
+        level = logging.WARNING
+    log_event(
+        "durability_scope", message, reason=durability.reason, level=level, **durability.fields()
+    )

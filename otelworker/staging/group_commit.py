@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
@@ -111,6 +112,7 @@ class GroupCommitter:
         max_bytes: int,
         timeout_s: float = 10.0,
         commit_timeout_s: float | None = None,
+        on_unknown: Callable[[int], Awaitable[None]] | None = None,
     ) -> None:
         self._stage_many = stage_many
         self.max_items = max_items
@@ -123,10 +125,23 @@ class GroupCommitter:
         self._idle = asyncio.Event()
         self._idle.set()
         self._closed = False
+        # When each commit in flight began: a commit that takes long (waiting for a
+        # synchronous standby, a failover) fails readiness before it times out.
+        self._began: dict[int, float] = {}
+        # Called (after the requests are answered) with the number of requests whose
+        # commit timed out, to count and explain the unknown outcome.
+        self.on_unknown = on_unknown
 
     @property
     def waiting(self) -> int:
         return len(self._waiting)
+
+    @property
+    def oldest_commit_s(self) -> float:
+        """How long the oldest commit in flight has run (0 when none runs)."""
+        if not self._began:
+            return 0.0
+        return time.monotonic() - min(self._began.values())
 
     async def stage(
         self,
@@ -209,14 +224,29 @@ class GroupCommitter:
                     self._idle.set()
 
     async def _commit(self, batch: list[_Entry]) -> None:
+        key = id(batch)
+        self._began[key] = time.monotonic()
         try:
             async with asyncio.timeout(self.commit_timeout_s):
                 await self._insert(batch)
         except TimeoutError:
             # The outcome is unknown (as with a lost connection): answered 503. Entries
             # already answered (a part committed while the rest was retried) keep theirs.
+            # A commit waiting for a synchronous standby is one of these: committed on
+            # the primary, not acknowledged by the standby; answered the same way.
             left = [e for e in batch if e.outcome is UNSETTLED]
             self._fail(left, StagingUnavailable("commit timeout: the commit did not answer"))
+            if left and self.on_unknown is not None:
+                try:
+                    await self.on_unknown(len(left))
+                except Exception as error:  # counting only: never the committer's end
+                    log_event(
+                        "internal_error",
+                        "could not count an unknown commit outcome",
+                        reason=type(error).__name__,
+                        level=logging.ERROR,
+                        exc_info=error,
+                    )
         except asyncio.CancelledError:
             for entry in batch:
                 if entry.outcome is not UNSETTLED:
@@ -226,6 +256,8 @@ class GroupCommitter:
                 if not entry.done.done():
                     entry.done.set_exception(exc)
             raise
+        finally:
+            self._began.pop(key, None)
 
     async def _insert(self, batch: list[_Entry]) -> None:
         """Insert ``batch`` in one statement and answer its entries. If the database refuses

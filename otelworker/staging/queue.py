@@ -16,7 +16,7 @@ from typing import Any, NamedTuple, Protocol
 import asyncpg
 
 from otelworker.exceptions import StagingRefused, StagingUnavailable
-from otelworker.staging.database import DATA_ERRORS, DB_ERRORS
+from otelworker.staging.database import DATA_ERRORS, DB_ERRORS, forget_connections
 from otelworker.staging.sql import query
 
 
@@ -182,6 +182,7 @@ async def fetch(pool: asyncpg.Pool, name: str, *args: Any) -> list[Any]:
             rows: list[Any] = await conn.fetch(query(name), *args)
             return rows
     except DB_ERRORS as exc:
+        await forget_connections(pool, exc)
         raise StagingUnavailable(f"{name}: {type(exc).__name__}") from exc
 
 
@@ -202,6 +203,7 @@ class StagingQueue:
                 status: str = await conn.execute(query(name), *args)
                 return status
         except DB_ERRORS as exc:
+            await forget_connections(self.pool, exc)
             raise StagingUnavailable(f"{name}: {type(exc).__name__}") from exc
 
     # --- ingress ----------------------------------------------------------------
@@ -245,6 +247,7 @@ class StagingQueue:
         except DATA_ERRORS as exc:
             raise StagingRefused(f"stage: {type(exc).__name__}") from exc
         except DB_ERRORS as exc:
+            await forget_connections(self.pool, exc)
             raise StagingUnavailable(f"stage: {type(exc).__name__}") from exc
         return int(xid)
 
@@ -326,6 +329,7 @@ class StagingQueue:
         except DATA_ERRORS as exc:
             raise StagingRefused(f"complete: {type(exc).__name__}") from exc
         except DB_ERRORS as exc:
+            await forget_connections(self.pool, exc)
             raise StagingUnavailable(f"complete: {type(exc).__name__}") from exc
 
     async def fail(

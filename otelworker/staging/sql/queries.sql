@@ -449,3 +449,30 @@ WHERE d.status <> 'delivered' AND b.created_at < $1
   AND ($2::text IS NULL OR b.tenant = $2 OR (b.tenant IS NULL AND $2 = $3::text))
 GROUP BY GROUPING SETS ((d.destination), ())
 ORDER BY d.destination NULLS FIRST;
+
+-- name: replication_settings --
+-- What decides whether a commit survives a failover (docs/design.md, "Durability across a
+-- failover"). synchronous_commit as this session sees it (ALTER ROLE/DATABASE included);
+-- the count of synchronous standbys only where this role may see pg_stat_replication's
+-- details (superuser or pg_read_all_stats), else NULL. Aurora is told by its function,
+-- RDS and Cloud SQL by their settings: their replication is below PostgreSQL's view.
+SELECT current_setting('synchronous_commit') AS synchronous_commit,
+       current_setting('synchronous_standby_names') AS synchronous_standby_names,
+       pg_is_in_recovery() AS in_recovery,
+       current_setting('transaction_read_only') = 'on' AS read_only,
+       to_regproc('aurora_version') IS NOT NULL AS aurora,
+       coalesce(current_setting('rds.extensions', true),
+                current_setting('cloudsql.iam_authentication', true)) IS NOT NULL AS managed,
+       CASE WHEN pg_has_role(current_user, 'pg_read_all_stats', 'USAGE')
+            THEN (SELECT count(*) FROM pg_stat_replication
+                  WHERE sync_state IN ('sync', 'quorum'))
+       END AS sync_standbys;
+
+-- name: server_state --
+-- Readiness: a standby or a read-only primary takes no writes; commits of this role
+-- waiting for a synchronous standby (wait_event SyncRep) are committed locally but not
+-- answered: traffic should go elsewhere while they wait.
+SELECT pg_is_in_recovery() OR current_setting('transaction_read_only') = 'on' AS read_only,
+       (SELECT count(*) FROM pg_stat_activity
+        WHERE wait_event = 'SyncRep' AND datname = current_database()
+          AND usename = current_user) AS sync_rep_waits;
