@@ -186,6 +186,7 @@ async def test_schema_sql_matches_the_migrations(database_url: str, other_databa
         "delivery_losses",
         "export_batches",
         "ingestion_queue",
+        "parquet_files",
     ]
     for part in ("tables", "columns", "indexes", "constraints"):
         assert from_schema[part] == migrated[part], part
