@@ -12,6 +12,7 @@ import sys
 
 from otelworker import cli_help, logs, tls
 from otelworker.archive import cli as archive_cli
+from otelworker.columnar import query_cli
 from otelworker.exceptions import ConfigError, OtelWorkerError
 from otelworker.forwarding import cli as forwarding_cli
 from otelworker.processes import is_child, reuse_port_socket, serve_processes
@@ -101,6 +102,8 @@ async def _with_pool(settings: Settings, action: str, args: argparse.Namespace) 
             return await archive_cli.run(args, settings, pool)
         if action in forwarding_cli.COMMANDS:
             return await forwarding_cli.run(args, settings, pool)
+        if action in query_cli.COMMANDS:
+            return await query_cli.run(args, settings, pool)
         raise AssertionError(action)
     finally:
         await pool.close()
@@ -176,6 +179,7 @@ otelworker requeue-dead --signal logs --limit 1000""",
     forwarding_cli.add_requeue_argument(requeue)
     archive_cli.add_commands(sub)
     forwarding_cli.add_commands(sub)
+    query_cli.add_commands(sub)
     args = parser.parse_args(argv)
 
     try:
@@ -184,7 +188,7 @@ otelworker requeue-dead --signal logs --limit 1000""",
         print(f"otelworker: {exc}", file=sys.stderr)
         return 2
     logs.configure(settings.log_level)
-    if args.command in archive_cli.COMMANDS + forwarding_cli.COMMANDS:
+    if args.command in archive_cli.COMMANDS + forwarding_cli.COMMANDS + query_cli.COMMANDS:
         archive_cli.logs_to_stderr()
     server_tls = None
     if args.command == "serve":
