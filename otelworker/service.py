@@ -26,7 +26,7 @@ from otelworker.logs import AggregatedEvents, log_event
 from otelworker.metrics import Metrics
 from otelworker.processes import CHILD_ENV
 from otelworker.processing.pipeline import Pipeline
-from otelworker.settings import Settings
+from otelworker.settings import Role, Settings
 from otelworker.sinks.base import ObjectStore
 from otelworker.sinks.factory import open_store
 from otelworker.staging.database import (
@@ -270,6 +270,23 @@ class Service:
 
         if self.forwarder is not None:
             self.forwarder.start(self.supervisor, self.dsn)
+
+        if s.role is Role.COMPACTOR:
+            # The archive's Parquet copy (docs/query.md); pyarrow checked by the settings.
+            from otelworker.columnar.compact import CompactLoop, Compactor
+
+            if self.store is None:
+                self.store = await open_store(s)
+            compactor = Compactor(
+                self.pool,
+                self.store,
+                prefix=s.s3_prefix,
+                grace_s=s.compact_grace_s,
+                target_bytes=s.compact_target_bytes,
+                default_tenant=s.default_tenant,
+            )
+            loop = CompactLoop(compactor, s.compact_interval_s)
+            self.supervisor.spawn(loop.run(), "compactor")
 
         self.intake.tenants = self.tenants
         self.accepting = True

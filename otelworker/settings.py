@@ -7,6 +7,7 @@ Every key works bare or with the ``OTEL_`` prefix: ``DATABASE_URL`` or
 from __future__ import annotations
 
 import enum
+import importlib.util
 from typing import Any
 
 from pydantic import (
@@ -43,6 +44,7 @@ class Role(enum.StrEnum):
     INGRESS = "ingress"
     WORKER = "worker"
     FORWARDER = "forwarder"
+    COMPACTOR = "compactor"
 
 
 class OverflowPolicy(enum.StrEnum):
@@ -172,6 +174,14 @@ class Settings(BaseSettings):
     forward_cache_bytes: int = Field(64 * MiB, ge=0, le=64 * 1024 * MiB)
     forward_poll_interval_s: float = Field(5.0, ge=0.05, le=3600.0)
 
+    # --- compaction: the archive's Parquet copy (docs/query.md) -------------------------
+    # A manifest row is compacted once it is this old (its window closed: late commits and
+    # clock skew have passed).
+    compact_grace_s: float = Field(300.0, ge=0.0, le=7 * 86_400.0)
+    # About this many raw (uncompressed protobuf) bytes of objects per Parquet file.
+    compact_target_bytes: int = Field(128 * MiB, ge=1024, le=16 * 1024 * MiB)
+    compact_interval_s: float = Field(60.0, gt=0.0, le=86_400.0)
+
     # --- query (docs/query.md) ---------------------------------------------------------
     query_cache_dir: str = "./.otelworker/query-cache"
     query_cache_bytes: int = Field(1024 * MiB, ge=MiB, le=1024 * 1024 * MiB)
@@ -221,6 +231,11 @@ class Settings(BaseSettings):
             raise ValueError("TLS_CLIENT_CA_FILE needs TLS_CERT_FILE and TLS_KEY_FILE")
         if self.role is Role.FORWARDER and self.destinations_file is None:
             raise ValueError("ROLE=forwarder needs DESTINATIONS_FILE")
+        if self.role is Role.COMPACTOR and importlib.util.find_spec("pyarrow") is None:
+            raise ValueError(
+                "ROLE=compactor needs pyarrow: install the 'parquet' extra"
+                " (pip install 'otelworker[parquet]')"
+            )
         return self
 
     @property

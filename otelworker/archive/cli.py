@@ -29,7 +29,7 @@ from otelworker.otlp import SIGNALS
 from otelworker.settings import Settings
 from otelworker.sinks.factory import open_store
 
-COMMANDS = ("batches", "replay", "prune", "gc-orphans")
+COMMANDS = ("batches", "replay", "prune", "gc-orphans", "compact")
 
 _TIME_HELP = "RFC 3339 such as 2024-05-01T10:00:00Z, or an age: 2h is two hours ago"
 _TENANT_HELP = (
@@ -265,17 +265,26 @@ Exit status:
         description="""\
 Delete the manifest rows stored (created_at) before now minus --older-than, committed
 before their objects are deleted, so that no row ever names a missing object; then
-remove orphan objects older than both the age and an hour. Try --dry-run first.""",
+remove orphan objects older than both the age and an hour. With --parquet, the same for
+the Parquet copy's files (parquet_files rows recorded before now minus that age). While
+the Parquet copy is in use, an object not compacted yet is kept (--force deletes it).
+Try --dry-run first.""",
         example="""\
 otelworker prune --older-than 30d --dry-run
-otelworker prune --older-than 30d""",
+otelworker prune --older-than 30d --parquet 365d""",
     )
     prune_.add_argument(
         "--older-than",
         type=_argtype(parse_duration),
-        required=True,
         metavar="AGE",
-        help="e.g. 30d, 12h, 90m, 3600s",
+        help="the OTLP objects' retention, e.g. 30d, 12h, 90m, 3600s",
+    )
+    prune_.add_argument(
+        "--parquet",
+        type=_argtype(parse_duration),
+        metavar="AGE",
+        help="the Parquet copy's retention (files compacted longer ago than AGE go),"
+        " separate from --older-than's; at least one of the two is required",
     )
     _tenant_argument(prune_)
     prune_.add_argument("--dry-run", action="store_true", help="count, delete nothing")
@@ -284,8 +293,37 @@ otelworker prune --older-than 30d""",
         action="store_true",
         help="also delete objects a forwarding destination has not taken yet (kept"
         " otherwise); they are counted lost per destination"
-        " (otelworker_forward_lost_objects_total)",
+        " (otelworker_forward_lost_objects_total); and objects not compacted into the"
+        " Parquet copy yet (kept while it is in use)",
     )
+
+    compact = add_command(
+        sub,
+        "compact",
+        summary="convert closed windows of archived objects into Parquet files",
+        description="""\
+Convert the archived OTLP objects stored before now minus COMPACT_GRACE_S and not
+compacted yet into Parquet files (the Collector's clickhouseexporter tables), per tenant
+and signal, about COMPACT_TARGET_BYTES of objects a file, under
+S3_PREFIX/TENANT/parquet/TABLE/date=YYYY-MM-DD/hour=HH/. Each file is recorded in
+parquet_files in the transaction that marks its objects compacted: every record is in
+exactly one file. Without --once it runs every COMPACT_INTERVAL_S until stopped (as
+ROLE=compactor does). Needs the parquet extra. docs/query.md has more.""",
+        example="""\
+otelworker compact --once
+otelworker compact --once --tenant acme --signal traces""",
+        exit_status="""\
+Exit status:
+  0    compacted (or nothing to do); without --once: stopped by SIGTERM
+  1    failed, or (with --once) an object could not be read; the reason is on stderr
+  2    bad usage, an invalid setting, or the parquet extra not installed
+  130  interrupted (Ctrl-C)""",
+    )
+    compact.add_argument(
+        "--once", action="store_true", help="compact what is closed now, then exit"
+    )
+    compact.add_argument("--signal", choices=SIGNALS, help="only this signal (default: all)")
+    _tenant_argument(compact)
 
     gc = add_command(
         sub,
@@ -349,7 +387,19 @@ async def run(args: argparse.Namespace, settings: Settings, pool: asyncpg.Pool) 
     try:
         if args.command == "replay":
             return await _replay(args, index, store)
+        if args.command == "compact":
+            return await _compact(args, settings, pool, store)
         if args.command == "prune":
+            if args.older_than is None and args.parquet is None:
+                print(
+                    "otelworker: prune: --older-than AGE or --parquet AGE is required",
+                    file=sys.stderr,
+                )
+                return 2
+            if args.parquet is not None:
+                await _prune_parquet(args, settings, pool, store)
+            if args.older_than is None:
+                return 0
             result = await prune(
                 index,
                 store,
@@ -375,6 +425,11 @@ async def run(args: argparse.Namespace, settings: Settings, pool: asyncpg.Pool) 
                     f"kept {result.kept} object(s) that destinations have not taken yet"
                     f" ({per}); --force deletes them too"
                 )
+            if result.kept_uncompacted:
+                print(
+                    f"kept {result.kept_uncompacted} object(s) not compacted into the Parquet"
+                    " copy yet (compact runs them first); --force deletes them too"
+                )
             if result.lost_for:
                 per = ", ".join(f"{n} {c}" for n, c in sorted(result.lost_for.items()))
                 lost = "would lose" if args.dry_run else "lost"
@@ -395,6 +450,91 @@ async def run(args: argparse.Namespace, settings: Settings, pool: asyncpg.Pool) 
         raise AssertionError(args.command)
     finally:
         await store.close()
+
+
+async def _compact(
+    args: argparse.Namespace, settings: Settings, pool: asyncpg.Pool, store: Any
+) -> int:
+    """``compact``: one pass with --once, else a pass every COMPACT_INTERVAL_S until
+    SIGTERM/SIGINT (the pass in progress finishes its chunk or rolls back)."""
+    import asyncio
+    import signal as signals
+
+    from otelworker.columnar import require_pyarrow
+    from otelworker.exceptions import ConfigError
+
+    try:
+        require_pyarrow()
+    except ConfigError as exc:
+        print(f"otelworker: {exc}", file=sys.stderr)
+        return 2
+    from otelworker.columnar.compact import CompactLoop, Compactor
+
+    compactor = Compactor(
+        pool,
+        store,
+        prefix=settings.s3_prefix,
+        grace_s=settings.compact_grace_s,
+        target_bytes=settings.compact_target_bytes,
+        default_tenant=settings.default_tenant,
+    )
+    if args.once:
+        result = await compactor.run_once(tenant=args.tenant, signal=args.signal)
+        print(
+            f"compacted {result.sources} object(s) into {result.files} Parquet file(s)"
+            f" ({result.rows} rows, {human_bytes(result.bytes)})"
+            + (f"; {result.unreadable} object(s) unreadable, left" if result.unreadable else "")
+            + (
+                f"; {result.lost_races} chunk(s) taken by another compactor"
+                if result.lost_races
+                else ""
+            )
+            + (
+                f"; {result.busy} pass(es) skipped: another compactor held them"
+                if result.busy
+                else ""
+            )
+        )
+        return 1 if result.unreadable else 0
+    loop = CompactLoop(compactor, settings.compact_interval_s, args.tenant, args.signal)
+    running = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    running.add_signal_handler(signals.SIGTERM, stop.set)
+    runner = asyncio.create_task(loop.run(), name="compactor")
+    stopper = asyncio.create_task(stop.wait(), name="compact-stop")
+    try:
+        await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        running.remove_signal_handler(signals.SIGTERM)
+        for t in (runner, stopper):
+            t.cancel()
+        await asyncio.gather(runner, stopper, return_exceptions=True)
+    if not runner.cancelled():
+        failure = runner.exception()
+        if failure is not None:
+            raise failure
+    return 0
+
+
+async def _prune_parquet(
+    args: argparse.Namespace, settings: Settings, pool: asyncpg.Pool, store: Any
+) -> None:
+    from otelworker.archive.prune import prune_parquet
+
+    result = await prune_parquet(
+        ArchiveIndex(pool, settings.default_tenant),
+        store,
+        older_than=args.parquet,
+        dry_run=args.dry_run,
+        tenant=args.tenant,
+    )
+    verb = "would delete" if args.dry_run else "deleted"
+    assert result.cutoff is not None
+    whose = f" of tenant {args.tenant}" if args.tenant else ""
+    print(
+        f"{verb} {result.rows} Parquet file(s) ({human_bytes(result.bytes)}) compacted"
+        f" before {result.cutoff.isoformat()}{whose}"
+    )
 
 
 async def _replay(args: argparse.Namespace, index: ArchiveIndex, store: Any) -> int:

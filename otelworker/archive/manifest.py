@@ -217,6 +217,24 @@ class ArchiveIndex:
         )
         return Totals(int(row[0]), 0, int(row[1]))
 
+    async def uncompacted(self, before: datetime, tenant: str | None = None) -> int:
+        """Rows stored before ``before`` not compacted yet while the Parquet copy is in use
+        (any parquet_files row): prune keeps them unless forced."""
+        [row] = await self._fetch("archive_kept_uncompacted", before, tenant, self.default_tenant)
+        return int(row[0])
+
+    async def expire_parquet(self, before: datetime, limit: int, tenant: str | None) -> Expired:
+        """Delete (and commit) up to ``limit`` parquet_files rows recorded before ``before``
+        (only ``tenant``'s, unless None): their files may go after."""
+        rows = await self._fetch("parquet_expire", before, tenant, limit)
+        return Expired(
+            [r["object_key"] for r in rows], sum(int(r["compressed_bytes"]) for r in rows)
+        )
+
+    async def parquet_expired_totals(self, before: datetime, tenant: str | None) -> Totals:
+        [row] = await self._fetch("parquet_expired_totals", before, tenant)
+        return Totals(int(row[0]), 0, int(row[1]))
+
     async def undelivered(self, before: datetime, tenant: str | None = None) -> Undelivered:
         """Rows stored before ``before`` that a destination has not taken yet."""
         rows = await self._fetch("archive_kept_for_delivery", before, tenant, self.default_tenant)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, runtime_checkable
 
-from otelworker.archive.manifest import ExpiringIndex, KnownKeys, Undelivered
+from otelworker.archive.manifest import Expired, ExpiringIndex, KnownKeys, Totals, Undelivered
 from otelworker.exceptions import ObjectStoreError, OtelWorkerError
 from otelworker.logs import log_event
 from otelworker.otlp import SIGNALS
@@ -72,6 +72,16 @@ class PruneResult:
     kept: int = 0
     kept_for: dict[str, int] = field(default_factory=dict)
     lost_for: dict[str, int] = field(default_factory=dict)
+    # Objects past the cut not compacted into the Parquet copy yet (it is in use): kept
+    # unless forced, so that no record is missing from the copy.
+    kept_uncompacted: int = 0
+
+
+@runtime_checkable
+class CompactionAware(Protocol):
+    """What prune asks of the manifest about the Parquet copy (ArchiveIndex)."""
+
+    async def uncompacted(self, before: datetime, tenant: str | None = None) -> int: ...
 
 
 @runtime_checkable
@@ -173,6 +183,8 @@ async def prune(
                 result.lost_for = dict(undelivered.by_destination)
         else:
             result.kept, result.kept_for = undelivered.objects, dict(undelivered.by_destination)
+    if not force and isinstance(index, CompactionAware):
+        result.kept_uncompacted = await index.uncompacted(cutoff, tenant)
     if dry_run:
         totals = await index.expired_totals(cutoff, tenant, **forced)
         result.rows = result.objects = totals.objects
@@ -242,6 +254,7 @@ async def prune(
         orphans=result.orphans,
         cutoff=cutoff.isoformat(),
         kept_undelivered=result.kept,
+        kept_uncompacted=result.kept_uncompacted,
         kept_for=result.kept_for,
         lost_for=result.lost_for,
     )
@@ -253,4 +266,69 @@ async def prune(
             level=logging.WARNING,
             lost_for=result.lost_for,
         )
+    return result
+
+
+class ParquetIndex(Protocol):
+    """What ``prune --parquet`` needs of the manifest (ArchiveIndex)."""
+
+    async def expire_parquet(self, before: datetime, limit: int, tenant: str | None) -> Expired: ...
+
+    async def parquet_expired_totals(self, before: datetime, tenant: str | None) -> Totals: ...
+
+
+async def prune_parquet(
+    index: ParquetIndex,
+    store: ObjectStore,
+    *,
+    older_than: timedelta,
+    dry_run: bool = False,
+    now: datetime | None = None,
+    chunk_rows: int = CHUNK_ROWS,
+    tenant: str | None = None,
+) -> PruneResult:
+    """``prune --parquet AGE``: delete the parquet_files rows recorded (compacted) before
+    ``now - older_than`` in chunks, each committed before its files are deleted (a crash
+    in between leaves orphans that gc-orphans removes, never a row naming a missing file).
+    The OTLP objects are not touched: their retention is --older-than's."""
+    now = now or datetime.now(UTC)
+    cutoff = now - older_than
+    result = PruneResult(cutoff=cutoff)
+    if dry_run:
+        totals = await index.parquet_expired_totals(cutoff, tenant)
+        result.rows = result.objects = totals.objects
+        result.bytes = totals.bytes
+        return result
+    while True:
+        expired = await index.expire_parquet(cutoff, chunk_rows, tenant)  # committed
+        if not expired.keys:
+            break
+        result.rows += len(expired.keys)
+        result.bytes += expired.bytes
+        try:
+            await delete_objects(store, expired.keys)
+        except ObjectStoreError as exc:
+            log_event(
+                "prune_object_delete_failed",
+                "parquet_files rows deleted but a file could not be; it is left an orphan",
+                reason=getattr(exc, "reason", None) or type(exc).__name__,
+                level=logging.ERROR,
+                table="parquet_files",
+                rows=len(expired.keys),
+            )
+            raise PruneError(
+                f"deleted {result.rows} parquet_files rows, but not all of their files"
+                f" ({exc}); the files left are orphans that gc-orphans removes"
+            ) from exc
+        result.objects += len(expired.keys)
+        if len(expired.keys) < chunk_rows:
+            break
+    log_event(
+        "parquet_pruned",
+        "Parquet files compacted before the cut deleted",
+        tenant=tenant,
+        files=result.rows,
+        bytes=result.bytes,
+        cutoff=cutoff.isoformat(),
+    )
     return result

@@ -183,7 +183,11 @@ RETURNING q.id;
 SELECT count(*) FROM ingestion_queue WHERE status = 'dead';
 
 -- name: manifest_keys_among --
-SELECT object_key FROM export_batches WHERE object_key = ANY($1::text[]);
+-- gc-orphans: which of some keys a manifest row names, an OTLP object's or a Parquet
+-- file's (parquet_files): any other object under S3_PREFIX is an orphan.
+SELECT object_key FROM export_batches WHERE object_key = ANY($1::text[])
+UNION ALL
+SELECT object_key FROM parquet_files WHERE object_key = ANY($1::text[]);
 
 -- name: archive_batches --
 -- The archive commands' selection, one signal ($1) at a time so that the scan follows
@@ -238,6 +242,9 @@ WITH doomed AS (
       AND ($6::boolean OR NOT EXISTS (
           SELECT 1 FROM deliveries d
           WHERE d.batch_id = b.batch_id AND d.status <> 'delivered'))
+      -- The Parquet copy in use (any file recorded): a row not compacted yet is kept too.
+      AND ($6::boolean OR b.compacted_at IS NOT NULL
+           OR NOT EXISTS (SELECT 1 FROM parquet_files))
     ORDER BY created_at
     LIMIT $3
     FOR UPDATE SKIP LOCKED
@@ -266,7 +273,18 @@ WHERE created_at < $1
   AND ($2::text IS NULL OR tenant = $2 OR (tenant IS NULL AND $2 = $3::text))
   AND ($4::boolean OR NOT EXISTS (
       SELECT 1 FROM deliveries d
-      WHERE d.batch_id = b.batch_id AND d.status <> 'delivered'));
+      WHERE d.batch_id = b.batch_id AND d.status <> 'delivered'))
+  AND ($4::boolean OR b.compacted_at IS NOT NULL
+       OR NOT EXISTS (SELECT 1 FROM parquet_files));
+
+-- name: archive_kept_uncompacted --
+-- prune: manifest rows stored before $1 (of the tenant $2; NULL: any; a row without one
+-- is $3's) not compacted yet while the Parquet copy is in use: kept, unless --force.
+SELECT count(*)
+FROM export_batches b
+WHERE created_at < $1 AND compacted_at IS NULL
+  AND ($2::text IS NULL OR tenant = $2 OR (tenant IS NULL AND $2 = $3::text))
+  AND EXISTS (SELECT 1 FROM parquet_files);
 
 -- name: vacuum_lock --
 -- One process vacuums the queue at a time (a session lock: its connection is closed after).
@@ -476,3 +494,60 @@ SELECT pg_is_in_recovery() OR current_setting('transaction_read_only') = 'on' AS
        (SELECT count(*) FROM pg_stat_activity
         WHERE wait_event = 'SyncRep' AND datname = current_database()
           AND usename = current_user) AS sync_rep_waits;
+-- name: compact_tenants --
+-- The compactor: the tenants with manifest rows of signal $1 stored before $2 and not
+-- compacted yet (a row without a tenant is $3's, DEFAULT_TENANT's).
+SELECT DISTINCT coalesce(tenant, $3::text) AS tenant
+FROM export_batches
+WHERE signal = $1 AND compacted_at IS NULL AND created_at < $2;
+
+-- name: compact_pending --
+-- The compactor: up to $5 manifest rows of signal $1, tenant $3 (a row without one is
+-- $4's), stored before $2 and not compacted yet, by arrival (export_batches_uncompacted_idx).
+SELECT batch_id, object_key, record_count, raw_bytes, created_at
+FROM export_batches
+WHERE signal = $1 AND compacted_at IS NULL AND created_at < $2
+  AND (tenant = $3 OR (tenant IS NULL AND $3 = $4::text))
+ORDER BY created_at, batch_id
+LIMIT $5;
+
+-- name: compact_try_lock --
+-- One compactor works on a (tenant, signal) at a time (a session lock on a connection
+-- held for the pass; released by compact_unlock or when the connection goes).
+SELECT pg_try_advisory_lock(hashtext('otelworker.compact'), hashtext($1 || '/' || $2));
+
+-- name: compact_unlock --
+SELECT pg_advisory_unlock(hashtext('otelworker.compact'), hashtext($1 || '/' || $2));
+
+-- name: compact_mark --
+-- The compactor's commit, first statement: mark the source rows compacted; fewer rows
+-- than given means another compactor (or prune) took some: the transaction rolls back.
+UPDATE export_batches SET compacted_at = now()
+WHERE batch_id = ANY($1::uuid[]) AND compacted_at IS NULL;
+
+-- name: parquet_file_insert --
+-- The compactor's commit, second statement: one row per file written.
+INSERT INTO parquet_files (file_id, tenant, table_name, object_key, row_count,
+                           compressed_bytes, min_time, max_time, service_names,
+                           source_batches, window_start, window_end, schema_version)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13);
+
+-- name: parquet_expire --
+-- prune --parquet: delete up to $3 parquet_files rows recorded before $1, of the tenant $2
+-- (NULL: any), returning their keys; committed before the files are deleted.
+WITH doomed AS (
+    SELECT file_id FROM parquet_files
+    WHERE created_at < $1 AND ($2::text IS NULL OR tenant = $2)
+    ORDER BY created_at
+    LIMIT $3
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM parquet_files
+WHERE file_id IN (SELECT file_id FROM doomed)
+RETURNING object_key, compressed_bytes;
+
+-- name: parquet_expired_totals --
+-- prune --parquet --dry-run: the files (and bytes) recorded before $1, of the tenant $2.
+SELECT count(*), coalesce(sum(compressed_bytes), 0)::bigint
+FROM parquet_files
+WHERE created_at < $1 AND ($2::text IS NULL OR tenant = $2);
