@@ -428,7 +428,7 @@ class Service:
                 async with asyncio.timeout(1.0):
                     async with self.pool.acquire() as conn:
                         row = await conn.fetchrow(query("server_state"))
-                if row["sync_rep_waits"]:
+                if row["sync_rep_waits"] or row["sync_standby_missing"]:
                     reason = "sync_replication_wait"
                     self._note_db_state("sync_replication_wait", "a commit timed out")
             except DB_ERRORS:
@@ -463,9 +463,12 @@ class Service:
         if state["read_only"]:
             self._note_db_state("read_only")
             return False, "database read-only: a standby or a demoted primary"
-        if state["sync_rep_waits"]:
-            self._note_db_state("sync_replication_wait", f"{state['sync_rep_waits']} waiting")
-            return False, "commits waiting for a synchronous standby"
+        if state["sync_rep_waits"] or state["sync_standby_missing"]:
+            detail = f"{state['sync_rep_waits']} waiting"
+            if state["sync_standby_missing"]:
+                detail += "; no synchronous standby in sync"
+            self._note_db_state("sync_replication_wait", detail)
+            return False, f"commits waiting for a synchronous standby ({detail})"
         committer = self.committer
         slow_s = self.settings.staging_commit_timeout_s / 2
         if committer is not None and committer.oldest_commit_s > slow_s:

@@ -489,11 +489,20 @@ SELECT current_setting('synchronous_commit') AS synchronous_commit,
 -- name: server_state --
 -- Readiness: a standby or a read-only primary takes no writes; commits of this role
 -- waiting for a synchronous standby (wait_event SyncRep) are committed locally but not
--- answered: traffic should go elsewhere while they wait.
+-- answered: traffic should go elsewhere while they wait. Where this role may see
+-- pg_stat_replication's details, a server that names synchronous standbys and has none
+-- in sync is told too: its every commit will wait.
 SELECT pg_is_in_recovery() OR current_setting('transaction_read_only') = 'on' AS read_only,
        (SELECT count(*) FROM pg_stat_activity
         WHERE wait_event = 'SyncRep' AND datname = current_database()
-          AND usename = current_user) AS sync_rep_waits;
+          AND usename = current_user) AS sync_rep_waits,
+       NOT pg_is_in_recovery()
+         AND current_setting('synchronous_standby_names') <> ''
+         AND current_setting('synchronous_commit') IN ('on', 'remote_apply', 'remote_write')
+         AND pg_has_role(current_user, 'pg_read_all_stats', 'USAGE')
+         AND NOT EXISTS (SELECT 1 FROM pg_stat_replication
+                         WHERE sync_state IN ('sync', 'quorum')) AS sync_standby_missing;
+
 -- name: compact_tenants --
 -- The compactor: the tenants with manifest rows of signal $1 stored before $2 and not
 -- compacted yet (a row without a tenant is $3's, DEFAULT_TENANT's).
