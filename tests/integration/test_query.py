@@ -234,8 +234,31 @@ async def test_a_where_clause_narrows_the_files_fetched(copy: Copy) -> None:
 
 
 async def test_every_example_in_the_docs_runs(copy: Copy) -> None:
-    blocks = re.findall(r"```sql\n(.*?)```", DOC.read_text(), flags=re.DOTALL)
+    section = DOC.read_text().split("\n## Example queries\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```sql\n(.*?)```", section, flags=re.DOTALL)
     assert len(blocks) >= 4
     for sql in blocks:
         run = await cli(copy.env(), "query", sql.strip().rstrip(";"))
         assert run.code == 0, (sql, run.err)
+
+
+def test_the_docs_list_every_column_of_every_table() -> None:
+    from otelworker.columnar.schema import TABLES
+
+    text = DOC.read_text()
+    for table, schema in TABLES.items():
+        section = text.split(f"### `{table}`\n", 1)[1].split("\n### ", 1)[0]
+        listed = re.findall(r"^\| `([A-Za-z]+)` \|", section, flags=re.MULTILINE)
+        assert listed == schema.names, table
+
+
+async def test_the_layout_reads_as_hive_partitions_in_duckdb(copy: Copy) -> None:
+    import duckdb
+
+    conn = duckdb.connect()
+    glob = f"{copy.objects}/otel/a/parquet/otel_traces/*/*/*.parquet"
+    rows = conn.execute(
+        f"SELECT count(*), min(date), min(hour) FROM read_parquet('{glob}', hive_partitioning = true)"
+    ).fetchall()
+    assert rows[0][0] == len(copy.sent["a"].spans)
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", str(rows[0][1])), rows
