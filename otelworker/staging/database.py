@@ -53,6 +53,8 @@ def primary_lost(exc: BaseException) -> bool:
     if isinstance(exc, asyncpg.PostgresError):
         state = str(getattr(exc, "sqlstate", "") or "")
         return state.startswith(_LOST_SQLSTATES)
+    if isinstance(exc, TimeoutError):  # a slow server or a busy pool: not a lost primary
+        return False
     return isinstance(exc, (OSError, asyncpg.InterfaceError, asyncpg.InternalClientError))
 
 
@@ -61,8 +63,9 @@ async def forget_connections(pool: Any, exc: BaseException) -> None:
     pool's connections: each is closed when next released or acquired and replaced by a
     new one, which a multi-host DATABASE_URL with target_session_attrs=read-write opens
     on whichever server is the primary now. Cheap (a flag per connection)."""
-    if isinstance(pool, asyncpg.Pool) and primary_lost(exc):
-        await pool.expire_connections()
+    expire = getattr(pool, "expire_connections", None)
+    if expire is not None and primary_lost(exc):
+        await expire()
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
