@@ -5,6 +5,7 @@
     python -m loadtest.bench all      # both (the default; `make bench`)
     python -m loadtest.bench soak     # ROLE=all at a steady load, per-minute figures (`make soak`)
     python -m loadtest.bench forward  # ROLE=all with one destination vs without (bench_forward)
+    python -m loadtest.bench compact  # OTLP objects to Parquet, its size, a query (bench_compact)
     python -m loadtest.bench all --json bench.json --duration 15 --rounds 2 --items 20000
     python -m loadtest.bench ingest --duration 5 --rounds 1 --sizes 100   # quick, one size
     python -m loadtest.bench ingest --rows durable,noop,rotel --sizes 512
@@ -1616,7 +1617,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "command",
         nargs="?",
         default="all",
-        choices=["ingest", "drain", "all", "soak", "forward"],
+        choices=["ingest", "drain", "all", "soak", "forward", "compact"],
         help="`forward` alone: the forwarding rows only (loadtest/bench_forward.py)",
     )
     parser.add_argument("--duration", type=float, default=15.0, help="seconds per timed run")
@@ -1810,6 +1811,15 @@ async def amain(args: argparse.Namespace, workdir: Path) -> int:
             print_forward(forward)
             ok = ok and forward["verification"]["ok"]
             if args.strict and not all(t["met"] for t in forward["targets"]):
+                ok = False
+        if args.command in ("compact", "all"):
+            from loadtest.bench_compact import bench_compact, print_compact
+
+            _say()
+            compact = await asyncio.to_thread(bench_compact)
+            results["compact"] = compact
+            print_compact(compact)
+            if args.strict and not all(t["met"] for t in compact["targets"]):
                 ok = False
     finally:
         await asyncio.to_thread(ctx.close)
