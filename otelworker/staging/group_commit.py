@@ -218,6 +218,19 @@ class GroupCommitter:
             self._in_flight += 1
             try:
                 await self._commit(batch)
+            except Exception as exc:
+                # Never expected (_insert answers every error of the statement): a guard,
+                # so that no request taken into this batch waits for an answer forever
+                # and the committer lives on (a dead committer failed liveness, issue 24).
+                log_event(
+                    "internal_error",
+                    "unexpected error around a group commit",
+                    reason=type(exc).__name__,
+                    level=logging.ERROR,
+                    exc_info=exc,
+                )
+                left = [e for e in batch if e.outcome is UNSETTLED]
+                self._fail(left, StagingUnavailable(f"commit failed: {type(exc).__name__}"))
             finally:
                 self._in_flight -= 1
                 if not self._waiting and not self._in_flight:

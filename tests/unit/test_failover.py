@@ -210,3 +210,26 @@ async def test_the_listen_loops_reconnect_through_internal_client_errors(
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_an_error_around_a_commit_answers_its_requests_and_the_committer_lives_on() -> None:
+    async def stage_many(*_: Any) -> int:
+        return 1
+
+    committer = GroupCommitter(stage_many, max_items=10, max_bytes=1 << 20, timeout_s=5)
+
+    async def broken(_batch: Any) -> None:
+        raise asyncpg.InternalClientError("unexpected state")
+
+    committer._insert = broken  # type: ignore[method-assign]
+    task = asyncio.create_task(committer.run(), name="group-commit-0")
+    try:
+        async with asyncio.timeout(2):  # answered at once, never left waiting
+            with pytest.raises(StagingUnavailable, match="InternalClientError"):
+                await committer.stage("traces", b"x", 1)
+            with pytest.raises(StagingUnavailable):
+                await committer.stage("traces", b"y", 1)
+        assert not task.done()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
