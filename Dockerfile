@@ -37,7 +37,7 @@ RUN groupadd --system --gid "${GID}" otelworker \
 # hadolint ignore=DL3013
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     pip install --no-cache-dir --no-index --find-links=/wheels otelworker \
-    && python -c "import otelworker.app, otelworker.ingress.grpc_server"
+    && python -c "import otelworker.app, otelworker.front.server, otelworker.ingress.grpc_server, uvloop"
 # The working directory is where relative defaults land (.env is read from here;
 # LOCAL_OBJECT_DIR and EMBEDDED_DB_DIR default to ./.otelworker/...), owned by the user.
 WORKDIR /var/lib/otelworker

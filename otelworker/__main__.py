@@ -15,43 +15,36 @@ from otelworker.archive import cli as archive_cli
 from otelworker.columnar import query_cli
 from otelworker.exceptions import ConfigError, OtelWorkerError
 from otelworker.forwarding import cli as forwarding_cli
-from otelworker.processes import is_child, reuse_port_socket, serve_processes
+from otelworker.processes import is_child, serve_processes
 from otelworker.settings import Settings, load_settings
 
 
 async def _serve(settings: Settings, server_tls: tls.ServerTls | None) -> None:
-    from hypercorn.asyncio import serve
-    from hypercorn.config import Config
-
     from otelworker.app import create_app
+    from otelworker.front import server as front
 
     if settings.grpc_enabled is None:
         # `serve` speaks both OTLP transports unless GRPC_ENABLED=false.
         settings = settings.model_copy(update={"grpc_enabled": True})
-    app = create_app(settings)
-    config = Config()
-    if is_child():
-        # One of serve --processes N: the port is shared with the siblings (SO_REUSEPORT).
-        config.bind = [f"fd://{await reuse_port_socket(settings.host, settings.port)}"]
-    else:
-        config.bind = [f"{settings.host}:{settings.port}"]
-    config.graceful_timeout = settings.shutdown_grace_s
-    config.accesslog = None
-    config.errorlog = logs.logger.getChild("hypercorn")
-    config.keep_alive_timeout = 75
-    tls.configure_hypercorn(config, server_tls)
-
-    # One owner of the signals: readiness fails first, then hypercorn stops listening,
-    # waits for in-flight requests (their commits) and runs the lifespan shutdown.
-    stop = asyncio.Event()
+    app = create_app(settings, server="serve")
+    server = front.build(app, settings, server_tls)
+    # One of serve --processes N: the port is shared with the siblings (SO_REUSEPORT).
+    sock = front.listening_socket(settings.host, settings.port, reuse_port=is_child())
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(server.hooks.exception)  # type: ignore[attr-defined]
 
+    # One owner of the signals: readiness fails first, then the server stops accepting,
+    # lets in-flight requests finish with their commits, and runs the lifespan shutdown.
     def on_signal() -> None:
         service = getattr(app.state, "service", None)
         if service is not None:
             service.accepting = False
             service.stopping = True
-        loop.call_later(settings.readiness_drain_delay_s, stop.set)
+
+        def exit_now() -> None:
+            server.should_exit = True
+
+        loop.call_later(settings.readiness_drain_delay_s, exit_now)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
@@ -68,7 +61,20 @@ async def _serve(settings: Settings, server_tls: tls.ServerTls | None) -> None:
         file=sys.stderr,
         flush=True,
     )
-    await serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+    try:
+        await server.serve(sockets=[sock])
+    except SystemExit:
+        # uvicorn's way of saying the lifespan startup failed (logged as startup_failed).
+        raise OtelWorkerError("the service failed to start (see startup_failed)") from None
+    finally:
+        sock.close()
+
+
+def _run_serve(settings: Settings, server_tls: tls.ServerTls | None) -> None:
+    """serve's event loop: uvloop (grpcio's asyncio server runs on it; docs/design.md)."""
+    import uvloop
+
+    uvloop.run(_serve(settings, server_tls))
 
 
 async def _with_pool(settings: Settings, action: str, args: argparse.Namespace) -> int:
@@ -206,7 +212,7 @@ otelworker requeue-dead --signal logs --limit 1000""",
                 return 2
             if processes > 1 and not is_child():
                 return serve_processes(settings, processes)
-            asyncio.run(_serve(settings, server_tls))
+            _run_serve(settings, server_tls)
             return 0
         return asyncio.run(_with_pool(settings, args.command, args))
     except OtelWorkerError as exc:

@@ -64,6 +64,30 @@ class Metrics:
             ["transport", "signal"],
             registry=r,
         )
+        self.http_open_connections = Gauge(
+            "otelworker_http_open_connections",
+            "HTTP connections open in this process (python -m otelworker serve).",
+            registry=r,
+        )
+        self.http_connections_refused = Counter(
+            "otelworker_http_connections_refused",
+            "New HTTP connections answered 503 and closed: HTTP_MAX_CONNECTIONS were open.",
+            registry=r,
+        )
+        self.http_requests_timed_out = Counter(
+            "otelworker_http_requests_timed_out",
+            "HTTP requests closed for a slow client, by reason: header (the head not"
+            " complete within HTTP_HEADER_TIMEOUT_S), body (below HTTP_BODY_MIN_RATE_BYTES"
+            " after HTTP_BODY_TIMEOUT_S).",
+            ["reason"],
+            registry=r,
+        )
+        self.descriptors_exhausted = Counter(
+            "otelworker_descriptors_exhausted",
+            "accept() failures for want of file descriptors (EMFILE, ENFILE): each is"
+            " retried; the connection cap is meant to keep this at 0.",
+            registry=r,
+        )
         self.requests_refused = Counter(
             "otelworker_requests_refused",
             "Requests refused or shed, by reason.",

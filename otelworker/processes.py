@@ -17,7 +17,6 @@ staged, as with several replicas); claims (FOR UPDATE SKIP LOCKED). What does no
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import signal
@@ -149,18 +148,3 @@ def _wait(children: _Children, settings: Settings) -> int:
                     child.kill()
             code = 1
         time.sleep(0.1)  # a supervisor's poll of its children, not a wait for a result
-
-
-async def reuse_port_socket(host: str, port: int) -> int:
-    """A listening-ready TCP socket with SO_REUSEPORT, bound; its fd for ``fd://``."""
-    import socket
-
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    await asyncio.to_thread(sock.bind, (host, port))
-    sock.set_inheritable(True)
-    fd = sock.detach()
-    return fd

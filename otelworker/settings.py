@@ -89,6 +89,14 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(10.0, ge=0.0, le=600.0)
     readiness_drain_delay_s: float = Field(0.0, ge=0.0, le=120.0)
     processes: int = Field(1, ge=1, le=64)
+    # The HTTP front of `serve` against slow and idle clients (docs/configuration.md,
+    # "Slow and idle clients"): a head's deadline, a body's time and minimum rate, the
+    # idle keep-alive timeout, and the cap on open connections (0: from RLIMIT_NOFILE).
+    http_header_timeout_s: float = Field(20.0, gt=0.0, le=600.0)
+    http_body_timeout_s: float = Field(20.0, gt=0.0, le=3600.0)
+    http_body_min_rate_bytes: int = Field(500, ge=1, le=1024 * MiB)
+    http_keep_alive_timeout_s: float = Field(75.0, ge=1.0, le=3600.0)
+    http_max_connections: int = Field(0, ge=0, le=10_000_000)
 
     # --- database ------------------------------------------------------------
     database_url: SecretStr | None = None

@@ -20,6 +20,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from otelworker import otlp
+from otelworker.front.protocol import ANSWERED
 from otelworker.ingress.admission import Verdict
 from otelworker.ingress.body import (
     BadEncoding,
@@ -139,6 +140,10 @@ async def export(request: Request) -> Response:
     try:
         return await _export(request, signal, service)
     except ClientDisconnect:
+        if ANSWERED in request.scope.get("extensions", ()):
+            # The server answered it itself (a slow body's 408, a 503 at shutdown) and
+            # counted it: nothing staged, nothing more to send.
+            return _NoAnswer()
         # The client went away while its body was being read: nothing staged, no answer.
         service.metrics.requests_refused.labels(HTTP, signal, "client_disconnected").inc()
         service.events.emit(
