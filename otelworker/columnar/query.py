@@ -255,7 +255,8 @@ def sql_time_bounds(sql: str, time_columns: dict[str, str]) -> dict[str, Bounds]
                 if kind == "COMPARE_BETWEEN" and _is_time_column(term.get("input"), column, names):
                     low = _constant_time(term.get("lower"), parse)
                     high = _constant_time(term.get("upper"), parse)
-                    bounds = bounds.narrowed(Bounds(low, None if high is None else high))
+                    until = None if high is None else high + timedelta(microseconds=1)
+                    bounds = bounds.narrowed(Bounds(low, until))
                     continue
                 if kind not in _LOWER | _UPPER:
                     continue
@@ -352,6 +353,19 @@ class FileCache:
                 out.append((stat.st_mtime, stat.st_size, Path(entry.path)))
         return out
 
+    def sweep_runs(self) -> None:
+        """Remove the run directories of queries whose process is gone (killed)."""
+        for entry in os.scandir(self.directory):
+            if not (entry.is_dir() and entry.name.startswith(_RUN_PREFIX)):
+                continue
+            try:
+                pid = int(entry.name[len(_RUN_PREFIX) :].split("-", 1)[0])
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                shutil.rmtree(entry.path, ignore_errors=True)
+            except (ValueError, PermissionError):
+                continue
+
     def _make_room(self, needed: int, keep: set[Path]) -> None:
         entries = sorted(self._entries())
         total = sum(size for _, size, _ in entries)
@@ -367,6 +381,7 @@ class FileCache:
     async def fetch_all(self, store: ObjectStore, files: Sequence[ParquetFile]) -> list[Path]:
         """Every file's local path, fetching those not cached."""
         self.directory.mkdir(parents=True, exist_ok=True)
+        self.sweep_runs()
         needed = sum(f.compressed_bytes for f in files)
         if needed > self.max_bytes:
             raise CacheTooSmall(

@@ -313,15 +313,23 @@ async def verify(
     for group in _components(files):
         missing = sorted({b for f in group for b in f.source_batches if b not in sources})
         tables: dict[uuid.UUID, Any] = {}
+        unreadable = False
         for f in group:
-            table = await _read_parquet(store, f.object_key)
-            tables[f.file_id] = table
             check = checks[f.file_id]
+            try:
+                table = await _read_parquet(store, f.object_key)
+            except Exception as exc:  # missing object, not Parquet, truncated, ...
+                check.problems.append(f"cannot be read: {type(exc).__name__}: {exc}"[:500])
+                unreadable = True
+                continue
+            tables[f.file_id] = table
             check.rows = table.num_rows
             if table.num_rows != f.row_count:
                 check.problems.append(
                     f"{table.num_rows} rows in the file, {f.row_count} in parquet_files"
                 )
+        if unreadable:
+            continue
         if missing:
             for f in group:
                 checks[
@@ -355,12 +363,15 @@ async def verify(
             parquet = tables[f.file_id]
             if not parts:
                 continue
-            origin = (
-                pa.concat_tables(parts).select(parquet.column_names)
-                if set(parquet.column_names) <= set(parts[0].column_names)
-                else pa.concat_tables(parts)
-            )
+            origin = pa.concat_tables(parts)
+            if parquet.column_names != origin.column_names:
+                checks[f.file_id].problems.append(
+                    f"columns {parquet.column_names} in the file, {origin.column_names}"
+                    " converted from the source objects"
+                )
             key = KEYS.get(f.table_name, METRIC_KEY if signal == "metrics" else ())
+            if not set(key) <= set(parquet.column_names) & set(origin.column_names):
+                continue
             check = checks[f.file_id]
             wanted_p = _sample(parquet.num_rows, sample, rng)
             wanted_o = _sample(origin.num_rows, sample, rng)

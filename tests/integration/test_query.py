@@ -258,7 +258,8 @@ async def test_the_layout_reads_as_hive_partitions_in_duckdb(copy: Copy) -> None
     conn = duckdb.connect()
     glob = f"{copy.objects}/otel/a/parquet/otel_traces/*/*/*.parquet"
     rows = conn.execute(
-        f"SELECT count(*), min(date), min(hour) FROM read_parquet('{glob}', hive_partitioning = true)"
+        "SELECT count(*), min(date), min(hour)"
+        f" FROM read_parquet('{glob}', hive_partitioning = true)"
     ).fetchall()
     assert rows[0][0] == len(copy.sent["a"].spans)
     assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", str(rows[0][1])), rows
