@@ -1,0 +1,589 @@
+"""Compaction against a real PostgreSQL and a local object store: every record in exactly
+one recorded Parquet file, reruns add nothing, late arrivals go to a later file, racing
+compactors and SIGKILLed ones never duplicate or lose a row (their files are orphans
+that gc-orphans removes, and gc-orphans never takes a recorded one), prune --parquet.
+
+The manifest is seeded directly (objects written in the archive's layout, rows inserted
+with chosen arrival times) so that windows and hours are the test's to choose.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import os
+import random
+import signal as signals
+import sys
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+
+from opentelemetry.proto.collector.logs.v1 import logs_service_pb2  # noqa: E402
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2  # noqa: E402
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2  # noqa: E402
+
+from otelworker.archive.manifest import ArchiveIndex  # noqa: E402
+from otelworker.archive.prune import ORPHAN_MIN_AGE, gc_orphans, prune, prune_parquet  # noqa: E402
+from otelworker.columnar.compact import Compactor, LostRace, plan_chunks  # noqa: E402
+from otelworker.settings import Compression  # noqa: E402
+from otelworker.sinks.base import object_key  # noqa: E402
+from otelworker.sinks.local import LocalObjectStore  # noqa: E402
+from otelworker.staging.database import migrate  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+PREFIX = "otel"
+NS = 1_767_225_600 * 10**9  # data time: 2026-01-01T00:00:00Z
+
+
+@dataclass
+class Seeded:
+    """What the test put in the archive: per (tenant, signal), the record ids."""
+
+    ids: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+    batches: list[uuid.UUID] = field(default_factory=list)
+
+    def add(self, tenant: str, signal: str, ids: list[str]) -> None:
+        self.ids.setdefault((tenant, signal), []).extend(ids)
+
+
+_counter = iter(range(1, 10**9))
+
+
+def _request(signal: str, records: int, service: str) -> tuple[Any, list[str]]:
+    """A request of ``records`` records, each with a unique id (span id; a log record's
+    span id; a gauge point's attribute ``n``)."""
+    ids: list[str] = []
+    if signal == "traces":
+        req: Any = trace_service_pb2.ExportTraceServiceRequest()
+        rs = req.resource_spans.add()
+        rs.resource.attributes.add(key="service.name").value.string_value = service
+        ss = rs.scope_spans.add()
+        for _ in range(records):
+            n = next(_counter)
+            span = ss.spans.add(
+                name="op", start_time_unix_nano=NS + n, end_time_unix_nano=NS + n + 5
+            )
+            span.trace_id = n.to_bytes(16, "big")
+            span.span_id = n.to_bytes(8, "big")
+            span.attributes.add(key="k").value.int_value = n
+            ids.append(span.span_id.hex())
+    elif signal == "logs":
+        req = logs_service_pb2.ExportLogsServiceRequest()
+        rl = req.resource_logs.add()
+        rl.resource.attributes.add(key="service.name").value.string_value = service
+        sl = rl.scope_logs.add()
+        for _ in range(records):
+            n = next(_counter)
+            rec = sl.log_records.add(time_unix_nano=NS + n, severity_text="INFO")
+            rec.span_id = n.to_bytes(8, "big")
+            rec.body.string_value = f"line {n}"
+            ids.append(rec.span_id.hex())
+    else:
+        req = metrics_service_pb2.ExportMetricsServiceRequest()
+        rm = req.resource_metrics.add()
+        rm.resource.attributes.add(key="service.name").value.string_value = service
+        metric = rm.scope_metrics.add().metrics.add(name="g")
+        for _ in range(records):
+            n = next(_counter)
+            p = metric.gauge.data_points.add(time_unix_nano=NS + n, as_double=float(n))
+            p.attributes.add(key="n").value.string_value = str(n)
+            ids.append(str(n))
+    return req, ids
+
+
+async def seed(
+    pool: asyncpg.Pool,
+    store: LocalObjectStore,
+    seeded: Seeded,
+    *,
+    tenant: str,
+    signal: str,
+    objects: int,
+    records: int,
+    created_at: datetime,
+    service: str = "checkout",
+) -> None:
+    """``objects`` archived objects of ``records`` records, arrived at ``created_at``."""
+    for _ in range(objects):
+        req, ids = _request(signal, records, service)
+        raw = req.SerializeToString()
+        body = gzip.compress(raw)
+        batch_id = uuid.uuid4()
+        key = object_key(PREFIX, signal, batch_id, created_at, Compression.GZIP, tenant)
+        await store.put(key, body, "application/x-protobuf", "gzip")
+        await pool.execute(
+            "INSERT INTO export_batches (batch_id, signal, object_key, item_count, record_count,"
+            " compressed_bytes, raw_bytes, min_time, max_time, service_names, created_at, tenant)"
+            " VALUES ($1, $2, $3, 1, $4, $5, $6, $7, $7, $8, $9, $10)",
+            batch_id,
+            signal,
+            key,
+            len(ids),
+            len(body),
+            len(raw),
+            datetime.fromtimestamp(NS / 1e9, UTC),
+            [service],
+            created_at,
+            tenant,
+        )
+        seeded.add(tenant, signal, ids)
+        seeded.batches.append(batch_id)
+
+
+_ID_COLUMN = {"otel_traces": "SpanId", "otel_logs": "SpanId"}
+
+
+def _record_ids(path: Path, table_name: str) -> list[str]:
+    table = pq.read_table(path)
+    if table_name in _ID_COLUMN:
+        return [str(v) for v in table.column(_ID_COLUMN[table_name]).to_pylist()]
+    return [dict(a)["n"] for a in table.column("Attributes").to_pylist()]
+
+
+_SIGNAL_OF = {"otel_traces": "traces", "otel_logs": "logs", "otel_metrics_gauge": "metrics"}
+
+
+async def recorded(pool: asyncpg.Pool, root: Path) -> dict[tuple[str, str], list[str]]:
+    """The record ids in the recorded files, per (tenant, signal), read from the files."""
+    out: dict[tuple[str, str], list[str]] = {}
+    for row in await pool.fetch(
+        "SELECT tenant, table_name, object_key, row_count FROM parquet_files"
+    ):
+        ids = _record_ids(root / row["object_key"], row["table_name"])
+        assert len(ids) == row["row_count"], row["object_key"]
+        out.setdefault((row["tenant"], _SIGNAL_OF[row["table_name"]]), []).extend(ids)
+    return out
+
+
+async def assert_exactly_once(pool: asyncpg.Pool, root: Path, seeded: Seeded) -> None:
+    """Every seeded record in exactly one recorded file; every source batch compacted and
+    named by exactly one file per table; the rows of its files = its record counts."""
+    found = await recorded(pool, root)
+    for key, ids in seeded.ids.items():
+        got = found.get(key, [])
+        duplicated = [i for i, c in Counter(got).items() if c > 1]
+        assert not duplicated, (key, duplicated[:5])
+        assert sorted(got) == sorted(ids), (key, len(got), len(ids))
+    assert set(found) <= set(seeded.ids)
+    uncompacted = await pool.fetchval(
+        "SELECT count(*) FROM export_batches WHERE compacted_at IS NULL"
+    )
+    assert uncompacted == 0
+    named = await pool.fetch("SELECT table_name, unnest(source_batches) AS b FROM parquet_files")
+    per = Counter((r["table_name"], r["b"]) for r in named)
+    assert all(c == 1 for c in per.values()), [k for k, c in per.items() if c > 1][:5]
+    assert {b for _, b in per} == set(seeded.batches)
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    conn = await asyncpg.connect(database_url)
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()
+    p = await asyncpg.create_pool(database_url, min_size=1, max_size=6)
+    try:
+        yield p
+    finally:
+        await p.close()
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    return tmp_path / "objects"
+
+
+def compactor(pool: asyncpg.Pool, root: Path, target: int = 128 * 1024**2) -> Compactor:
+    return Compactor(pool, LocalObjectStore(root), prefix=PREFIX, grace_s=300, target_bytes=target)
+
+
+def _hour(at: datetime) -> datetime:
+    return at.replace(minute=0, second=0, microsecond=0)
+
+
+async def test_compact_once_records_every_record_once_and_a_rerun_adds_nothing(
+    pool: asyncpg.Pool, root: Path
+) -> None:
+    store = LocalObjectStore(root)
+    seeded = Seeded()
+    now = datetime.now(UTC)
+    two_hours_ago = _hour(now) - timedelta(hours=2)
+    for tenant in ("acme", "globex"):
+        for signal in ("traces", "logs", "metrics"):
+            for hour in (two_hours_ago, two_hours_ago + timedelta(hours=1)):
+                await seed(
+                    pool,
+                    store,
+                    seeded,
+                    tenant=tenant,
+                    signal=signal,
+                    objects=3,
+                    records=20,
+                    created_at=hour + timedelta(minutes=10),
+                )
+    # Inside the grace: not closed yet, left for later.
+    await seed(
+        pool, store, seeded, tenant="acme", signal="traces", objects=1, records=5, created_at=now
+    )
+    young = seeded.batches[-1]
+    young_ids = seeded.ids[("acme", "traces")][-5:]
+
+    # A small target: several files per hour.
+    result = await compactor(pool, root, target=2000).run_once(now=now)
+    assert result.lost_races == 0 and result.unreadable == 0
+    assert result.sources == 2 * 3 * 2 * 3
+    rows = await pool.fetch("SELECT * FROM parquet_files ORDER BY object_key")
+    assert result.files == len(rows) > 2 * 3 * 2
+    for row in rows:
+        sources = await pool.fetch(
+            "SELECT created_at FROM export_batches WHERE batch_id = ANY($1)", row["source_batches"]
+        )
+        hours = {_hour(s["created_at"].astimezone(UTC)) for s in sources}
+        assert len(hours) == 1  # one arrival hour per file: its partition
+        [hour] = hours
+        assert row["object_key"].startswith(
+            f"{PREFIX}/{row['tenant']}/parquet/{row['table_name']}/"
+            f"date={hour:%Y-%m-%d}/hour={hour:%H}/part-{row['file_id']}.parquet"
+        ), row["object_key"]
+        assert row["window_start"] <= row["window_end"] < now - timedelta(seconds=300)
+        assert row["schema_version"] == 1
+        assert row["service_names"] == ["checkout"]
+        assert row["compressed_bytes"] == (root / row["object_key"]).stat().st_size
+        assert row["min_time"] >= datetime.fromtimestamp(NS / 1e9, UTC)
+        assert row["min_time"] <= row["max_time"]
+        meta = pq.read_metadata(root / row["object_key"]).metadata
+        assert meta[b"otelworker.schema_version"] == b"1"
+
+    # The young object waits; everything else is in exactly one file.
+    assert (
+        await pool.fetchval("SELECT compacted_at FROM export_batches WHERE batch_id = $1", young)
+        is None
+    )
+    found = await recorded(pool, root)
+    assert not set(young_ids) & set(found[("acme", "traces")])
+
+    again = await compactor(pool, root, target=2000).run_once(now=now)
+    assert (again.files, again.sources) == (0, 0)
+    assert await pool.fetchval("SELECT count(*) FROM parquet_files") == len(rows)
+
+    # Once its window closes, the young object goes to a file of its own.
+    later = await compactor(pool, root).run_once(now=now + timedelta(seconds=301))
+    assert (later.sources, later.files) == (1, 1)
+    await assert_exactly_once(pool, root, seeded)
+    # gc-orphans knows the Parquet files: none is taken for an orphan.
+    assert (
+        await gc_orphans(
+            store,
+            ArchiveIndex(pool),
+            prefix=PREFIX,
+            older_than=ORPHAN_MIN_AGE,
+            now=now + timedelta(hours=2),
+        )
+        == 0
+    )
+    assert await pool.fetchval("SELECT count(*) FROM parquet_files") == len(rows) + 1
+
+
+async def test_late_arrivals_land_in_a_later_file_and_closed_files_stay(
+    pool: asyncpg.Pool, root: Path
+) -> None:
+    store = LocalObjectStore(root)
+    seeded = Seeded()
+    now = datetime.now(UTC)
+    hour = _hour(now) - timedelta(hours=3)
+    await seed(
+        pool,
+        store,
+        seeded,
+        tenant="t",
+        signal="traces",
+        objects=4,
+        records=10,
+        created_at=hour + timedelta(minutes=5),
+    )
+    await compactor(pool, root).run_once(now=now)
+    before = {
+        r["object_key"]: r["row_count"] for r in await pool.fetch("SELECT * FROM parquet_files")
+    }
+    assert len(before) == 1
+    mtimes = {k: (root / k).stat().st_mtime_ns for k in before}
+
+    # A row that shows up after its window was compacted (a replay, a long transaction):
+    # the same arrival hour, committed late.
+    await seed(
+        pool,
+        store,
+        seeded,
+        tenant="t",
+        signal="traces",
+        objects=2,
+        records=10,
+        created_at=hour + timedelta(minutes=20),
+    )
+    result = await compactor(pool, root).run_once(now=now)
+    assert (result.sources, result.files) == (2, 1)
+    after = {
+        r["object_key"]: r["row_count"] for r in await pool.fetch("SELECT * FROM parquet_files")
+    }
+    assert {k: v for k, v in after.items() if k in before} == before  # never rewritten
+    assert {k: (root / k).stat().st_mtime_ns for k in before} == mtimes
+    [new] = set(after) - set(before)
+    assert after[new] == 20
+    assert f"/date={hour:%Y-%m-%d}/hour={hour:%H}/" in new
+    await assert_exactly_once(pool, root, seeded)
+
+
+async def test_the_loop_holds_an_open_hour_until_it_closes_or_fills(
+    pool: asyncpg.Pool, root: Path
+) -> None:
+    store = LocalObjectStore(root)
+    seeded = Seeded()
+    now = datetime.now(UTC).replace(minute=30)
+    open_hour = _hour(now)
+    await seed(
+        pool,
+        store,
+        seeded,
+        tenant="t",
+        signal="logs",
+        objects=2,
+        records=5,
+        created_at=open_hour + timedelta(minutes=1),
+    )
+    c = compactor(pool, root)
+    held = await c.run_once(now=now, partial_hours=False)
+    assert held.sources == 0
+    closed = await c.run_once(now=open_hour + timedelta(hours=1, seconds=301), partial_hours=False)
+    assert closed.sources == 2
+    await assert_exactly_once(pool, root, seeded)
+
+
+def test_plan_chunks_cuts_by_hour_and_size() -> None:
+    from otelworker.columnar.compact import Source
+
+    base = datetime(2026, 1, 1, 10, 0, tzinfo=UTC)
+    sources = [
+        Source(uuid.uuid4(), f"k{i}", 1, 100, base + timedelta(minutes=20 * i)) for i in range(7)
+    ]  # 10:00 10:20 10:40 | 11:00 11:20 11:40 | 12:00
+    chunks = plan_chunks(
+        "t", "logs", sources, target_bytes=250, cut=base + timedelta(hours=3), partial_hours=False
+    )
+    assert [len(c.sources) for c in chunks] == [3, 3, 1]
+    assert [c.hour.hour for c in chunks] == [10, 11, 12]
+    chunks = plan_chunks(
+        "t", "logs", sources, target_bytes=200, cut=base + timedelta(hours=3), partial_hours=False
+    )
+    assert [len(c.sources) for c in chunks] == [2, 1, 2, 1, 1]
+    # 12:00 is not closed at 12:30 without partial hours: held back.
+    chunks = plan_chunks(
+        "t",
+        "logs",
+        sources,
+        target_bytes=10**6,
+        cut=base + timedelta(hours=2, minutes=30),
+        partial_hours=False,
+    )
+    assert [c.hour.hour for c in chunks] == [10, 11]
+
+
+async def test_racing_compactors_never_duplicate_and_the_loser_leaves_orphans(
+    pool: asyncpg.Pool, root: Path
+) -> None:
+    store = LocalObjectStore(root)
+    seeded = Seeded()
+    now = datetime.now(UTC)
+    at = _hour(now) - timedelta(hours=2)
+    await seed(
+        pool, store, seeded, tenant="t", signal="traces", objects=3, records=10, created_at=at
+    )
+    a, b = compactor(pool, root), compactor(pool, root)
+    sources = await a.pending("t", "traces", now)
+    [chunk] = plan_chunks("t", "traces", sources, target_bytes=10**9, cut=now, partial_hours=True)
+    built_a = await a.build(chunk)
+    built_b = await b.build(chunk)  # both converted and uploaded the same objects
+    await b.commit(built_b)
+    with pytest.raises(LostRace):
+        await a.commit(built_a)
+    assert await pool.fetchval("SELECT count(*) FROM parquet_files") == 1
+    await assert_exactly_once(pool, root, seeded)
+    [orphan] = [f.object_key for f in built_a.files]
+    assert (root / orphan).exists()
+    index = ArchiveIndex(pool)
+    removed = await gc_orphans(
+        store, index, prefix=PREFIX, older_than=ORPHAN_MIN_AGE, now=now + timedelta(hours=2)
+    )
+    assert removed == 1
+    assert not (root / orphan).exists()
+    [kept] = [f.object_key for f in built_b.files]
+    assert (root / kept).exists()
+
+    # Two whole passes at once: the (tenant, signal) lock lets one work, the other skips.
+    await seed(
+        pool,
+        store,
+        seeded,
+        tenant="t",
+        signal="traces",
+        objects=3,
+        records=10,
+        created_at=at + timedelta(minutes=1),
+    )
+    results = await asyncio.gather(a.run_once(now=now), b.run_once(now=now))
+    assert sum(r.sources for r in results) == 3
+    await assert_exactly_once(pool, root, seeded)
+
+
+async def test_sigkill_of_compact_at_random_points_then_rerun(
+    pool: asyncpg.Pool, root: Path, database_url: str, tmp_path: Path
+) -> None:
+    store = LocalObjectStore(root)
+    seeded = Seeded()
+    now = datetime.now(UTC)
+    at = _hour(now) - timedelta(hours=2)
+    for signal in ("traces", "logs"):
+        for tenant in ("a", "b"):
+            await seed(
+                pool,
+                store,
+                seeded,
+                tenant=tenant,
+                signal=signal,
+                objects=40,
+                records=30,
+                created_at=at + timedelta(minutes=len(seeded.batches) % 60),
+            )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "S3_"))}
+    env.update(
+        DATABASE_URL=database_url,
+        LOCAL_OBJECT_DIR=str(root),
+        S3_PREFIX=PREFIX,
+        COMPACT_GRACE_S="0",
+        COMPACT_TARGET_BYTES="1024",  # an object a chunk: many commits to kill between
+        LOG_LEVEL="WARNING",
+    )
+    rng = random.Random(23)
+    kills = 0
+    marked = 0
+    for _ in range(5):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "otelworker",
+            "compact",
+            "--once",
+            env=env,
+            cwd=tmp_path,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        # A random point: after a random number of further chunks recorded, and a random
+        # moment into the next one (reading, converting, uploading or committing it).
+        target = marked + rng.randint(1, 25)
+        while proc.returncode is None and marked < target:
+            await asyncio.sleep(0.002)
+            marked = await pool.fetchval(
+                "SELECT count(*) FROM export_batches WHERE compacted_at IS NOT NULL"
+            )
+        await asyncio.sleep(rng.uniform(0, 0.02))
+        if proc.returncode is None:
+            proc.send_signal(signals.SIGKILL)
+            kills += 1
+        await proc.communicate()
+        # Whatever was recorded so far is recorded once.
+        named = await pool.fetch("SELECT unnest(source_batches) AS b FROM parquet_files")
+        assert len(named) == len({r["b"] for r in named})
+        marked = await pool.fetchval(
+            "SELECT count(*) FROM export_batches WHERE compacted_at IS NOT NULL"
+        )
+        assert marked == len(named)
+    assert kills == 5 and marked < len(seeded.batches)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "otelworker",
+        "compact",
+        "--once",
+        env=env,
+        cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0, err.decode()
+    assert b"compacted" in out
+    await assert_exactly_once(pool, root, seeded)
+    # The killed runs' uploads are orphans: gc-orphans removes them and only them.
+    in_manifest = {r[0] for r in await pool.fetch("SELECT object_key FROM parquet_files")}
+    before = {p.relative_to(root).as_posix() for p in (root / PREFIX).rglob("*.parquet")}
+    orphans = await gc_orphans(
+        store,
+        ArchiveIndex(pool),
+        prefix=PREFIX,
+        older_than=ORPHAN_MIN_AGE,
+        now=datetime.now(UTC) + timedelta(hours=2),
+    )
+    on_disk = {p.relative_to(root).as_posix() for p in (root / PREFIX).rglob("*.parquet")}
+    assert on_disk == in_manifest
+    assert orphans == len(before - in_manifest)
+    await assert_exactly_once(pool, root, seeded)
+
+
+async def test_prune_parquet_and_prune_keeps_what_is_not_compacted(
+    pool: asyncpg.Pool, root: Path
+) -> None:
+    store = LocalObjectStore(root)
+    seeded = Seeded()
+    now = datetime.now(UTC)
+    old = _hour(now) - timedelta(days=3)
+    await seed(pool, store, seeded, tenant="t", signal="logs", objects=2, records=5, created_at=old)
+    await seed(pool, store, seeded, tenant="u", signal="logs", objects=1, records=5, created_at=old)
+    await compactor(pool, root).run_once(now=now)
+    files = {r["object_key"]: r["tenant"] for r in await pool.fetch("SELECT * FROM parquet_files")}
+    assert sorted(files.values()) == ["t", "u"]
+    # Not compacted yet (arrived after the pass, backdated): OTLP prune keeps it.
+    await seed(pool, store, seeded, tenant="t", signal="logs", objects=1, records=5, created_at=old)
+    index = ArchiveIndex(pool)
+    pruned = await prune(index, store, older_than=timedelta(days=1), prefix=PREFIX, now=now)
+    assert (pruned.rows, pruned.kept_uncompacted) == (3, 1)
+    assert await pool.fetchval("SELECT count(*) FROM export_batches") == 1
+    # The Parquet files outlive their OTLP objects (their own retention), and no file was
+    # taken for an orphan by prune's sweep.
+    assert all((root / k).exists() for k in files)
+
+    dry = await prune_parquet(
+        index,
+        store,
+        older_than=timedelta(days=1),
+        dry_run=True,
+        now=now + timedelta(days=2),
+        tenant="t",
+    )
+    assert (dry.rows, dry.objects) == (1, 1)
+    assert all((root / k).exists() for k in files)
+    kept = await prune_parquet(index, store, older_than=timedelta(days=1), now=now)
+    assert kept.rows == 0  # compacted just now: younger than a day
+    done = await prune_parquet(
+        index, store, older_than=timedelta(days=1), now=now + timedelta(days=2), tenant="t"
+    )
+    assert done.rows == done.objects == 1
+    left = {r["object_key"] for r in await pool.fetch("SELECT object_key FROM parquet_files")}
+    assert left == {k for k, t in files.items() if t == "u"}
+    assert {k for k in files if (root / k).exists()} == left
+    # --force takes the uncompacted object too.
+    forced = await prune(
+        index, store, older_than=timedelta(days=1), prefix=PREFIX, now=now, force=True
+    )
+    assert (forced.rows, forced.kept_uncompacted) == (1, 0)
