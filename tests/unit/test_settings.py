@@ -195,3 +195,23 @@ def test_configerror_is_raised_not_validation_error() -> None:
     # The CLI catches ConfigError; a raw pydantic ValidationError would be a traceback.
     with pytest.raises(ConfigError):
         load_settings(overflow_policy="nope")
+
+
+def test_compactor_role_and_its_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    s = load_settings(role="compactor")
+    assert s.role is Role.COMPACTOR
+    assert (s.compact_grace_s, s.compact_target_bytes, s.compact_interval_s) == (
+        300.0,
+        128 * MiB,
+        60.0,
+    )
+    assert not s.runs_ingress and not s.runs_worker and not s.runs_forwarder
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "pyarrow" else real(name, *a)
+    )
+    with pytest.raises(ConfigError, match=r"ROLE=compactor needs pyarrow.*'parquet' extra"):
+        load_settings(role="compactor")
+    load_settings(role="worker")  # other roles do not need it
