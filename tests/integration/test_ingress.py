@@ -12,7 +12,7 @@ import gzip
 import json
 import struct
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -53,9 +53,17 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from otelworker import otlp
 from tests.support.payloads import unstage
-from tests.support.server import RunningService, running_service
+from tests.support.server import FRONTS, RunningService, front_as, running_service
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(autouse=True, params=FRONTS)
+def front(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Each test against both entries: the bare hypercorn one and serve's uvicorn front."""
+    with front_as(request.param):
+        yield request.param
+
 
 MiB = 1024 * 1024
 PROTOBUF = "application/x-protobuf"
