@@ -587,3 +587,42 @@ async def test_prune_parquet_and_prune_keeps_what_is_not_compacted(
         index, store, older_than=timedelta(days=1), prefix=PREFIX, now=now, force=True
     )
     assert (forced.rows, forced.kept_uncompacted) == (1, 0)
+
+
+async def test_role_compactor_compacts_in_the_service(
+    pool: asyncpg.Pool, root: Path, database_url: str, tmp_path: Path
+) -> None:
+    from otelworker.service import Service
+    from otelworker.settings import load_settings
+
+    store = LocalObjectStore(root)
+    seeded = Seeded()
+    at = _hour(datetime.now(UTC)) - timedelta(hours=2)
+    for signal in ("traces", "logs", "metrics"):
+        await seed(
+            pool, store, seeded, tenant="t", signal=signal, objects=2, records=5, created_at=at
+        )
+    settings = load_settings(
+        database_url=database_url,
+        role="compactor",
+        local_object_dir=str(root),
+        s3_prefix=PREFIX,
+        compact_grace_s=0,
+        compact_interval_s=0.2,
+        embedded_db_dir=str(tmp_path / "unused"),
+    )
+    service = Service(settings)
+    await service.start()
+    try:
+        assert service.committer is None and service.pipeline is None  # nothing else runs
+        async with asyncio.timeout(30):
+            left = 1
+            while left:
+                await asyncio.sleep(0.1)
+                left = await pool.fetchval(
+                    "SELECT count(*) FROM export_batches WHERE compacted_at IS NULL"
+                )
+        assert service.supervisor.healthy
+    finally:
+        await service.stop()
+    await assert_exactly_once(pool, root, seeded)
