@@ -2,10 +2,8 @@
 
 Hand-built requests of all three signals (several resources and scopes, attributes,
 events, links, gauge, sum and histogram points) for two tenants go through a real
-service into a local object directory; the Parquet copy is then made the way the
-compactor makes it: each (tenant, table)'s rows converted with ``to_tables`` from the
-OTLP objects, written with ``write_parquet`` under the Hive layout and recorded in
-``parquet_files``.
+service into a local object directory; the compactor itself then makes the Parquet copy
+(``python -m otelworker compact --once``, COMPACT_GRACE_S=0).
 """
 
 from __future__ import annotations
@@ -15,9 +13,7 @@ import json
 import os
 import subprocess
 import sys
-import uuid
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -164,78 +160,6 @@ async def send(url: str, tenant: str, sent: Sent) -> None:
                 assert response.status_code == 200, response.text
 
 
-async def compact_by_hand(database_url: str, objects: Path, prefix: str = "otel") -> list[str]:
-    """The Parquet copy of every manifest row: one file per (tenant, table)."""
-    import pyarrow as pa
-
-    from otelworker.archive.reader import decode
-    from otelworker.columnar.convert import time_range, to_tables, write_parquet
-    from otelworker.columnar.schema import SCHEMA_VERSION, TIME_COLUMN, parquet_key
-
-    conn = await asyncpg.connect(database_url)
-    keys: list[str] = []
-    try:
-        rows = await conn.fetch(
-            "SELECT batch_id, signal, object_key, tenant, service_names, created_at"
-            " FROM export_batches ORDER BY created_at"
-        )
-        groups: dict[tuple[str, str], list[Any]] = {}
-        for row in rows:
-            groups.setdefault((row["tenant"] or "default", row["signal"]), []).append(row)
-        for (tenant, signal), members in groups.items():
-            parts: dict[str, list[Any]] = {}
-            for row in members:
-                body = (objects / row["object_key"]).read_bytes()
-                request = decode(signal, row["object_key"], body)
-                for table, data in to_tables(signal, request, tenant).items():
-                    parts.setdefault(table, []).append(data)
-            for table, tables in parts.items():
-                data = pa.concat_tables(tables)
-                if data.num_rows == 0:
-                    continue
-                file_id = uuid.uuid4()
-                start = min(r["created_at"] for r in members)
-                key = parquet_key(
-                    prefix,
-                    tenant,
-                    table,
-                    start.astimezone(UTC).strftime("%Y-%m-%dT%H"),
-                    str(file_id),
-                )
-                path = objects / key
-                path.parent.mkdir(parents=True, exist_ok=True)
-                batches = [r["batch_id"] for r in members]
-                write_parquet(
-                    data, table_name=table, tenant=tenant, source_batches=batches, sink=str(path)
-                )
-                low, high = time_range(data, TIME_COLUMN[table])
-                services = sorted(set(data.column("ServiceName").to_pylist()))
-                await conn.execute(
-                    "INSERT INTO parquet_files (file_id, tenant, table_name, object_key, row_count,"
-                    " compressed_bytes, min_time, max_time, service_names, source_batches,"
-                    " window_start, window_end, schema_version)"
-                    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
-                    file_id,
-                    tenant,
-                    table,
-                    key,
-                    data.num_rows,
-                    path.stat().st_size,
-                    datetime.fromtimestamp(low / 1e9, UTC) if low is not None else None,
-                    datetime.fromtimestamp(high / 1e9, UTC) if high is not None else None,
-                    services,
-                    batches,
-                    start,
-                    max(r["created_at"] for r in members),
-                    SCHEMA_VERSION,
-                )
-                keys.append(key)
-        await conn.execute("UPDATE export_batches SET compacted_at = now()")
-    finally:
-        await conn.close()
-    return keys
-
-
 @dataclass
 class Copy:
     database_url: str
@@ -271,8 +195,16 @@ async def make_copy(database_url: str, tmp_path: Path) -> Copy:
         for tenant, what in sent.items():
             await send(svc.url, tenant, what)
         await wait_drained(database_url, within_s=60)
-    keys = await compact_by_hand(database_url, objects)
-    return Copy(database_url, objects, sent, keys)
+    copy = Copy(database_url, objects, sent, [])
+    run = await cli(copy.env(COMPACT_GRACE_S="0"), "compact", "--once")
+    assert run.code == 0, (run.out, run.err)
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch("SELECT object_key FROM parquet_files ORDER BY object_key")
+    finally:
+        await conn.close()
+    copy.keys = [r["object_key"] for r in rows]
+    return copy
 
 
 @dataclass
