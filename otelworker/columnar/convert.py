@@ -147,13 +147,24 @@ class _Map:
         self.values: list[str] = []
 
     def add(self, kvs: Any) -> None:
-        if not kvs:
-            self.offsets.append(self.offsets[-1])
-            return
-        keys, values = _attrs(kvs)
-        self.keys += keys
-        self.values += values
-        self.offsets.append(len(self.keys))
+        keys = self.keys
+        if kvs:
+            values = self.values
+            start = len(keys)
+            for kv in kvs:
+                v = kv.value
+                if v.WhichOneof("value") == "string_value":
+                    values.append(v.string_value)
+                else:
+                    values.append(render(v))
+                keys.append(kv.key)
+            if len(keys) - start > 1 and len(set(keys[start:])) != len(keys) - start:
+                # A repeated key keeps its last value (a Go map's).
+                last = dict(zip(keys[start:], values[start:], strict=True))
+                del keys[start:], values[start:]
+                keys += last
+                values += last.values()
+        self.offsets.append(len(keys))
 
     def add_rendered(self, keys: list[str], values: list[str]) -> None:
         self.keys += keys
