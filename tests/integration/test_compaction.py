@@ -626,3 +626,66 @@ async def test_role_compactor_compacts_in_the_service(
     finally:
         await service.stop()
     await assert_exactly_once(pool, root, seeded)
+
+
+async def test_compact_without_once_loops_until_sigterm(
+    pool: asyncpg.Pool, root: Path, database_url: str, tmp_path: Path
+) -> None:
+    store = LocalObjectStore(root)
+    seeded = Seeded()
+    at = _hour(datetime.now(UTC)) - timedelta(hours=2)
+    await seed(pool, store, seeded, tenant="t", signal="logs", objects=2, records=5, created_at=at)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "S3_"))}
+    env.update(
+        DATABASE_URL=database_url,
+        LOCAL_OBJECT_DIR=str(root),
+        S3_PREFIX=PREFIX,
+        COMPACT_INTERVAL_S="0.2",
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "otelworker",
+        "compact",
+        "--signal",
+        "logs",
+        env=env,
+        cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(60):
+            left = 1
+            while left:
+                await asyncio.sleep(0.1)
+                left = await pool.fetchval(
+                    "SELECT count(*) FROM export_batches WHERE compacted_at IS NULL"
+                )
+        # A later arrival is taken by a later pass of the same process.
+        await seed(
+            pool,
+            store,
+            seeded,
+            tenant="t",
+            signal="logs",
+            objects=1,
+            records=5,
+            created_at=at + timedelta(minutes=30),
+        )
+        async with asyncio.timeout(60):
+            left = 1
+            while left:
+                await asyncio.sleep(0.1)
+                left = await pool.fetchval(
+                    "SELECT count(*) FROM export_batches WHERE compacted_at IS NULL"
+                )
+        proc.send_signal(signals.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err.decode()
+    await assert_exactly_once(pool, root, seeded)
+    assert await pool.fetchval("SELECT count(*) FROM parquet_files") == 2
