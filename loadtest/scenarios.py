@@ -21,10 +21,12 @@ import json
 import math
 import os
 import random
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
@@ -49,6 +51,7 @@ from loadtest.stress_env import (
     Sent,
     Service,
     Stores,
+    Target,
     account,
     check,
     check_accounting,
@@ -1506,6 +1509,109 @@ async def tenants(h: Harness, report: Report) -> None:
         await stores.close()
 
 
+# --- 9. the database fails over -------------------------------------------------------------
+
+FAILOVER_READY_S = 30.0  # the stated bound: SIGKILL of the primary to /readyz 200 again
+
+
+async def failover(h: Harness, report: Report) -> None:
+    """SIGKILL the primary under load (OTLP/HTTP and OTLP/gRPC, three signals) and promote
+    its synchronous standby; a multi-host DATABASE_URL (target_session_attrs=read-write)
+    finds it without a restart. Every 200 is in the manifest exactly once; a 503 in the
+    switch is treated as an unanswered request (all or nothing: a commit cut off with its
+    connection may have happened); ready again within FAILOVER_READY_S."""
+    # The test suite's primary + pg_basebackup standby, from the same binaries.
+    from tests.support.replica import ReplicaPair
+
+    assert h.s3 is not None
+    pair = ReplicaPair(
+        Path(tempfile.mkdtemp(prefix="otelworker-stress-failover-")), synchronous=True
+    )
+    await asyncio.to_thread(pair.start)
+    bucket = await asyncio.to_thread(h.s3.create_bucket, "stress-failover")
+    target = Target("failover", pair.multi_host_dsn, bucket, h.s3)
+    settings = {
+        "LEASE_TIMEOUT_S": "3",
+        "STAGING_COMMIT_TIMEOUT_S": "4",
+        "UNAVAILABLE_RETRY_AFTER_S": "1",
+        "DB_CONNECT_TIMEOUT_S": "2",
+    }
+    svc = h.service(target, "follower", settings, grpc=True)
+    ledger = Ledger()
+    http = Sender(ledger, pad=64)
+    grpc = GrpcSender(ledger, channels=2)
+    stores = Stores(target)
+    halt = False
+    try:
+        await svc.start()
+        plan = (
+            (("traces", "logs", "metrics")[i % 3], i % 9 + 1, ENCODINGS[i % 2])
+            for i in itertools.count()
+        )
+        loads = [
+            asyncio.create_task(http.send_many(svc, plan, concurrency=2, stop=lambda _: halt)),
+            asyncio.create_task(grpc.send_many(svc, plan, concurrency=2, stop=lambda _: halt)),
+        ]
+
+        async def acked() -> int:
+            return len(ledger.with_status(200))
+
+        await wait_until(acked, lambda n: n >= 100, within=60, what="failover_load_under_way")
+        killed = time.monotonic()
+        await asyncio.to_thread(pair.kill_primary)
+        await asyncio.to_thread(pair.promote)
+        async with httpx.AsyncClient(timeout=5) as client:
+
+            async def ready() -> bool:
+                with contextlib.suppress(httpx.TransportError):
+                    return (await client.get(f"{svc.url}/readyz")).status_code == 200
+                return False
+
+            await wait_until(ready, bool, within=FAILOVER_READY_S, what="failover_ready_again")
+        ready_s = time.monotonic() - killed
+        at_ready = len(ledger.with_status(200))
+        await asyncio.sleep(3)
+        halt = True
+        await asyncio.gather(*loads)
+        check(
+            len(ledger.with_status(200)) > at_ready,
+            "failover_acked_after",
+            "nothing was acknowledged after the service was ready again",
+        )
+        statuses = ledger.by_status()
+        check(
+            set(statuses) <= {200, 503},
+            "failover_answers",
+            f"answers other than 200 and 503: {dict(statuses)}",
+        )
+        # A 503 in the switch may be a commit cut off with its connection (outcome unknown):
+        # held to "all or nothing", like a request with no answer.
+        for sent in ledger.with_status(503):
+            sent.status = UNKNOWN
+        accounting = await check_accounting(ledger, stores, drain_timeout=90)
+        no_bug_events(svc)
+        await svc.stop()
+        slowest = max(s.latency_s for s in ledger.requests.values())
+        report.add(
+            f"primary SIGKILLed after {at_ready} x 200 and promoted; ready again {ready_s:.2f} s"
+            f" after the kill; answers {dict(statuses)}; slowest {slowest:.2f} s"
+        )
+        report.add(f"{accounting.line()} (503s held to all-or-nothing)")
+        report.data.update(
+            ready_again_s=round(ready_s, 2),
+            answers={str(k): v for k, v in statuses.items()},
+            slowest_s=round(slowest, 2),
+        )
+    finally:
+        halt = True
+        await http.aclose()
+        await grpc.aclose()
+        await stores.close()
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(svc.kill)
+        await asyncio.to_thread(pair.stop)
+
+
 SCENARIOS: dict[str, Scenario] = {
     "rate_limit": rate_limit,
     "saturation": saturation,
@@ -1515,4 +1621,5 @@ SCENARIOS: dict[str, Scenario] = {
     "grpc": grpc_transport,
     "big_bodies": big_bodies,
     "tenants": tenants,
+    "failover": failover,
 }
