@@ -456,9 +456,16 @@ def view_sql(table: str, paths: Sequence[Path], plan: Plan) -> str:
 
 
 def connect(
-    plan: Plan, paths: dict[str, list[Path]], schemas: dict[str, Any]
+    plan: Plan,
+    paths: dict[str, list[Path]],
+    schemas: dict[str, Any],
+    spill_dir: Path | None = None,
 ) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB with the views, then locked down (see the module's doc)."""
+    """An in-memory DuckDB with the views, then locked down (see the module's doc).
+
+    ``spill_dir``: where a sort or join larger than memory spills (the query's own
+    directory; without it, such a query fails for want of memory).
+    """
     import pyarrow as pa
 
     conn = duckdb.connect(":memory:", config={"autoinstall_known_extensions": False})
@@ -477,6 +484,10 @@ def connect(
                 f"CREATE VIEW {_ident(table)} AS SELECT * FROM {_ident('_empty_' + table)}"
             )
     conn.execute(f"SET allowed_paths = [{', '.join(_quote(p) for p in allowed)}]")
+    if spill_dir is not None:
+        spill_dir.mkdir(parents=True, exist_ok=True)
+        conn.execute(f"SET temp_directory = {_quote(str(spill_dir))}")
+        conn.execute(f"SET allowed_directories = [{_quote(str(spill_dir) + os.sep)}]")
     conn.execute("SET enable_external_access = false")
     conn.execute("SET lock_configuration = true")
     return conn
@@ -547,7 +558,7 @@ async def run_query(
             fetched=len(cache.fetched),
             tables={t: len(fs) for t, fs in plan.files.items() if fs},
         )
-        conn = connect(plan, paths, TABLES)
+        conn = connect(plan, paths, TABLES, spill_dir=run_dir / "spill")
         try:
             return execute(conn, sql)
         finally:
