@@ -110,3 +110,34 @@ async def test_health_follows_readiness(svc: RunningService) -> None:
             svc.service.accepting = True
         assert (await watch.read()).status == SERVING  # refreshed while a Watch is open
         watch.cancel()
+
+
+async def test_an_oversized_message_is_permanent_even_when_rate_limited(database_url: str) -> None:
+    """As HTTP's 413 precedes its 429: a message that can never be accepted is refused
+    RESOURCE_EXHAUSTED without RetryInfo (counted too_large) while the tenant is rate
+    limited, and only what could succeed later carries RetryInfo."""
+    async with running_service(
+        database_url=database_url,
+        role="ingress",
+        grpc_enabled=True,
+        grpc_port=0,
+        max_request_body_bytes=LIMIT,
+        enable_rate_limiting=True,
+        rate_limit_rps=0.01,
+        rate_limit_burst=1,
+    ) as svc:
+        client = RawClient(svc)
+        try:
+            first, _, _ = await client.export(payloads.traces(1).SerializeToString())
+            assert first is grpc.StatusCode.OK  # the bucket is empty from here on
+            code, details, trailers = await client.export(trace_message(LIMIT + 1))
+            assert code is grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "exceeds the limit" in details
+            assert retry_delay(trailers) is None  # permanent: a retry would never succeed
+            assert await refused_too_large(svc) == 1
+            code, _, trailers = await client.export(payloads.traces(1).SerializeToString())
+            assert code is grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert retry_delay(trailers) is not None  # rate limited: retry later
+        finally:
+            await client.close()
+    assert [r["record_count"] for r in await rows(database_url)] == [1]
