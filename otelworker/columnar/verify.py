@@ -218,9 +218,14 @@ def _compare(
     other_keys = _keys(other, key_columns)
     rows = _rows(sampled, indices)
     columns = [c for c in sampled.column_names if c in other.column_names]
-    for index, row in zip(indices, rows, strict=True):
-        key = tuple(row[c] for c in key_columns)
-        candidates = _rows(other, other_keys.get(key, []))
+    keys = [tuple(row[c] for c in key_columns) for row in rows]
+    # Every candidate row taken at once (one take and conversion, not one per row).
+    wanted = sorted({i for key in set(keys) for i in other_keys.get(key, ())})
+    by_key: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
+    for cand in _rows(other, wanted):
+        by_key[tuple(cand[c] for c in key_columns)].append(cand)
+    for index, row, key in zip(indices, rows, keys, strict=True):
+        candidates = by_key.get(key, [])
         if any(all(row[c] == cand[c] for c in columns) for cand in candidates):
             continue
         shown = ", ".join(f"{c}={_short(v)}" for c, v in zip(key_columns, key, strict=True))
