@@ -169,3 +169,18 @@ async def test_connections_past_the_cap_are_refused_503_and_counted(
     values = await samples(svc)
     assert values[("otelworker_http_connections_refused_total", ())] == 1
     assert values[("otelworker_http_open_connections", ())] == 1  # the scrape's own
+
+
+async def test_an_idle_kept_alive_connection_is_closed(database_url: str) -> None:
+    async with running_service(
+        front="serve", database_url=database_url, role="ingress", http_keep_alive_timeout_s=1.0
+    ) as svc:
+        conn = await Connection.open(svc)
+        try:
+            answer = await conn.request("/v1/traces", valid_trace(), PROTOBUF)
+            assert answer.status == 200
+            started = time.monotonic()
+            assert await ends_within(conn, 4) == b""
+            assert 0.8 <= time.monotonic() - started < 4
+        finally:
+            conn.close()
