@@ -1705,6 +1705,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         " default, one)",
     )
     parser.add_argument(
+        "--forward-many-row",
+        action="store_true",
+        help="forward: a third row in the same rounds, the destination with gzip_members:"
+        " many (what the recompression to one member costs, A/B in one run)",
+    )
+    parser.add_argument(
         "--forward-receiver-decode",
         choices=("shallow", "full"),
         default="shallow",

@@ -34,6 +34,10 @@ Per row and size (rounds alternated all/all_fwd, then all_fwd/all, and so on):
 - the at-least-once check: the receiver got at least every acknowledged span, no delivery
   is dead, every acknowledged probe arrived; duplicates (spans beyond the acknowledged) are
   reported.
+
+``--forward-many-row`` adds a third row to the same rounds, ``all_fwd_many``: the same
+destination with ``gzip_members: many``, so the cost of compressing a many-member object
+again as one member (the default, ``one``) is an A/B in one run.
 """
 
 from __future__ import annotations
@@ -72,7 +76,14 @@ CPU_RATIO_TARGET = 1.25  # forwarding to one destination: at most +25 % CPU per 
 P99_TARGET_MS = 2000.0  # ack-to-delivery at a sustained rate
 TARGET_SIZE = "512"
 ROWS = ("all", "all_fwd")
-TITLES = {"all": "ROLE=all", "all_fwd": "ROLE=all + 1 destination"}
+# --forward-many-row: a third row, the same destination with gzip_members: many (objects
+# sent as stored, not compressed again as one member), in the same rounds.
+MANY_ROW = "all_fwd_many"
+TITLES = {
+    "all": "ROLE=all",
+    "all_fwd": "ROLE=all + 1 destination",
+    MANY_ROW: "ROLE=all + 1 dest. (many)",
+}
 
 
 def probe_body(seq: int) -> bytes:
@@ -262,7 +273,7 @@ async def _one_run(
         "settle": quiet,
     }
     delivered: dict[str, Any] | None = None
-    if row.name == "all_fwd":
+    if row.name != "all":
         delivered = await _wait_delivered(row.dsn, receiver, probes, args.drain_wait, since)
         after = delivered["stats"]
         gained = after["records"]["traces"] - before["records"]["traces"]
@@ -394,11 +405,15 @@ async def bench_forward(ctx: Context) -> dict[str, Any]:
         # the default, one, compresses a many-member object again as one member.
         yaml_entry += f"    gzip_members: {args.forward_gzip_members}\n"
     destinations.write_text("destinations:\n" + yaml_entry)
+    names = [*ROWS, MANY_ROW] if args.forward_many_row else list(ROWS)
+    many_file = ctx.workdir / "forward-destinations-many.yaml"
+    many_entry = f"  - name: noop\n    endpoint: {receiver.url}\n    signals: [traces]\n"
+    many_file.write_text("destinations:\n" + many_entry + "    gzip_members: many\n")
     dsns: list[str] = []
     rows: list[Row] = []
     prober = Prober(args.probe_interval_ms / 1000.0)
     results: dict[str, Any] = {
-        "rows": list(ROWS),
+        "rows": names,
         "destination": {
             "receiver": "loadtest.noop_receiver",
             "decode": args.forward_receiver_decode,
@@ -407,13 +422,15 @@ async def bench_forward(ctx: Context) -> dict[str, Any]:
         "sizes": {},
     }
     try:
-        for name in ROWS:
+        for name in names:
             bucket = await asyncio.to_thread(s3.create_bucket, f"otelworker-bench-{name}")
             dsns.append(dsn := await ctx.pg.fresh_database(f"otelworker_bench_{name}"))
             settings = {"DATABASE_URL": dsn, "ROLE": "all", "LOG_LEVEL": "INFO"}
             settings.update(s3.service_env(bucket))
             if name == "all_fwd":
                 settings["DESTINATIONS_FILE"] = str(destinations)
+            elif name == MANY_ROW:
+                settings["DESTINATIONS_FILE"] = str(many_file)
             proc = provision.AppProcess(
                 "otelworker.app:app", settings=settings, log_path=ctx.workdir / f"{name}.log"
             )
@@ -424,7 +441,7 @@ async def bench_forward(ctx: Context) -> dict[str, Any]:
                 await row.proc.wait_ready_async()
             for size in sizes:
                 _say(
-                    f"\nforward [{size.key}]: {' vs '.join(TITLES[n] for n in ROWS)};"
+                    f"\nforward [{size.key}]: {' vs '.join(TITLES[n] for n in names)};"
                     f" {size.title}, concurrency {args.concurrency}, warm-up {args.warmup} s,"
                     f" {args.rounds} x {args.duration} s, alternating; probes every"
                     f" {args.probe_interval_ms} ms"
@@ -437,7 +454,7 @@ async def bench_forward(ctx: Context) -> dict[str, Any]:
                 for n in range(1, args.rounds + 1):
                     # A/B, then B/A: a drift over the rounds (the machine's other work)
                     # falls on both rows alike.
-                    for row in rows if n % 2 else rows[::-1]:
+                    for row in rows if n % 2 else rows[::-1]:  # (A/B/C, then C/B/A)
                         runs.append(
                             await _one_run(
                                 ctx,
@@ -460,7 +477,7 @@ async def bench_forward(ctx: Context) -> dict[str, Any]:
                     prober,
                     receiver,
                 )
-                by_row = {n: _summary([r for r in runs if r["row"] == n]) for n in ROWS}
+                by_row = {n: _summary([r for r in runs if r["row"] == n]) for n in names}
                 base = by_row["all"]["service_cpu_us_per_span"]
                 fwd = by_row["all_fwd"]["service_cpu_us_per_span"]
                 ratio = round(fwd / base, 3) if base and fwd else None
@@ -501,6 +518,20 @@ async def bench_forward(ctx: Context) -> dict[str, Any]:
                     },
                     "runs": [*runs, paced],
                 }
+                if MANY_ROW in by_row:
+                    many = by_row[MANY_ROW]["service_cpu_us_per_span"]
+                    entry["cpu_ratio_many"] = round(many / base, 3) if base and many else None
+                    entry["cpu_ratio_many_paired"] = _median(
+                        [
+                            b["service_cpu_us_per_span"] / a["service_cpu_us_per_span"]
+                            for a, b in zip(
+                                [r for r in runs if r["row"] == "all"],
+                                [r for r in runs if r["row"] == MANY_ROW],
+                                strict=True,
+                            )
+                            if a["service_cpu_us_per_span"] and b["service_cpu_us_per_span"]
+                        ]
+                    )
                 for run in entry["runs"]:
                     run.pop("_lags", None)
                 results["sizes"][size.key] = entry
@@ -597,6 +628,11 @@ def _print_size(size: Size, entry: dict[str, Any]) -> None:
         f"-{_fmt(paired['max'], 3)}; with PostgreSQL {_fmt(entry['cpu_ratio_with_postgres'], 3)});"
         f" verification {'ok' if entry['verification']['ok'] else 'FAILED'}"
     )
+    if "cpu_ratio_many" in entry:
+        _say(
+            f"  with gzip_members: many (same rounds): ratio {_fmt(entry['cpu_ratio_many'], 3)}"
+            f" (per round {_fmt(entry['cpu_ratio_many_paired'], 3)} median)"
+        )
 
 
 def print_forward(result: dict[str, Any]) -> None:
