@@ -153,8 +153,9 @@ class _Map:
             start = len(keys)
             for kv in kvs:
                 v = kv.value
-                if v.WhichOneof("value") == "string_value":
-                    values.append(v.string_value)
+                text = v.string_value  # "" unless a string: then ask which it is
+                if text or v.WhichOneof("value") == "string_value":
+                    values.append(text)
                 else:
                     values.append(render(v))
                 keys.append(kv.key)
