@@ -862,6 +862,24 @@ async def test_database_cut_answers_503_then_recovers_without_restart(
     assert names.count("after-0") == 1
 
 
+# --- HTTP/2 -------------------------------------------------------------------------------------
+
+
+async def test_http2_under_the_hypercorn_entry(service: RunningService, front: str) -> None:
+    """h2c (prior knowledge) is the bare hypercorn entry's; serve's uvicorn speaks
+    HTTP/1.1 only (docs/design.md, "The HTTP front")."""
+    if front == "serve":
+        pytest.skip("serve's server (uvicorn) does not speak HTTP/2")
+    async with httpx.AsyncClient(http1=False, http2=True) as h2:
+        response = await h2.post(
+            service.endpoint("traces"),
+            content=trace_request().SerializeToString(),
+            headers={"content-type": PROTOBUF},
+        )
+    assert response.status_code == 200
+    assert response.http_version == "HTTP/2"
+
+
 # --- probes -----------------------------------------------------------------------------------
 
 
