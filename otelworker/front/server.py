@@ -143,7 +143,34 @@ class Server(uvicorn.Server):
         yield  # serve owns SIGTERM and SIGINT (see __main__._serve)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets)
+        """uvicorn's startup for given sockets, with the TLS handshake bounded by
+        HTTP_HEADER_TIMEOUT_S too (uvicorn leaves asyncio's 60 s): a client that stalls
+        the handshake holds a descriptor outside the connection cap's count."""
+        assert sockets is not None  # serve binds its own socket (SO_REUSEPORT)
+        await self.lifespan.startup()
+        if self.lifespan.should_exit:
+            raise SystemExit(3)  # the lifespan logged startup_failed
+        config = self.config
+        state = self.lifespan.state
+
+        def create_protocol() -> asyncio.Protocol:
+            return config.http_protocol_class(  # type: ignore[call-arg]
+                config=config, server_state=self.server_state, app_state=state
+            )
+
+        loop = asyncio.get_running_loop()
+        handshake = self.settings.http_header_timeout_s if config.ssl is not None else None
+        self.servers = [
+            await loop.create_server(
+                create_protocol,
+                sock=sock,
+                ssl=config.ssl,
+                backlog=config.backlog,
+                ssl_handshake_timeout=handshake,
+            )
+            for sock in sockets
+        ]
+        self.started = True
         service = getattr(getattr(self.config.app, "state", None), "service", None)
         if service is not None:
             connections = self.server_state.connections

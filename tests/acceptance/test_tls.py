@@ -5,6 +5,7 @@ OpenTelemetry SDK's gRPC exporter. Certificates are made here, with ``cryptograp
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import ipaddress
 import os
@@ -286,6 +287,17 @@ def test_plain_http_to_the_tls_port_is_not_answered(serve: Any, database_url: st
     # The server is unharmed: HTTPS still answers.
     with httpx.Client(verify=served.verify, timeout=10) as client:
         assert client.get(f"{served.url}/readyz").status_code == 200
+
+
+def test_a_stalled_tls_handshake_is_closed_within_the_header_timeout(serve: Any) -> None:
+    served = serve(HTTP_HEADER_TIMEOUT_S="1")
+    served.wait_ready()
+    # A client that connects and never starts the handshake (asyncio's own bound is 60 s).
+    with socket.create_connection(("127.0.0.1", served.port), timeout=10) as sock:
+        started = time.monotonic()
+        with contextlib.suppress(ConnectionResetError):
+            assert sock.recv(1024) == b""
+        assert time.monotonic() - started < 5
 
 
 def test_mutual_tls_requires_a_client_certificate(serve: Any, database_url: str, pki: Pki) -> None:
