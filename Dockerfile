@@ -17,7 +17,8 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY otelworker ./otelworker
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+# The parquet extra (pyarrow, DuckDB) for ROLE=compactor, compact and query.
+RUN pip wheel --no-cache-dir --wheel-dir /wheels '.[parquet]'
 
 FROM python:3.11-slim
 # UID/GID 10001: outside the range of the base image's users and of most hosts' users;
@@ -36,8 +37,8 @@ RUN groupadd --system --gid "${GID}" otelworker \
 # fetched here (--no-index), so there is no version to pin on this line.
 # hadolint ignore=DL3013
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    pip install --no-cache-dir --no-index --find-links=/wheels otelworker \
-    && python -c "import otelworker.app, otelworker.front.server, otelworker.ingress.grpc_server, uvloop"
+    pip install --no-cache-dir --no-index --find-links=/wheels 'otelworker[parquet]' \
+    && python -c "import otelworker.app, otelworker.front.server, otelworker.ingress.grpc_server, uvloop, pyarrow, duckdb, otelworker.columnar.compact"
 # The working directory is where relative defaults land (.env is read from here;
 # LOCAL_OBJECT_DIR and EMBEDDED_DB_DIR default to ./.otelworker/...), owned by the user.
 WORKDIR /var/lib/otelworker
