@@ -5,16 +5,24 @@ as their origin form, answered 200 and staged."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import asyncpg
 import pytest
 
 from otelworker.app import origin_form
 from tests.support import payloads
-from tests.support.server import RunningService, running_service
+from tests.support.server import FRONTS, RunningService, front_as, running_service
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(autouse=True, params=FRONTS)
+def front(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Each test against both entries: the bare hypercorn one and serve's uvicorn front."""
+    with front_as(request.param):
+        yield request.param
+
 
 PROTOBUF = "application/x-protobuf"
 
