@@ -31,11 +31,6 @@ class Migration:
     sql: str
 
 
-# Versions a change in flight has taken but not landed yet (0007: another issue's); the
-# numbering may skip these and only these. Remove a version from here when it lands.
-RESERVED_VERSIONS = frozenset({7})
-
-
 @functools.cache
 def migrations() -> tuple[Migration, ...]:
     found = []
@@ -46,7 +41,7 @@ def migrations() -> tuple[Migration, ...]:
     found.sort(key=lambda m: m.version)
     versions = [m.version for m in found]
     expected = range(1, (versions[-1] if versions else 0) + 1)
-    if versions != [v for v in expected if v not in RESERVED_VERSIONS or v in versions]:
+    if versions != list(expected):
         raise RuntimeError(f"migrations must be numbered 0001.. without gaps, found {versions}")
     return tuple(found)
 
