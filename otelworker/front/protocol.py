@@ -279,6 +279,14 @@ class GuardedProtocol(HttpToolsProtocol):
         )
         return True
 
+    def send_400_response(self, msg: str) -> None:
+        """A request the parser refuses (malformed framing, an unknown method): a bare 400
+        and close, as hypercorn's h11 answers it (no app saw it; uvicorn's own adds a text
+        body and logs a warning per request)."""
+        self._disarm()
+        self.transport.write(_status_line(400) + b"content-length: 0\r\nconnection: close\r\n\r\n")
+        self.transport.close()
+
     def shutdown(self) -> None:
         if self._refused:
             return

@@ -103,8 +103,9 @@ def fuzz_database(pg_server: PgServer) -> Iterator[str]:
     drop_database(pg_server.dsn, dsn)
 
 
-@pytest.fixture(scope="module")
-def service(fuzz_database: str) -> Iterator[ServiceProcess]:
+@pytest.fixture(scope="module", params=["hypercorn", "serve"])
+def service(fuzz_database: str, request: pytest.FixtureRequest) -> Iterator[ServiceProcess]:
+    """The bare hypercorn entry, then ``serve`` (uvicorn): each takes the whole suite."""
     proc = run_service(
         {
             "DATABASE_URL": fuzz_database,
@@ -113,7 +114,8 @@ def service(fuzz_database: str) -> Iterator[ServiceProcess]:
             "LOG_LEVEL": "INFO",
             # Nothing drains: keep the admission gate from refusing the probes with 429s.
             "STAGING_MAX_BACKLOG": str(10**9),
-        }
+        },
+        entry=request.param,
     )
     proc.wait_ready()
     yield proc

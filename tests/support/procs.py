@@ -123,8 +123,12 @@ class ServiceProcess:
         return f"ServiceProcess(pid={self.pid}, url={self.url}, returncode={self.returncode})"
 
 
-def run_service(env: dict[str, str], *, port: int | None = None) -> ServiceProcess:
-    """Start the service on 127.0.0.1:``port`` (a free one if None), ``env`` over os.environ.
+def run_service(
+    env: dict[str, str], *, port: int | None = None, entry: str = "hypercorn"
+) -> ServiceProcess:
+    """Start the service on 127.0.0.1:``port`` (a free one if None), ``env`` over os.environ:
+    ``hypercorn otelworker.app:app``, or with ``entry="serve"`` ``python -m otelworker
+    serve`` (HTTP only unless ``env`` says ``GRPC_ENABLED``).
 
     It runs in its own temporary directory (no stray .env; an embedded database, if one
     is asked for, lands there) with stdout and stderr both in ``service.log``.
@@ -132,8 +136,11 @@ def run_service(env: dict[str, str], *, port: int | None = None) -> ServiceProce
     port = port if port is not None else free_port()
     workdir = Path(tempfile.mkdtemp(prefix="otelworker-service-"))
     pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": pythonpath, **env}
     argv = [sys.executable, "-m", "hypercorn", "otelworker.app:app", "--bind", f"127.0.0.1:{port}"]
+    if entry == "serve":
+        argv = [sys.executable, "-m", "otelworker", "serve"]
+        env = {"GRPC_ENABLED": "false", **env, "HOST": "127.0.0.1", "PORT": str(port)}
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": pythonpath, **env}
     with open(workdir / "service.log", "wb") as log:
         popen = subprocess.Popen(
             argv,
