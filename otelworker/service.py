@@ -35,6 +35,7 @@ from otelworker.staging.database import (
     SYNCHRONOUS_REPLICA,
     Durability,
     create_pool,
+    expire_pool,
     forget_connections,
     log_durability,
     migrate,
@@ -424,15 +425,29 @@ class Service:
         waiting for a synchronous standby (each committed locally already)."""
         reason = "commit_timeout"
         if self.pool is not None:
+            acquired = False
             try:
                 async with asyncio.timeout(1.0):
                     async with self.pool.acquire() as conn:
+                        acquired = True
                         row = await conn.fetchrow(query("server_state"))
                 if row["sync_rep_waits"] or row["sync_standby_missing"]:
                     reason = "sync_replication_wait"
                     self._note_db_state("sync_replication_wait", "a commit timed out")
-            except DB_ERRORS:
-                pass
+            except DB_ERRORS as exc:
+                if acquired and isinstance(exc, TimeoutError):
+                    # A connection at hand and no answer to a trivial query: the server
+                    # went silent (a host crash, a partition); the pool's connections to
+                    # it would hang each request they serve. New ones find the primary.
+                    await expire_pool(self.pool)
+                    log_event(
+                        "database_unresponsive",
+                        "the database does not answer; the pool's connections are replaced",
+                        reason="query_timeout",
+                        level=logging.WARNING,
+                    )
+                else:
+                    await forget_connections(self.pool, exc)
         self.metrics.commit_outcome_unknown.labels(reason).inc(requests)
 
     async def readiness(self) -> tuple[bool, str]:

@@ -43,7 +43,7 @@ from otelworker.forwarding.deliveries import CHANNEL, Delivery, DeliveryPort, bo
 from otelworker.logs import AggregatedEvents, log_event
 from otelworker.metrics import Metrics
 from otelworker.sinks.base import ObjectStore
-from otelworker.staging.database import DB_ERRORS
+from otelworker.staging.database import DB_ERRORS, hold_listening
 from otelworker.supervisor import Supervisor
 
 INITIAL_BACKOFF_S = 1.0
@@ -677,15 +677,17 @@ class Forwarder:
             try:
                 conn = await asyncpg.connect(dsn, timeout=10)
                 await conn.add_listener(CHANNEL, notified)
-                closed = asyncio.Event()
-                conn.add_termination_listener(lambda *_, ev=closed: ev.set())
                 self.wake_all()  # catch up on what was committed while not listening
-                await closed.wait()
+                # Until the connection ends, or goes silent (a primary lost in a failover).
+                await hold_listening(conn)
             except DB_ERRORS:
                 pass
             finally:
                 if conn is not None and not conn.is_closed():
-                    await asyncio.shield(conn.close(timeout=2))
+                    with contextlib.suppress(*DB_ERRORS):
+                        await asyncio.shield(conn.close(timeout=2))
+                    if not conn.is_closed():
+                        conn.terminate()
             await asyncio.sleep(LISTEN_RETRY_S)
 
     async def refresh_stats(self) -> None:

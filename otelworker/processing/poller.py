@@ -15,7 +15,7 @@ from otelworker.exceptions import StagingUnavailable
 from otelworker.logs import AggregatedEvents
 from otelworker.metrics import Metrics
 from otelworker.processing.buffer import Buffer
-from otelworker.staging.database import DB_ERRORS
+from otelworker.staging.database import DB_ERRORS, expire_pool, hold_listening
 from otelworker.staging.queue import QueuePort
 
 CHANNEL = "otelworker_staged"
@@ -125,18 +125,23 @@ class Poller:
             try:
                 conn = await asyncpg.connect(dsn, timeout=10)
                 await conn.add_listener(CHANNEL, on_notify)
-                closed = asyncio.Event()
-                conn.add_termination_listener(lambda *_, ev=closed: ev.set())
                 self.wake.set()  # catch up on what was staged while not listening
-                await closed.wait()
+                await hold_listening(conn)
                 reason = "connection_closed"
             except DB_ERRORS as exc:
                 # Also a multi-host DATABASE_URL finding no primary yet in a failover
                 # (TargetServerAttributeNotMatched, an InternalClientError).
                 reason = type(exc).__name__
+                if isinstance(exc, TimeoutError) and conn is not None:
+                    # The server went silent (a host crash, a partition): the pool's
+                    # connections to it are as silent; replace them too.
+                    await expire_pool(getattr(self.queue, "pool", None))
             finally:
                 if conn is not None and not conn.is_closed():
-                    await asyncio.shield(conn.close(timeout=2))
+                    with contextlib.suppress(*DB_ERRORS):
+                        await asyncio.shield(conn.close(timeout=2))
+                    if not conn.is_closed():
+                        conn.terminate()
             self.events.emit(
                 "listen_lost",
                 reason,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -58,14 +59,43 @@ def primary_lost(exc: BaseException) -> bool:
     return isinstance(exc, (OSError, asyncpg.InterfaceError, asyncpg.InternalClientError))
 
 
+async def expire_pool(pool: Any) -> None:
+    """Expire every connection of ``pool`` (see :func:`forget_connections`)."""
+    expire = getattr(pool, "expire_connections", None)
+    if expire is not None:
+        await expire()
+
+
 async def forget_connections(pool: Any, exc: BaseException) -> None:
     """After an error that says the primary is gone (:func:`primary_lost`), expire the
     pool's connections: each is closed when next released or acquired and replaced by a
     new one, which a multi-host DATABASE_URL with target_session_attrs=read-write opens
     on whichever server is the primary now. Cheap (a flag per connection)."""
-    expire = getattr(pool, "expire_connections", None)
-    if expire is not None and primary_lost(exc):
-        await expire()
+    if primary_lost(exc):
+        await expire_pool(pool)
+
+
+# How often a LISTEN connection, otherwise silent, asks its server a trivial question, and
+# how long it waits for the answer: a primary gone silent (a host crash or a partition:
+# no reset, only silence) would otherwise hold the wake-ups until the kernel's TCP
+# timeout, minutes; after a failover the listener must move to the new primary.
+LISTEN_CHECK_S = 10.0
+LISTEN_CHECK_TIMEOUT_S = 5.0
+
+
+async def hold_listening(conn: Any) -> None:
+    """Return when the LISTEN connection ``conn`` ends: closed by the server or the
+    network (its termination listener), or silent to the periodic check (TimeoutError,
+    raised). The caller closes it and listens again on a new one."""
+    closed = asyncio.Event()
+    conn.add_termination_listener(lambda *_: closed.set())
+    while not closed.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(closed.wait(), LISTEN_CHECK_S)
+        if closed.is_set():
+            return
+        async with asyncio.timeout(LISTEN_CHECK_TIMEOUT_S):
+            await conn.execute(query("listen_check"))
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:

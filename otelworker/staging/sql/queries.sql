@@ -486,6 +486,10 @@ SELECT current_setting('synchronous_commit') AS synchronous_commit,
                   WHERE sync_state IN ('sync', 'quorum'))
        END AS sync_standbys;
 
+-- name: listen_check --
+-- A LISTEN connection's periodic question: an answer says the server is still there.
+SELECT 1;
+
 -- name: server_state --
 -- Readiness: a standby or a read-only primary takes no writes; commits of this role
 -- waiting for a synchronous standby (wait_event SyncRep) are committed locally but not
