@@ -521,16 +521,19 @@ async def bench_forward(ctx: Context) -> dict[str, Any]:
                 if MANY_ROW in by_row:
                     many = by_row[MANY_ROW]["service_cpu_us_per_span"]
                     entry["cpu_ratio_many"] = round(many / base, 3) if base and many else None
-                    entry["cpu_ratio_many_paired"] = _median(
-                        [
-                            b["service_cpu_us_per_span"] / a["service_cpu_us_per_span"]
-                            for a, b in zip(
-                                [r for r in runs if r["row"] == "all"],
-                                [r for r in runs if r["row"] == MANY_ROW],
-                                strict=True,
-                            )
-                            if a["service_cpu_us_per_span"] and b["service_cpu_us_per_span"]
-                        ]
+                    entry["cpu_ratio_many_paired"] = round(
+                        _median(
+                            [
+                                b["service_cpu_us_per_span"] / a["service_cpu_us_per_span"]
+                                for a, b in zip(
+                                    [r for r in runs if r["row"] == "all"],
+                                    [r for r in runs if r["row"] == MANY_ROW],
+                                    strict=True,
+                                )
+                                if a["service_cpu_us_per_span"] and b["service_cpu_us_per_span"]
+                            ]
+                        ),
+                        3,
                     )
                 for run in entry["runs"]:
                     run.pop("_lags", None)
