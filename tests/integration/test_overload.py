@@ -18,7 +18,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,17 +36,9 @@ from otelworker.logs import JSONFormatter
 from otelworker.settings import load_settings
 from tests.support.objects import until
 from tests.support.payloads import logs, metrics, traces
-from tests.support.server import FRONTS, RunningService, front_as, running_service
+from tests.support.server import RunningService, running_service
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(autouse=True, params=FRONTS)
-def front(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Each test against both entries: the bare hypercorn one and serve's uvicorn front."""
-    with front_as(request.param):
-        yield request.param
-
 
 PROTOBUF = {"content-type": "application/x-protobuf"}
 JSON = {"content-type": "application/json"}
