@@ -57,8 +57,9 @@ class App(Starlette):
 
     An export request goes straight to :class:`DrainUnreadBody` (behind
     :class:`AnswerInFlight` under hypercorn) and the endpoint (which answers every method
-    and every error of its own, a 500 with a Status body included), not through Starlette's error and exception middlewares and
-    its router: those cost more per request than the endpoint's own checks. Every other
+    and every error of its own, a 500 with a Status body included), not through
+    Starlette's error and exception middlewares and its router: those cost more per
+    request than the endpoint's own checks. Every other
     path (the probes, /metrics, a 404) takes Starlette's stack as before.
     """
 
