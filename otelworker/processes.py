@@ -103,12 +103,13 @@ def serve_processes(settings: Settings, processes: int) -> int:
 
 def _wait(children: _Children, settings: Settings) -> int:
     """Until every child has exited; one that exits on its own stops the others."""
-    # Readiness drain, then each of the ordered drain's bounded steps (a commit still
-    # running when the graceful timeout ends may add its own timeout), and a margin.
+    # Readiness drain, then each of the ordered drain's bounded steps (the requests read
+    # when the graceful timeout ends wait for their commits, at most twice the commit
+    # timeout: otelworker/front/server.py), and a margin.
     budget = (
         settings.readiness_drain_delay_s
         + 4 * settings.shutdown_grace_s
-        + settings.staging_commit_timeout_s
+        + 2 * settings.staging_commit_timeout_s
         + 10
     )
     deadline: float | None = None
