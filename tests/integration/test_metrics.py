@@ -23,8 +23,9 @@ pytestmark = pytest.mark.integration
 
 PROTOBUF = {"content-type": "application/x-protobuf"}
 JSON = {"content-type": "application/json"}
-# "tenant" is bounded too: at most METRICS_MAX_TENANTS values, then "other".
-LOW_CARDINALITY_LABELS = {"transport", "signal", "code", "reason", "le", "tenant"}
+# "tenant" is bounded too: at most METRICS_MAX_TENANTS values, then "other"; "scope" has
+# three (otelworker_durability_scope).
+LOW_CARDINALITY_LABELS = {"transport", "signal", "code", "reason", "le", "tenant", "scope"}
 
 
 # --- payloads -------------------------------------------------------------------------
