@@ -415,8 +415,8 @@ class Service:
             )
         else:
             log_event(
-                "database_writable",
-                "the database takes writes again",
+                "database_recovered",
+                "the database takes and acknowledges writes again",
                 reason=f"after_{previous}",
             )
 
