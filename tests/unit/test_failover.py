@@ -233,3 +233,40 @@ async def test_an_error_around_a_commit_answers_its_requests_and_the_committer_l
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+class SilentConnection:
+    """A LISTEN connection whose server went silent: no termination, no answers."""
+
+    def __init__(self, answers: bool) -> None:
+        self.answers = answers
+        self.checks = 0
+        self.on_close: list[Any] = []
+
+    def add_termination_listener(self, callback: Any) -> None:
+        self.on_close.append(callback)
+
+    async def execute(self, _sql: str) -> str:
+        self.checks += 1
+        if not self.answers:
+            await asyncio.Event().wait()
+        return "SELECT 1"
+
+
+async def test_a_listen_connection_that_stops_answering_is_left(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from otelworker.staging import database
+
+    monkeypatch.setattr(database, "LISTEN_CHECK_S", 0.02)
+    monkeypatch.setattr(database, "LISTEN_CHECK_TIMEOUT_S", 0.05)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(database.hold_listening(SilentConnection(answers=False)), 2)
+
+    # One that answers is held until the server or the network closes it.
+    conn = SilentConnection(answers=True)
+    task = asyncio.create_task(database.hold_listening(conn))
+    await asyncio.sleep(0.2)
+    assert not task.done() and conn.checks >= 3
+    conn.on_close[0](conn)
+    await asyncio.wait_for(task, 1)
