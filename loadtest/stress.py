@@ -147,6 +147,15 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="a service setting (env key), e.g. --set ENABLE_RATE_LIMITING=true",
     )
+    stress.add_argument(
+        "--failover-at",
+        type=float,
+        default=None,
+        metavar="S",
+        help="S seconds into the load, SIGKILL the database's primary and promote its"
+        " synchronous standby (a primary and standby of the run's own; DATABASE_URL lists"
+        " both with target_session_attrs=read-write); the report gives the time to ready",
+    )
     stress.add_argument("--drain-timeout", type=float, default=300.0, metavar="S")
     stress.add_argument(
         "--no-accounting",

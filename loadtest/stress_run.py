@@ -75,6 +75,7 @@ class Watcher:
         self.client = client
         self.ticks: list[Tick] = []
         self.phase = "start"
+        self.loading = asyncio.Event()  # set when the load's timed phase begins
         self.t0 = time.monotonic()
         self.sent = 0
         self.statuses: dict[str, int] = {}
@@ -150,6 +151,7 @@ async def _load(
             watcher.t0 = time.monotonic()
             watcher.ticks.clear()
             watcher.phase = "load"
+            watcher.loading.set()
         elif message.get("phase") == "progress":
             watcher.sent = message["sent"]
             watcher.statuses = message["statuses"]
@@ -211,13 +213,24 @@ async def run_stress(args: argparse.Namespace) -> int:
     }
     failure: str | None = None
     watcher: Watcher | None = None
+    pair: Any = None
     grpc = args.transport == "grpc"
     if grpc and settings.get("GRPC_ENABLED", "true").strip().lower() not in ("1", "true", "yes"):
         raise SystemExit("--transport grpc needs the service's gRPC server: drop GRPC_ENABLED")
     try:
         await asyncio.to_thread(harness.start)
         report["machine"]["stores"] = harness.describe()
-        target: Target = await harness.target("stress")
+        if args.failover_at is not None:
+            # A primary and its synchronous standby of the run's own (tests/support/replica.py).
+            from tests.support.replica import ReplicaPair
+
+            assert harness.s3 is not None
+            pair = ReplicaPair(workdir / "replica", synchronous=True)
+            await asyncio.to_thread(pair.start)
+            bucket = await asyncio.to_thread(harness.s3.create_bucket, "stress-failover")
+            target = Target("stress", pair.multi_host_dsn, bucket, harness.s3)
+        else:
+            target = await harness.target("stress")
         # The product defaults, not the verify scenarios' small limits.
         service = harness.service(target, "stress", settings, base={}, grpc=grpc)
         await service.start()
@@ -237,9 +250,16 @@ async def run_stress(args: argparse.Namespace) -> int:
         async with httpx.AsyncClient(timeout=10) as client:
             watcher = Watcher(service, stores, client)
             ticker = asyncio.create_task(watcher.run())
+            failing_over = None
+            if pair is not None:
+                failing_over = asyncio.create_task(
+                    _fail_over(pair, args.failover_at, service, client, watcher, report)
+                )
             try:
                 out = workdir / "load-result.json"
                 result = await _load(args, service, out, watcher)
+                if failing_over is not None:
+                    await failing_over
                 load_end = float(result["elapsed_s"])  # the last answer, on the watcher's clock
                 watcher.phase = "drain"
                 drained = False
@@ -251,6 +271,8 @@ async def run_stress(args: argparse.Namespace) -> int:
                         failure = str(exc)
                 drain_s = time.monotonic() - watcher.t0 - load_end
             finally:
+                if failing_over is not None and not failing_over.done():
+                    failing_over.cancel()
                 ticker.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await ticker
@@ -259,6 +281,11 @@ async def run_stress(args: argparse.Namespace) -> int:
             metrics = await service.metrics(client)
         ledger = _ledger(result)
         report["load"] = _load_summary(result, ledger)
+        if pair is not None:
+            # A 503 in the switch may be a commit cut off with its connection (outcome
+            # unknown): held to all-or-nothing, like a request with no answer.
+            for sent in ledger.with_status(503):
+                sent.status = 0
         report["service"] = {
             "baseline_rss_mb": round(watcher.baseline_rss / 2**20, 1),
             "peak_rss_mb": round(watcher.peak_rss / 2**20, 1),
@@ -292,6 +319,8 @@ async def run_stress(args: argparse.Namespace) -> int:
         failure = failure or f"error {type(exc).__name__}: {exc}"
     finally:
         await harness.close()
+        if pair is not None:
+            await asyncio.to_thread(pair.stop)
     report["timeline"] = [asdict(t) for t in watcher.ticks] if watcher else []
     if "load" in report:
         report["series"] = result["series"]
@@ -299,6 +328,35 @@ async def run_stress(args: argparse.Namespace) -> int:
     json_path, png_path = await asyncio.to_thread(_write_report, report, report_dir, stamp)
     _print_summary(report, json_path, png_path)
     return 0 if failure is None else 1
+
+
+async def _fail_over(
+    pair: Any,
+    at_s: float,
+    service: Service,
+    client: httpx.AsyncClient,
+    watcher: Watcher,
+    report: dict[str, Any],
+) -> None:
+    """``at_s`` into the load: SIGKILL the primary, promote the standby, time /readyz."""
+    await watcher.loading.wait()
+    await asyncio.sleep(max(0.0, at_s - (time.monotonic() - watcher.t0)))
+    killed = time.monotonic()
+    await asyncio.to_thread(pair.kill_primary)
+    await asyncio.to_thread(pair.promote)
+    ready_s: float | None = None
+    while time.monotonic() - killed < 120:
+        with contextlib.suppress(httpx.HTTPError):
+            if (await client.get(f"{service.url}/readyz", timeout=5)).status_code == 200:
+                ready_s = time.monotonic() - killed
+                break
+        await asyncio.sleep(0.1)
+    report["failover"] = {
+        "at_s": round(killed - watcher.t0, 2),
+        "ready_again_s": round(ready_s, 2) if ready_s is not None else None,
+        "note": "503s held to all-or-nothing in the accounting (outcome unknown)",
+    }
+    check(ready_s is not None, "failover_ready_again", "not ready 120 s after the failover")
 
 
 def _load_summary(result: dict[str, Any], ledger: Ledger) -> dict[str, Any]:
@@ -377,6 +435,12 @@ def _print_summary(report: dict[str, Any], json_path: Path, png_path: Path | Non
             )
         errors = f" (errors {load['errors']})" if load["errors"] else ""
         print(f"  {'gRPC' if 'grpc_codes' in load else 'statuses'} {mix}{errors}")
+    failover = report.get("failover")
+    if failover:
+        print(
+            f"  failover primary SIGKILLed {failover['at_s']} s into the load, standby promoted;"
+            f" ready again {failover['ready_again_s']} s after the kill"
+        )
     timeline = report.get("timeline") or []
     if timeline:
         backlog = [t["backlog"] for t in timeline if t["backlog"] is not None]
