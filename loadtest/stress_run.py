@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import sys
+import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -225,7 +226,9 @@ async def run_stress(args: argparse.Namespace) -> int:
             from tests.support.replica import ReplicaPair
 
             assert harness.s3 is not None
-            pair = ReplicaPair(workdir / "replica", synchronous=True)
+            pair = ReplicaPair(
+                Path(tempfile.mkdtemp(prefix="otelworker-stress-failover-")), synchronous=True
+            )
             await asyncio.to_thread(pair.start)
             bucket = await asyncio.to_thread(harness.s3.create_bucket, "stress-failover")
             target = Target("stress", pair.multi_host_dsn, bucket, harness.s3)
