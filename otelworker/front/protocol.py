@@ -41,6 +41,10 @@ from otelworker import otlp
 
 ANSWERED = "otelworker.answered"  # a key of the scope's "extensions": the protocol answered
 _DEADLINE_EXCEEDED = 4  # google.rpc.Code, the Status body of a 408
+# After an answer of the protocol's own: how long it reads on before it closes.
+LINGER_S = 1.0
+# A connection refused past the cap: until its request's first bytes arrive, at most this.
+REFUSED_LINGER_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,7 @@ class GuardedProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._timer: asyncio.TimerHandle | None = None
         self._refused = False
+        self._closing = False  # answered and closing: what still arrives is read and dropped
         self._head_begun = False  # a byte of the current request's head has arrived
         self._body_start = 0.0
         self._body_seen = 0
@@ -134,7 +139,8 @@ class GuardedProtocol(HttpToolsProtocol):
             self.transport = transport
             self.door.refused()
             transport.write(_REFUSED_CONNECTION)
-            transport.close()
+            # Briefly: a flood past the cap must not hold descriptors for long.
+            self._close_lingering(REFUSED_LINGER_S)
             return
         super().connection_made(transport)
         self._arm(self.door.limits.header_timeout_s, self._head_expired)
@@ -146,9 +152,24 @@ class GuardedProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self._refused or self.parser is None:
+        if self._refused:
+            self.transport.close()  # its request is read (dropped): the close is clean
+            return
+        if self._closing or self.parser is None:
             return
         super().data_received(data)
+
+    def _close_lingering(self, linger_s: float = 0.0) -> None:
+        """Close after the answer without a reset: send FIN, read and drop what the
+        client still sends for ``linger_s`` (:data:`LINGER_S`; or until its own FIN), then
+        close. A
+        close with unread bytes would reset the connection, and the reset can destroy
+        the answer before the client reads it."""
+        self._closing = True
+        self._disarm()
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self._timer = self.loop.call_later(linger_s or LINGER_S, self.transport.close)
 
     # --- parser callbacks -------------------------------------------------------------
 
@@ -201,8 +222,11 @@ class GuardedProtocol(HttpToolsProtocol):
             seconds = self.door.limits.header_timeout_s
             body = f"request head not received within {seconds:g} s\n".encode()
             self.transport.write(_raw_answer(408, body, b"text/plain; charset=utf-8"))
+            self._unset_keepalive_if_required()
+            self._close_lingering()
+            return
         self._unset_keepalive_if_required()
-        self.transport.close()
+        self.transport.close()  # nothing was sent, nothing answered: no need to linger
 
     def _body_check(self) -> None:
         self._timer = None
@@ -254,7 +278,7 @@ class GuardedProtocol(HttpToolsProtocol):
             cycle.keep_alive = False
             cycle.message_event.set()  # its receive() ends: http.disconnect
         self._unset_keepalive_if_required()
-        self.transport.close()
+        self._close_lingering()
 
     def abandon_body(self) -> bool:
         """At the end of the shutdown grace: a request still being read is answered 503
@@ -262,6 +286,7 @@ class GuardedProtocol(HttpToolsProtocol):
         cycle = self.cycle
         if (
             self._refused
+            or self._closing
             or cycle is None
             or cycle.response_started
             or not cycle.more_body
