@@ -24,7 +24,9 @@ The idle keep-alive timeout is uvicorn's own (``timeout_keep_alive``). At shutdo
 An answer the protocol gives itself marks the request's cycle as answered and gone, so
 that the app's next ``receive()`` is ``http.disconnect`` and anything it still sends is
 dropped; the scope's ``extensions`` say ``otelworker.answered`` so that the app does not
-count it as a client that left.
+count it as a client that left. Each such answer ends in a lingering close (FIN, then
+what still arrives is read and dropped for a moment), never a reset that could destroy it.
+A request the parser refuses is a bare 400 and close, as hypercorn's h11 answers it.
 """
 
 from __future__ import annotations
@@ -162,9 +164,8 @@ class GuardedProtocol(HttpToolsProtocol):
     def _close_lingering(self, linger_s: float = 0.0) -> None:
         """Close after the answer without a reset: send FIN, read and drop what the
         client still sends for ``linger_s`` (:data:`LINGER_S`; or until its own FIN), then
-        close. A
-        close with unread bytes would reset the connection, and the reset can destroy
-        the answer before the client reads it."""
+        close. A close with unread bytes would reset the connection, and the reset can
+        destroy the answer before the client reads it."""
         self._closing = True
         self._disarm()
         if self.transport.can_write_eof():
