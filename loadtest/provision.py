@@ -303,7 +303,12 @@ def service_env(settings: Mapping[str, str]) -> dict[str, str]:
 
 
 class AppProcess:
-    """``python -m hypercorn MODULE:app`` as a real process on a local port."""
+    """An ASGI app as a real process on a local port: ``python -m hypercorn MODULE:app``
+    (``entry="hypercorn"``), ``python -m otelworker serve`` (``"serve"``: the service on
+    uvicorn + httptools + uvloop, its own front; ``app`` is ignored, ``-w N`` becomes
+    ``--processes N``, OTLP/gRPC off unless ``settings`` say otherwise) or ``python -m
+    uvicorn MODULE:app --http httptools --loop uvloop`` (``"uvicorn"``: a bare app on the
+    server ``serve`` runs on, e.g. the no-op)."""
 
     def __init__(
         self,
@@ -315,14 +320,31 @@ class AppProcess:
         python: str = sys.executable,
         extra_args: list[str] | None = None,
         cwd: str | Path | None = None,
+        entry: str = "hypercorn",
     ) -> None:
         self.app = app
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path)
+        extra = list(extra_args or [])
+        if entry == "serve":
+            self.app = "otelworker serve"
+            settings = {"GRPC_ENABLED": "false", **(settings or {})}
+            args = [python, "-m", "otelworker", "serve"]
+            if extra[:1] == ["-w"]:
+                extra = ["--processes", *extra[1:]]
+        elif entry == "uvicorn":
+            args = [python, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port"]
+            args += [str(self.port), "--http", "httptools", "--loop", "uvloop"]
+            args += ["--no-access-log", "--log-level", "warning"]
+            if extra[:1] == ["-w"]:
+                extra = ["--workers", *extra[1:]]
+        elif entry == "hypercorn":
+            args = [python, "-m", "hypercorn", app, "--bind", f"127.0.0.1:{self.port}"]
+        else:
+            raise ValueError(f"entry is hypercorn, serve or uvicorn, not {entry!r}")
         env = service_env({**(settings or {}), "HOST": "127.0.0.1", "PORT": str(self.port)})
-        args = [python, "-m", "hypercorn", app, "--bind", f"127.0.0.1:{self.port}"]
-        args += extra_args or []
+        args += extra
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
