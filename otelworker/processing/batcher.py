@@ -1,9 +1,11 @@
 """The batcher: groups buffered items per tenant and signal (a batch never mixes
 tenants); flushes by size or by the flush timer.
 
-A batch is flushed when it holds BATCH_MAX_SIZE items, or when BATCH_FLUSH_INTERVAL_MS
-has passed since its first item (the flush timer task's job). At most
-WORKER_CONCURRENCY flushes run at once.
+A batch is flushed when it holds BATCH_MAX_SIZE items or BATCH_MAX_BYTES of staged
+payload bytes (whichever comes first: many small requests make one object of a useful
+size, a few large ones do not make a huge one), or when BATCH_FLUSH_INTERVAL_MS has
+passed since its first item (the flush timer task's job). At most WORKER_CONCURRENCY
+flushes run at once.
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ Flush = Callable[[str, list[Claimed]], Awaitable[None]]
 class _Open:
     opened: float
     items: list[Claimed] = field(default_factory=list)
+    bytes: int = 0
+
+    def add(self, item: Claimed) -> None:
+        self.items.append(item)
+        self.bytes += len(item.payload)
 
 
 class Batcher:
@@ -39,10 +46,12 @@ class Batcher:
         max_size: int,
         flush_interval_s: float,
         concurrency: int,
+        max_bytes: int | None = None,
     ) -> None:
         self.buffer = buffer
         self._flush = flush
         self.max_size = max_size
+        self.max_bytes = max_bytes if max_bytes is not None else 1 << 62
         self.flush_interval_s = flush_interval_s
         self._slots = asyncio.Semaphore(concurrency)
         self._open: dict[tuple[str, str], _Open] = {}  # by (tenant, signal)
@@ -58,9 +67,12 @@ class Batcher:
             if batch is None:
                 batch = self._open[key] = _Open(time.monotonic())
                 self._opened.set()
-            batch.items.append(item)
-            if len(batch.items) >= self.max_size:
+            batch.add(item)
+            if self._full(batch):
                 await self._dispatch(key)
+
+    def _full(self, batch: _Open) -> bool:
+        return len(batch.items) >= self.max_size or batch.bytes >= self.max_bytes
 
     async def run_timer(self) -> None:
         """The flush timer: dispatch batches whose first item is BATCH_FLUSH_INTERVAL_MS old."""
@@ -123,8 +135,9 @@ class Batcher:
             except asyncio.QueueEmpty:
                 break
             key = (item.tenant, item.signal)
-            self._open.setdefault(key, _Open(time.monotonic())).items.append(item)
-            if len(self._open[key].items) >= self.max_size:
+            batch = self._open.setdefault(key, _Open(time.monotonic()))
+            batch.add(item)
+            if self._full(batch):
                 await self._dispatch(key)
         for key in list(self._open):
             await self._dispatch(key)

@@ -64,6 +64,7 @@ class Pipeline:
             self.buffer,
             self.exporter.flush,
             max_size=settings.batch_max_size,
+            max_bytes=settings.batch_max_bytes,
             flush_interval_s=settings.batch_flush_interval_ms / 1000,
             concurrency=settings.worker_concurrency,
         )

@@ -116,6 +116,24 @@ async def test_flushes_by_size_and_keeps_the_remainder_open() -> None:
         assert buffer.held_ids() == [7]
 
 
+async def test_flushes_by_bytes_before_the_item_count() -> None:
+    # BATCH_MAX_BYTES: a batch of large payloads goes once its staged bytes reach the cap,
+    # however few its items; small ones still fill up to BATCH_MAX_SIZE.
+    flush = FlushRecorder()
+    buffer = Buffer(100)
+    batcher = Batcher(
+        buffer, flush, max_size=100, flush_interval_s=HOUR, concurrency=4, max_bytes=3000
+    )
+    async with running(batcher):
+        for n in range(1, 6):
+            buffer.put(Claimed(n, "traces", b"x" * 1000, 1, 0))
+        await until(lambda: len(flush.batches) == 1, what="a batch full by bytes")
+        await until(lambda: buffer.queued() == 0, what="the buffer to be taken")
+        await settle()
+        assert [ids for _, ids, _ in flush.batches] == [[1, 2, 3]]
+        assert buffer.held_ids() == [4, 5]
+
+
 async def test_batches_are_per_signal() -> None:
     flush = FlushRecorder()
     buffer, batcher = make(flush, max_size=2, interval_s=HOUR)
