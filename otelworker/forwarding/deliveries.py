@@ -15,12 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
-import asyncpg
-
-from otelworker.exceptions import StagingUnavailable
-from otelworker.staging.database import DB_ERRORS, forget_connections
-from otelworker.staging.queue import fetch, storable
-from otelworker.staging.sql import query
+from otelworker.staging.queue import PooledQueries, storable
 
 CHANNEL = "otelworker_deliveries"  # NOTIFY payload: destination names, comma-separated
 MAX_ERROR_CHARS = 2000  # deliveries.last_error's bound
@@ -104,24 +99,8 @@ class DeliveryPort(Protocol):
     async def losses(self) -> dict[str, int]: ...
 
 
-class DeliveryQueue:
+class DeliveryQueue(PooledQueries):
     """The asyncpg adapter of :class:`DeliveryPort`, plus the commands' queries."""
-
-    def __init__(self, pool: asyncpg.Pool, default_tenant: str = "default") -> None:
-        self.pool = pool
-        self.default_tenant = default_tenant
-
-    async def _fetch(self, name: str, *args: Any) -> list[Any]:
-        return await fetch(self.pool, name, *args)
-
-    async def _execute(self, name: str, *args: Any) -> str:
-        try:
-            async with self.pool.acquire() as conn:
-                status: str = await conn.execute(query(name), *args)
-                return status
-        except DB_ERRORS as exc:
-            await forget_connections(self.pool, exc)
-            raise StagingUnavailable(f"{name}: {type(exc).__name__}") from exc
 
     async def _mark(self, name: str, *args: Any) -> bool:
         """An UPDATE of one row we hold: whether it was still ours to mark."""

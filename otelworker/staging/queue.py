@@ -186,12 +186,14 @@ async def fetch(pool: asyncpg.Pool, name: str, *args: Any) -> list[Any]:
         raise StagingUnavailable(f"{name}: {type(exc).__name__}") from exc
 
 
-class StagingQueue:
-    """The asyncpg adapter of :class:`QueuePort`, plus the ingress and admin operations."""
+class PooledQueries:
+    """An asyncpg adapter's base: the pool, the default tenant and the named queries run
+    on a pooled connection, driver errors turned into StagingUnavailable (the pool's
+    connections expired first when the error says the primary is gone)."""
 
     def __init__(self, pool: asyncpg.Pool, default_tenant: str = "default") -> None:
         self.pool = pool
-        # Rows staged before tenants (migration 0004) have none: they are this one's.
+        # Rows written before tenants (migration 0004) have none: they are this one's.
         self.default_tenant = default_tenant
 
     async def _fetch(self, name: str, *args: Any) -> list[Any]:
@@ -205,6 +207,10 @@ class StagingQueue:
         except DB_ERRORS as exc:
             await forget_connections(self.pool, exc)
             raise StagingUnavailable(f"{name}: {type(exc).__name__}") from exc
+
+
+class StagingQueue(PooledQueries):
+    """The asyncpg adapter of :class:`QueuePort`, plus the ingress and admin operations."""
 
     # --- ingress ----------------------------------------------------------------
     async def stage_many(
