@@ -192,7 +192,7 @@ class S3Handle:
     access_key_id: str
     secret_access_key: str
     region: str
-    source: str  # "env" or "moto"
+    source: str  # "env", "moto" or "keepalive" (loadtest/s3_keepalive.py)
     _server: Any = None
 
     def client(self) -> Any:
@@ -255,6 +255,8 @@ def start_s3() -> S3Handle:
                 "S3_ENDPOINT_URL is set but S3_ACCESS_KEY_ID / S3_SECRET_ACCESS_KEY are not"
             )
         return S3Handle(endpoint, key, secret, region, "env")
+    if os.environ.get("OTELWORKER_BENCH_S3") == "keepalive":
+        return _start_keepalive_s3(region)
     import logging
 
     from moto.server import ThreadedMotoServer
@@ -272,6 +274,43 @@ def start_s3() -> S3Handle:
             return handle
         except Exception:
             if time.monotonic() > deadline:
+                handle.stop()
+                raise
+            time.sleep(0.05)
+
+
+class _S3Process:
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc = proc
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _start_keepalive_s3(region: str) -> S3Handle:
+    """``OTELWORKER_BENCH_S3=keepalive``: loadtest/s3_keepalive.py in a process of its own,
+    an S3 that keeps connections alive (moto's closes one after every request)."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "loadtest.s3_keepalive", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    url = f"http://127.0.0.1:{port}"
+    handle = S3Handle(url, "testing", "testing", region, "keepalive", _S3Process(proc))
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            handle.client().list_buckets()
+            return handle
+        except Exception:
+            if time.monotonic() > deadline or proc.poll() is not None:
                 handle.stop()
                 raise
             time.sleep(0.05)
