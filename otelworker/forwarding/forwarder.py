@@ -36,14 +36,12 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import asyncpg
-
 from otelworker.exceptions import ObjectStoreError, StagingUnavailable
 from otelworker.forwarding.deliveries import CHANNEL, Delivery, DeliveryPort, bounded
 from otelworker.logs import AggregatedEvents, log_event
 from otelworker.metrics import Metrics
 from otelworker.sinks.base import ObjectStore
-from otelworker.staging.database import DB_ERRORS, hold_listening
+from otelworker.staging.database import listen_forever
 from otelworker.supervisor import Supervisor
 
 INITIAL_BACKOFF_S = 1.0
@@ -669,26 +667,8 @@ class Forwarder:
     async def listen(self, dsn: str) -> None:
         """Wake the claimers on ``NOTIFY otelworker_deliveries`` (from any process)."""
 
-        def notified(_conn: Any, _pid: int, _channel: str, payload: str) -> None:
-            self.on_notify(payload)
-
-        while True:
-            conn = None
-            try:
-                conn = await asyncpg.connect(dsn, timeout=10)
-                await conn.add_listener(CHANNEL, notified)
-                self.wake_all()  # catch up on what was committed while not listening
-                # Until the connection ends, or goes silent (a primary lost in a failover).
-                await hold_listening(conn)
-            except DB_ERRORS:
-                pass
-            finally:
-                if conn is not None and not conn.is_closed():
-                    with contextlib.suppress(*DB_ERRORS):
-                        await asyncio.shield(conn.close(timeout=2))
-                    if not conn.is_closed():
-                        conn.terminate()
-            await asyncio.sleep(LISTEN_RETRY_S)
+        # On (re)connecting, wake_all catches up on what was committed while not listening.
+        await listen_forever(dsn, CHANNEL, self.on_notify, self.wake_all, retry_s=LISTEN_RETRY_S)
 
     async def refresh_stats(self) -> None:
         """Count the table: pending, lag and dead per destination; the lost totals."""

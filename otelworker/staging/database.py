@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,6 +97,54 @@ async def hold_listening(conn: Any) -> None:
             return
         async with asyncio.timeout(LISTEN_CHECK_TIMEOUT_S):
             await conn.execute(query("listen_check"))
+
+
+async def listen_forever(
+    dsn: str,
+    channel: str,
+    on_notify: Callable[[str], None],
+    on_connected: Callable[[], None],
+    *,
+    retry_s: float,
+    pool: Any = None,
+    on_lost: Callable[[str], None] | None = None,
+) -> None:
+    """LISTEN on ``channel`` on a connection of its own, for ever: ``on_notify`` gets each
+    notification's payload; ``on_connected`` runs once listening (to catch up on what was
+    sent while not listening). When the connection ends (closed, or silent to
+    :func:`hold_listening`'s check) or cannot be opened, it is closed, ``on_lost`` gets the
+    reason (``connection_closed`` or the error's class name) and, ``retry_s`` later, a new
+    one listens. A server gone silent (TimeoutError on an open connection: a host crash, a
+    partition) has ``pool``'s connections to it expired too (:func:`expire_pool`)."""
+
+    def notified(_conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        on_notify(payload)
+
+    while True:
+        conn = None
+        try:
+            conn = await asyncpg.connect(dsn, timeout=10)
+            await conn.add_listener(channel, notified)
+            on_connected()
+            # Until the connection ends, or goes silent (a primary lost in a failover).
+            await hold_listening(conn)
+            reason = "connection_closed"
+        except DB_ERRORS as exc:
+            # Also a multi-host DATABASE_URL finding no primary yet in a failover
+            # (TargetServerAttributeNotMatched, an InternalClientError).
+            reason = type(exc).__name__
+            if isinstance(exc, TimeoutError) and conn is not None:
+                # The server went silent: the pool's connections to it are as silent.
+                await expire_pool(pool)
+        finally:
+            if conn is not None and not conn.is_closed():
+                with contextlib.suppress(*DB_ERRORS):
+                    await asyncio.shield(conn.close(timeout=2))
+                if not conn.is_closed():
+                    conn.terminate()
+        if on_lost is not None:
+            on_lost(reason)
+        await asyncio.sleep(retry_s)
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:

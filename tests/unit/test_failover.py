@@ -270,3 +270,82 @@ async def test_a_listen_connection_that_stops_answering_is_left(
     assert not task.done() and conn.checks >= 3
     conn.on_close[0](conn)
     await asyncio.wait_for(task, 1)
+
+
+class ListenConnection(SilentConnection):
+    """A LISTEN connection that hands every listener one notification at once."""
+
+    def __init__(self, answers: bool) -> None:
+        super().__init__(answers)
+        self.closed = False
+
+    async def add_listener(self, channel: str, callback: Any) -> None:
+        callback(self, 1, channel, "a,b")
+
+    def is_closed(self) -> bool:
+        return self.closed
+
+    async def close(self, **_: Any) -> None:
+        self.closed = True
+
+    def terminate(self) -> None:
+        self.closed = True
+
+
+class ExpiringPool:
+    def __init__(self) -> None:
+        self.expired = 0
+
+    async def expire_connections(self) -> None:
+        self.expired += 1
+
+
+async def test_listen_forever_reports_each_loss_and_listens_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The one LISTEN loop (poller and forwarder): notifications, a catch-up on each
+    connection, each loss's reason, the pool expired when the server went silent."""
+    from otelworker.staging import database
+
+    monkeypatch.setattr(database, "LISTEN_CHECK_S", 0.01)
+    monkeypatch.setattr(database, "LISTEN_CHECK_TIMEOUT_S", 0.01)
+    conns: list[ListenConnection] = []
+
+    async def connect(*_: Any, **__: Any) -> Any:
+        if len(conns) % 2:
+            conns.append(ListenConnection(answers=True))
+            raise asyncpg.InternalClientError("unexpected state")
+        conns.append(ListenConnection(answers=False))
+        return conns[-1]
+
+    monkeypatch.setattr(asyncpg, "connect", connect)
+    payloads: list[str] = []
+    lost: list[str] = []
+    connected = 0
+
+    def on_connected() -> None:
+        nonlocal connected
+        connected += 1
+
+    pool = ExpiringPool()
+    task = asyncio.create_task(
+        database.listen_forever(
+            "postgresql://a,b/db",
+            "otelworker_test",
+            payloads.append,
+            on_connected,
+            retry_s=0.001,
+            pool=pool,
+            on_lost=lost.append,
+        )
+    )
+    try:
+        await asyncio.sleep(0.3)
+        assert not task.done()
+        assert lost[:4] == ["TimeoutError", "InternalClientError"] * 2
+        assert connected >= 2 and payloads[:2] == ["a,b", "a,b"]
+        assert pool.expired >= 2  # once per silent connection left
+        assert all(c.closed for c in conns[::2][:-1])
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
