@@ -42,6 +42,7 @@ from typing import Any
 import asyncpg
 
 from otelworker.archive.reader import decode
+from otelworker.columnar.files import ParquetFile
 from otelworker.exceptions import BadPayload, ObjectStoreError, StagingUnavailable
 from otelworker.forwarding.forwarder import object_missing
 from otelworker.logs import log_event
@@ -78,21 +79,6 @@ class Chunk:
     @property
     def raw_bytes(self) -> int:
         return sum(s.raw_bytes for s in self.sources)
-
-
-@dataclass(frozen=True, slots=True)
-class ParquetFile:
-    """A file written and uploaded, not yet recorded."""
-
-    file_id: uuid.UUID
-    tenant: str
-    table_name: str
-    object_key: str
-    row_count: int
-    compressed_bytes: int
-    min_time: datetime | None
-    max_time: datetime | None
-    service_names: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)

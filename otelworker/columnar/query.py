@@ -33,6 +33,7 @@ import asyncpg
 import duckdb
 import orjson
 
+from otelworker.columnar.files import ParquetFileRow
 from otelworker.exceptions import OtelWorkerError, StagingUnavailable
 from otelworker.logs import log_event
 from otelworker.sinks.base import ObjectStore
@@ -68,43 +69,6 @@ class TokenRefused(OtelWorkerError):
 
 class CacheTooSmall(OtelWorkerError):
     """The query's files do not fit in QUERY_CACHE_BYTES."""
-
-
-@dataclass(frozen=True, slots=True)
-class ParquetFile:
-    """One ``parquet_files`` row."""
-
-    file_id: uuid.UUID
-    tenant: str
-    table_name: str
-    object_key: str
-    row_count: int
-    compressed_bytes: int
-    min_time: datetime | None
-    max_time: datetime | None
-    service_names: tuple[str, ...]
-    source_batches: tuple[uuid.UUID, ...]
-    window_start: datetime
-    window_end: datetime
-    schema_version: int
-
-    @classmethod
-    def from_row(cls, row: Any) -> ParquetFile:
-        return cls(
-            row["file_id"],
-            row["tenant"],
-            row["table_name"],
-            row["object_key"],
-            int(row["row_count"]),
-            int(row["compressed_bytes"]),
-            row["min_time"],
-            row["max_time"],
-            tuple(row["service_names"] or ()),
-            tuple(row["source_batches"] or ()),
-            row["window_start"],
-            row["window_end"],
-            int(row["schema_version"]),
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,7 +272,7 @@ def referenced_tables(sql: str) -> set[str] | None:
 
 async def select_files(
     pool: asyncpg.Pool, table: str, filters: Filters, bounds: Bounds
-) -> list[ParquetFile]:
+) -> list[ParquetFileRow]:
     """The table's files whose data may hold rows in ``bounds`` (and the filters)."""
     since = bounds.since - SLACK if bounds.since is not None else None
     until = bounds.until + SLACK if bounds.until is not None else None
@@ -319,7 +283,7 @@ async def select_files(
             )
     except DB_ERRORS as exc:
         raise StagingUnavailable(f"parquet_files: {type(exc).__name__}") from exc
-    return [ParquetFile.from_row(r) for r in rows]
+    return [ParquetFileRow.from_row(r) for r in rows]
 
 
 # --- the cache ---------------------------------------------------------------------------
@@ -378,7 +342,7 @@ class FileCache:
             total -= size
             log_event("query_cache_evicted", "query cache file evicted", path=path.name)
 
-    async def fetch_all(self, store: ObjectStore, files: Sequence[ParquetFile]) -> list[Path]:
+    async def fetch_all(self, store: ObjectStore, files: Sequence[ParquetFileRow]) -> list[Path]:
         """Every file's local path, fetching those not cached."""
         self.directory.mkdir(parents=True, exist_ok=True)
         self.sweep_runs()
@@ -429,12 +393,12 @@ def _ts(at: datetime) -> str:
 class Plan:
     """Which files each table's view reads (and the row filters of the flags)."""
 
-    files: dict[str, list[ParquetFile]]
+    files: dict[str, list[ParquetFileRow]]
     filters: Filters
     time_columns: dict[str, str]
 
     @property
-    def all_files(self) -> list[ParquetFile]:
+    def all_files(self) -> list[ParquetFileRow]:
         return [f for files in self.files.values() for f in files]
 
 
@@ -510,7 +474,7 @@ async def plan_query(pool: asyncpg.Pool, sql: str, filters: Filters) -> Plan:
 
     from_sql = sql_time_bounds(sql, {t.lower(): c for t, c in TIME_COLUMN.items()})
     named = referenced_tables(sql)
-    files: dict[str, list[ParquetFile]] = {}
+    files: dict[str, list[ParquetFileRow]] = {}
     for table in TABLES:
         if named is not None and table.lower() not in named:
             # Not named by the SQL: an empty view, no file fetched.

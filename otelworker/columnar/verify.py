@@ -36,7 +36,8 @@ from typing import IO, Any
 import asyncpg
 
 from otelworker.archive.reader import read_object
-from otelworker.columnar.query import SLACK, ParquetFile
+from otelworker.columnar.files import ParquetFileRow
+from otelworker.columnar.query import SLACK
 from otelworker.exceptions import StagingUnavailable
 from otelworker.logs import log_event
 from otelworker.sinks.base import ObjectStore
@@ -85,7 +86,7 @@ class Source:
 
 @dataclass
 class FileCheck:
-    file: ParquetFile
+    file: ParquetFileRow
     rows: int | None = None
     sampled: int = 0
     problems: list[str] = field(default_factory=list)
@@ -133,7 +134,7 @@ async def _fetch(pool: asyncpg.Pool, sql: str, *args: Any) -> list[Any]:
         raise StagingUnavailable(f"verify: {type(exc).__name__}") from exc
 
 
-def _components(files: Sequence[ParquetFile]) -> list[list[ParquetFile]]:
+def _components(files: Sequence[ParquetFileRow]) -> list[list[ParquetFileRow]]:
     """Files grouped by shared source objects (union-find over batch ids)."""
     parent: dict[uuid.UUID, uuid.UUID] = {}
 
@@ -147,7 +148,7 @@ def _components(files: Sequence[ParquetFile]) -> list[list[ParquetFile]]:
         ids = [f.file_id, *f.source_batches]
         for other in ids[1:]:
             parent[find(other)] = find(ids[0])
-    groups: dict[uuid.UUID, list[ParquetFile]] = defaultdict(list)
+    groups: dict[uuid.UUID, list[ParquetFileRow]] = defaultdict(list)
     for f in files:
         groups[find(f.file_id)].append(f)
     return list(groups.values())
@@ -276,7 +277,7 @@ async def verify(
 
     rng = random.Random(seed)
     chosen = [
-        ParquetFile.from_row(r)
+        ParquetFileRow.from_row(r)
         for r in await _fetch(pool, SELECT_FILES, tenant, since - SLACK, until + SLACK)
     ]
     signal_of = {t: s for s, tables in SIGNAL_TABLES.items() for t in tables}
@@ -287,7 +288,7 @@ async def verify(
         batches = sorted({b for f in frontier for b in f.source_batches})
         frontier = []
         for row in await _fetch(pool, SHARING_FILES, batches):
-            f = ParquetFile.from_row(row)
+            f = ParquetFileRow.from_row(row)
             if f.file_id not in known and (tenant is None or f.tenant == tenant):
                 known[f.file_id] = f
                 frontier.append(f)
@@ -303,7 +304,7 @@ async def verify(
     checks = {f.file_id: FileCheck(f) for f in files}
 
     # Exactly once: a source object in one file per table.
-    holders: dict[tuple[str, uuid.UUID], list[ParquetFile]] = defaultdict(list)
+    holders: dict[tuple[str, uuid.UUID], list[ParquetFileRow]] = defaultdict(list)
     for f in files:
         for b in f.source_batches:
             holders[(f.table_name, b)].append(f)

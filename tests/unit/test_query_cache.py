@@ -13,11 +13,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from otelworker.columnar.files import ParquetFileRow
 from otelworker.columnar.query import (
     CacheTooSmall,
     FileCache,
     Filters,
-    ParquetFile,
     Plan,
     connect,
     execute,
@@ -37,8 +37,8 @@ class Store:
         return self.objects[key]
 
 
-def _file(key: str, size: int) -> ParquetFile:
-    return ParquetFile(
+def _file(key: str, size: int) -> ParquetFileRow:
+    return ParquetFileRow(
         uuid.uuid4(), "a", "otel_traces", key, 1, size, NOW, NOW, (), (), NOW, NOW, 1
     )
 
