@@ -1,5 +1,5 @@
-"""A throwaway PKI for TLS tests: a CA, a server certificate for localhost and 127.0.0.1,
-and a client certificate (mutual TLS), written as PEM files."""
+"""A throwaway PKI for TLS tests: a CA, a server certificate for localhost, 127.0.0.1 and
+::1, and a client certificate (mutual TLS), written as PEM files."""
 
 from __future__ import annotations
 
@@ -21,6 +21,11 @@ class Pki:
     server_key: Path
     client_cert: Path
     client_key: Path
+
+    @property
+    def client(self) -> tuple[str, str]:
+        """The client certificate and its key, as ``load_cert_chain`` and httpx take them."""
+        return str(self.client_cert), str(self.client_key)
 
 
 def _name(cn: str) -> x509.Name:
@@ -79,6 +84,7 @@ def make_pki(d: Path) -> Pki:
     san: list[x509.GeneralName] = [
         x509.DNSName("localhost"),
         x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+        x509.IPAddress(ipaddress.ip_address("::1")),
     ]
     server = _issue("localhost", server_key, issuer, san, ExtendedKeyUsageOID.SERVER_AUTH)
     client_key = ec.generate_private_key(ec.SECP256R1())
