@@ -214,6 +214,48 @@ def _hour(at: datetime) -> datetime:
     return at.replace(minute=0, second=0, microsecond=0)
 
 
+def compact_env(database_url: str, root: Path, **settings: str) -> dict[str, str]:
+    """The environment of a ``python -m otelworker compact``: no OTEL_ or S3_ setting of
+    the caller's, this test's database and object directory, plus ``settings``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "S3_"))}
+    env.update(DATABASE_URL=database_url, LOCAL_OBJECT_DIR=str(root), S3_PREFIX=PREFIX)
+    env.update(settings)
+    return env
+
+
+async def start_compact(env: dict[str, str], cwd: Path, *args: str) -> asyncio.subprocess.Process:
+    """``python -m otelworker compact *args``, its output piped."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "otelworker",
+        "compact",
+        *args,
+        env=env,
+        cwd=cwd,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
+async def compacted_count(pool: asyncpg.Pool) -> int:
+    count: int = await pool.fetchval(
+        "SELECT count(*) FROM export_batches WHERE compacted_at IS NOT NULL"
+    )
+    return count
+
+
+async def until_all_compacted(pool: asyncpg.Pool, within_s: float) -> None:
+    """Wait (at most ``within_s``) until no manifest row is left uncompacted."""
+    async with asyncio.timeout(within_s):
+        left = 1
+        while left:
+            await asyncio.sleep(0.1)
+            left = await pool.fetchval(
+                "SELECT count(*) FROM export_batches WHERE compacted_at IS NULL"
+            )
+
+
 async def test_compact_once_records_every_record_once_and_a_rerun_adds_nothing(
     pool: asyncpg.Pool, root: Path
 ) -> None:
@@ -465,11 +507,9 @@ async def test_sigkill_of_compact_at_random_points_then_rerun(
                 records=30,
                 created_at=at + timedelta(minutes=len(seeded.batches) % 60),
             )
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "S3_"))}
-    env.update(
-        DATABASE_URL=database_url,
-        LOCAL_OBJECT_DIR=str(root),
-        S3_PREFIX=PREFIX,
+    env = compact_env(
+        database_url,
+        root,
         COMPACT_GRACE_S="0",
         COMPACT_TARGET_BYTES="1024",  # an object a chunk: many commits to kill between
         LOG_LEVEL="WARNING",
@@ -478,25 +518,13 @@ async def test_sigkill_of_compact_at_random_points_then_rerun(
     kills = 0
     marked = 0
     for _ in range(5):
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "otelworker",
-            "compact",
-            "--once",
-            env=env,
-            cwd=tmp_path,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
+        proc = await start_compact(env, tmp_path, "--once")
         # A random point: after a random number of further chunks recorded, and a random
         # moment into the next one (reading, converting, uploading or committing it).
         target = marked + rng.randint(1, 25)
         while proc.returncode is None and marked < target:
             await asyncio.sleep(0.002)
-            marked = await pool.fetchval(
-                "SELECT count(*) FROM export_batches WHERE compacted_at IS NOT NULL"
-            )
+            marked = await compacted_count(pool)
         await asyncio.sleep(rng.uniform(0, 0.02))
         if proc.returncode is None:
             proc.send_signal(signals.SIGKILL)
@@ -505,22 +533,10 @@ async def test_sigkill_of_compact_at_random_points_then_rerun(
         # Whatever was recorded so far is recorded once.
         named = await pool.fetch("SELECT unnest(source_batches) AS b FROM parquet_files")
         assert len(named) == len({r["b"] for r in named})
-        marked = await pool.fetchval(
-            "SELECT count(*) FROM export_batches WHERE compacted_at IS NOT NULL"
-        )
+        marked = await compacted_count(pool)
         assert marked == len(named)
     assert kills == 5 and marked < len(seeded.batches)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "otelworker",
-        "compact",
-        "--once",
-        env=env,
-        cwd=tmp_path,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    proc = await start_compact(env, tmp_path, "--once")
     out, err = await asyncio.wait_for(proc.communicate(), 120)
     assert proc.returncode == 0, err.decode()
     assert b"compacted" in out
@@ -615,13 +631,7 @@ async def test_role_compactor_compacts_in_the_service(
     await service.start()
     try:
         assert service.committer is None and service.pipeline is None  # nothing else runs
-        async with asyncio.timeout(30):
-            left = 1
-            while left:
-                await asyncio.sleep(0.1)
-                left = await pool.fetchval(
-                    "SELECT count(*) FROM export_batches WHERE compacted_at IS NULL"
-                )
+        await until_all_compacted(pool, 30)
         assert service.supervisor.healthy
     finally:
         await service.stop()
@@ -635,33 +645,10 @@ async def test_compact_without_once_loops_until_sigterm(
     seeded = Seeded()
     at = _hour(datetime.now(UTC)) - timedelta(hours=2)
     await seed(pool, store, seeded, tenant="t", signal="logs", objects=2, records=5, created_at=at)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "S3_"))}
-    env.update(
-        DATABASE_URL=database_url,
-        LOCAL_OBJECT_DIR=str(root),
-        S3_PREFIX=PREFIX,
-        COMPACT_INTERVAL_S="0.2",
-    )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "otelworker",
-        "compact",
-        "--signal",
-        "logs",
-        env=env,
-        cwd=tmp_path,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    env = compact_env(database_url, root, COMPACT_INTERVAL_S="0.2")
+    proc = await start_compact(env, tmp_path, "--signal", "logs")
     try:
-        async with asyncio.timeout(60):
-            left = 1
-            while left:
-                await asyncio.sleep(0.1)
-                left = await pool.fetchval(
-                    "SELECT count(*) FROM export_batches WHERE compacted_at IS NULL"
-                )
+        await until_all_compacted(pool, 60)
         # A later arrival is taken by a later pass of the same process.
         await seed(
             pool,
@@ -673,13 +660,7 @@ async def test_compact_without_once_loops_until_sigterm(
             records=5,
             created_at=at + timedelta(minutes=30),
         )
-        async with asyncio.timeout(60):
-            left = 1
-            while left:
-                await asyncio.sleep(0.1)
-                left = await pool.fetchval(
-                    "SELECT count(*) FROM export_batches WHERE compacted_at IS NULL"
-                )
+        await until_all_compacted(pool, 60)
         proc.send_signal(signals.SIGTERM)
         _, err = await asyncio.wait_for(proc.communicate(), 30)
     finally:
