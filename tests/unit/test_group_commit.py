@@ -39,6 +39,19 @@ class HeldStore:
         return len(self.committed)
 
 
+def held(timeout_s: float, commit_timeout_s: float) -> tuple[HeldStore, GroupCommitter]:
+    """A committer (10 items, 1 MiB a commit) whose commits wait for ``store.release``."""
+    store = HeldStore()
+    committer = GroupCommitter(
+        store.stage_many,
+        max_items=10,
+        max_bytes=1 << 20,
+        timeout_s=timeout_s,
+        commit_timeout_s=commit_timeout_s,
+    )
+    return store, committer
+
+
 async def running(committer: GroupCommitter, workers: int = 1) -> list[asyncio.Task[None]]:
     return [asyncio.create_task(committer.run(), name=f"committer-{n}") for n in range(workers)]
 
@@ -50,10 +63,7 @@ async def stop(tasks: list[asyncio.Task[None]]) -> None:
 
 
 async def test_waiting_entry_is_withdrawn_at_the_timeout_and_never_inserted() -> None:
-    store = HeldStore()
-    committer = GroupCommitter(
-        store.stage_many, max_items=10, max_bytes=1 << 20, timeout_s=0.05, commit_timeout_s=5
-    )
+    store, committer = held(timeout_s=0.05, commit_timeout_s=5)
     tasks = await running(committer)
     try:
         first = asyncio.create_task(committer.stage("traces", b"in-the-commit", 1))
@@ -72,10 +82,7 @@ async def test_waiting_entry_is_withdrawn_at_the_timeout_and_never_inserted() ->
 
 
 async def test_a_commit_that_does_not_answer_fails_its_requests() -> None:
-    store = HeldStore()  # never released
-    committer = GroupCommitter(
-        store.stage_many, max_items=10, max_bytes=1 << 20, timeout_s=0.05, commit_timeout_s=0.2
-    )
+    store, committer = held(timeout_s=0.05, commit_timeout_s=0.2)  # never released
     tasks = await running(committer)
     try:
         with pytest.raises(StagingUnavailable, match="did not answer"):
@@ -86,10 +93,7 @@ async def test_a_commit_that_does_not_answer_fails_its_requests() -> None:
 
 
 async def test_drain_ends_when_only_withdrawn_entries_were_left() -> None:
-    store = HeldStore()
-    committer = GroupCommitter(
-        store.stage_many, max_items=10, max_bytes=1 << 20, timeout_s=0.05, commit_timeout_s=5
-    )
+    store, committer = held(timeout_s=0.05, commit_timeout_s=5)
     tasks = await running(committer)
     try:
         first = asyncio.create_task(committer.stage("traces", b"a", 1))
@@ -106,10 +110,7 @@ async def test_drain_ends_when_only_withdrawn_entries_were_left() -> None:
 
 
 async def test_a_cancelled_request_is_still_committed_not_withdrawn() -> None:
-    store = HeldStore()
-    committer = GroupCommitter(
-        store.stage_many, max_items=10, max_bytes=1 << 20, timeout_s=5, commit_timeout_s=5
-    )
+    store, committer = held(timeout_s=5, commit_timeout_s=5)
     tasks = await running(committer)
     try:
         first = asyncio.create_task(committer.stage("traces", b"first", 1))
@@ -194,10 +195,7 @@ async def test_a_request_cancelled_while_the_database_is_slow_is_never_503_and_s
     """The server gives up on a request waiting for its commit (hypercorn's graceful
     timeout) while the database is slow. AnswerInFlight answers it by its entry's outcome:
     503 only if the entry is withdrawn, never to be inserted, else the commit's own answer."""
-    store = HeldStore()
-    committer = GroupCommitter(
-        store.stage_many, max_items=10, max_bytes=1 << 20, timeout_s=0.2, commit_timeout_s=30
-    )
+    store, committer = held(timeout_s=0.2, commit_timeout_s=30)
     answers: dict[bytes, Any] = {}
 
     async def request(payload: bytes) -> None:
@@ -234,10 +232,7 @@ async def test_a_request_cancelled_while_the_database_is_slow_is_never_503_and_s
 
 
 async def test_a_request_cancelled_in_a_commit_is_answered_by_that_commit() -> None:
-    store = HeldStore()
-    committer = GroupCommitter(
-        store.stage_many, max_items=10, max_bytes=1 << 20, timeout_s=0.05, commit_timeout_s=30
-    )
+    store, committer = held(timeout_s=0.05, commit_timeout_s=30)
     tasks = await running(committer)
     try:
         entries: list[Any] = []
