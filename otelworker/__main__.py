@@ -10,6 +10,8 @@ import asyncio
 import signal
 import sys
 
+import asyncpg
+
 from otelworker import cli_help, logs, tls
 from otelworker.archive import cli as archive_cli
 from otelworker.columnar import query_cli
@@ -215,6 +217,8 @@ otelworker requeue-dead --signal logs --limit 1000""",
             _run_serve(settings, server_tls)
             return 0
         return asyncio.run(_with_pool(settings, args.command, args))
+    except _COMMAND_DB_ERRORS as exc:
+        return _database_error(args.command, exc)
     except OtelWorkerError as exc:
         print(f"otelworker: {exc}", file=sys.stderr)
         return 1
@@ -223,6 +227,31 @@ otelworker requeue-dead --signal logs --limit 1000""",
             raise
         print(f"otelworker: {args.command} interrupted", file=sys.stderr)
         return 130
+
+
+# What a command's database can answer instead of a result: told in one line, exit 1, not
+# a traceback (e.g. `migrate` against a standby reached by mistake).
+_COMMAND_DB_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    ConnectionError,
+)
+
+
+def _database_error(command: str, exc: BaseException) -> int:
+    hint = ""
+    if getattr(exc, "sqlstate", None) == "25006":
+        hint = (
+            " (the server takes no writes: a standby? point DATABASE_URL at the primary, "
+            "or list every host with target_session_attrs=read-write)"
+        )
+    print(
+        f"otelworker: {command}: the database refused or was unreachable: "
+        f"{type(exc).__name__}: {exc}{hint}",
+        file=sys.stderr,
+    )
+    return 1
 
 
 if __name__ == "__main__":

@@ -255,6 +255,20 @@ def test_migrate_applies_once_and_exits_zero(database_url: str, tmp_path: Path) 
     assert fetchval(database_url, "SELECT count(*) FROM otelworker_migrations") == versions
 
 
+def test_a_command_against_a_read_only_server_says_so_in_one_line(
+    database_url: str, tmp_path: Path
+) -> None:
+    # Every session read-only, as on a standby reached by mistake (asyncpg passes unknown
+    # DSN parameters as server settings).
+    sep = "&" if "?" in database_url else "?"
+    env = _env(DATABASE_URL=f"{database_url}{sep}default_transaction_read_only=on")
+    done = _run(["migrate"], env, tmp_path)
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr
+    assert "ReadOnlySQLTransactionError" in done.stderr
+    assert "takes no writes" in done.stderr
+
+
 def test_sigterm_during_grpc_load_loses_no_acknowledged_record(
     serve: Any, database_url: str, tmp_path: Path
 ) -> None:
