@@ -13,6 +13,7 @@ import gzip
 import logging
 import socket
 from collections.abc import AsyncIterator, Iterator
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,7 @@ from google.rpc import status_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
 from otelworker import otlp
+from otelworker.ingress.admission import InflightBytes
 from tests.support import payloads
 from tests.support.payloads import ENCODERS, unstage
 from tests.support.server import FRONTS, RunningService, front_as, running_service
@@ -499,31 +501,48 @@ async def test_each_codec_bomb_413_corrupt_400_on_one_connection(
 # --- bytes in flight at the door ------------------------------------------------------------
 
 
-async def test_bytes_in_flight_past_the_limit_are_429_before_the_body_is_read(
-    database_url: str,
-) -> None:
-    async with running_service(
+def inflight_limited(database_url: str) -> AbstractAsyncContextManager[RunningService]:
+    """An ingress whose requests may hold 24 KiB in flight at once."""
+    return running_service(
         database_url=database_url,
         role="ingress",
         max_inflight_bytes=24 * 1024,
         log_aggregation_window_s=0,
-    ) as svc:
+    )
+
+
+async def start_slowly(svc: RunningService, slow: Connection, body: bytes) -> InflightBytes:
+    """Send ``body``'s head and its first 100 bytes on ``slow``; return once its declared
+    length is held (reserved) in flight."""
+    await slow.send_head("/v1/traces", {"Content-Type": PROTOBUF, "Content-Length": str(len(body))})
+    slow.writer.write(body[:100])
+    await slow.writer.drain()
+    inflight = svc.service.inflight
+    assert inflight is not None
+    deadline = asyncio.get_running_loop().time() + 10
+    while inflight.value < len(body):
+        assert asyncio.get_running_loop().time() < deadline, "never reserved"
+        await asyncio.sleep(0.01)
+    return inflight
+
+
+async def finish_slowly(slow: Connection, body: bytes) -> None:
+    """The rest of :func:`start_slowly`'s body: its request is answered 200."""
+    slow.writer.write(body[100:])
+    await slow.writer.drain()
+    assert (await slow.read_answer()).status == 200
+
+
+async def test_bytes_in_flight_past_the_limit_are_429_before_the_body_is_read(
+    database_url: str,
+) -> None:
+    async with inflight_limited(database_url) as svc:
         body = payloads.traces(300).SerializeToString()
         assert 12 * 1024 < len(body) <= 24 * 1024
         slow, other, chunked = [await Connection.open(svc) for _ in range(3)]
         try:
             # One request's body arrives slowly: its declared length is held meanwhile.
-            await slow.send_head(
-                "/v1/traces", {"Content-Type": PROTOBUF, "Content-Length": str(len(body))}
-            )
-            slow.writer.write(body[:100])
-            await slow.writer.drain()
-            inflight = svc.service.inflight
-            assert inflight is not None
-            deadline = asyncio.get_running_loop().time() + 10
-            while inflight.value < len(body):
-                assert asyncio.get_running_loop().time() < deadline, "never reserved"
-                await asyncio.sleep(0.01)
+            inflight = await start_slowly(svc, slow, body)
 
             # Another one that would pass the limit: 429 before its body is read.
             refused = await other.request(
@@ -539,9 +558,7 @@ async def test_bytes_in_flight_past_the_limit_are_429_before_the_body_is_read(
             await chunked.send_chunks(body, writes=8)
             assert (await chunked.read_answer()).status == 429
 
-            slow.writer.write(body[100:])
-            await slow.writer.drain()
-            assert (await slow.read_answer()).status == 200
+            await finish_slowly(slow, body)
             assert inflight.value == 0  # released once answered
             await valid_request_is_answered(other)  # the same connection, served now
         finally:
@@ -555,35 +572,18 @@ async def test_a_declared_length_past_the_body_limit_is_413_even_at_the_inflight
 ) -> None:
     """A request that can never be accepted is told so (413), not to retry (429), even
     while the bytes in flight are at their limit."""
-    async with running_service(
-        database_url=database_url,
-        role="ingress",
-        max_inflight_bytes=24 * 1024,
-        log_aggregation_window_s=0,
-    ) as svc:
+    async with inflight_limited(database_url) as svc:
         body = payloads.traces(300).SerializeToString()
         slow, huge = [await Connection.open(svc) for _ in range(2)]
         try:
-            await slow.send_head(
-                "/v1/traces", {"Content-Type": PROTOBUF, "Content-Length": str(len(body))}
-            )
-            slow.writer.write(body[:100])
-            await slow.writer.drain()
-            inflight = svc.service.inflight
-            assert inflight is not None
-            deadline = asyncio.get_running_loop().time() + 10
-            while inflight.value < len(body):
-                assert asyncio.get_running_loop().time() < deadline, "never reserved"
-                await asyncio.sleep(0.01)
+            await start_slowly(svc, slow, body)
             await huge.send_head(
                 "/v1/traces", {"Content-Type": PROTOBUF, "Content-Length": "10000000000"}
             )
             refused = await huge.read_answer()
             assert refused.status == 413, refused
             assert "retry-after" not in refused.headers
-            slow.writer.write(body[100:])
-            await slow.writer.drain()
-            assert (await slow.read_answer()).status == 200
+            await finish_slowly(slow, body)
         finally:
             for conn in (slow, huge):
                 conn.close()
@@ -592,29 +592,14 @@ async def test_a_declared_length_past_the_body_limit_is_413_even_at_the_inflight
 async def test_a_compressed_body_is_counted_decompressed_too(database_url: str) -> None:
     """A small gzip body of a large payload reserves its decompressed bytes once
     decompressed: past the limit (with another request holding bytes), 429."""
-    async with running_service(
-        database_url=database_url,
-        role="ingress",
-        max_inflight_bytes=24 * 1024,
-        log_aggregation_window_s=0,
-    ) as svc:
+    async with inflight_limited(database_url) as svc:
         body = payloads.traces(300).SerializeToString()
         assert 12 * 1024 < len(body) <= 24 * 1024
         packed = gzip.compress(body)
         assert len(packed) < 12 * 1024
         slow, other = [await Connection.open(svc) for _ in range(2)]
         try:
-            await slow.send_head(
-                "/v1/traces", {"Content-Type": PROTOBUF, "Content-Length": str(len(body))}
-            )
-            slow.writer.write(body[:100])
-            await slow.writer.drain()
-            inflight = svc.service.inflight
-            assert inflight is not None
-            deadline = asyncio.get_running_loop().time() + 10
-            while inflight.value < len(body):
-                assert asyncio.get_running_loop().time() < deadline, "never reserved"
-                await asyncio.sleep(0.01)
+            inflight = await start_slowly(svc, slow, body)
             # Its compressed bytes fit beside the slow one; its decompressed ones do not.
             refused = await other.request(
                 "/v1/traces",
@@ -627,9 +612,7 @@ async def test_a_compressed_body_is_counted_decompressed_too(database_url: str) 
             )
             assert refused.status == 429
             assert "MAX_INFLIGHT_BYTES" in rpc_status(refused).message
-            slow.writer.write(body[100:])
-            await slow.writer.drain()
-            assert (await slow.read_answer()).status == 200
+            await finish_slowly(slow, body)
             assert inflight.value == 0
             # Alone, the same gzip request fits (a lone request always does).
             alone = await other.request(
