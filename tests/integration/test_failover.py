@@ -19,7 +19,7 @@ import os
 import time
 import uuid
 from collections import Counter
-from collections.abc import Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -245,17 +245,37 @@ def check_answers(outcome: Outcome) -> None:
     assert not twice, f"{len(twice)} records exported more than once"
 
 
+async def failover_outcome(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    *,
+    synchronous: bool,
+    scope: str,
+    before: Callable[[RunningService, list[logging.LogRecord]], Awaitable[None]] | None = None,
+) -> Outcome:
+    """A service on a replica pair (its standby synchronous or not) that said the
+    durability ``scope`` at start-up, failed over under load (:func:`fail_over_under_load`,
+    after ``before``'s checks of the service and its durability_scope events), its
+    answers checked (:func:`check_answers`)."""
+    caplog.set_level(logging.INFO, logger="otelworker")
+    objects = tmp_path / "objects"
+    with replica_pair(synchronous=synchronous) as pair:
+        async with running_service(**service_settings(pair.multi_host_dsn, objects)) as svc:
+            scopes = events(caplog, "durability_scope")
+            assert [r.scope for r in scopes] == [scope]  # type: ignore[attr-defined]
+            if before is not None:
+                await before(svc, scopes)
+            outcome = await fail_over_under_load(pair, svc, objects)
+    check_answers(outcome)
+    return outcome
+
+
 async def test_synchronous_standby_failover_loses_nothing_acknowledged(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, record_property: Any
 ) -> None:
-    caplog.set_level(logging.INFO, logger="otelworker")
-    objects = tmp_path / "objects"
-    with replica_pair(synchronous=True) as pair:
-        async with running_service(**service_settings(pair.multi_host_dsn, objects)) as svc:
-            scope = events(caplog, "durability_scope")
-            assert [r.scope for r in scope] == ["synchronous_replica"]  # type: ignore[attr-defined]
-            outcome = await fail_over_under_load(pair, svc, objects)
-    check_answers(outcome)
+    outcome = await failover_outcome(
+        tmp_path, caplog, synchronous=True, scope="synchronous_replica"
+    )
     assert not outcome.lost, f"{len(outcome.lost)} acknowledged records lost"
     acked = Counter(outcome.ledger.acked)
     assert all(outcome.exported[i] == 1 for i in acked)
@@ -270,25 +290,22 @@ async def test_synchronous_standby_failover_loses_nothing_acknowledged(
 async def test_asynchronous_standby_failover_reports_what_it_lost(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, record_property: Any
 ) -> None:
-    caplog.set_level(logging.INFO, logger="otelworker")
-    objects = tmp_path / "objects"
-    with replica_pair(synchronous=False) as pair:
-        async with running_service(**service_settings(pair.multi_host_dsn, objects)) as svc:
-            # What the docs say: a 2xx is on the primary's disk only.
-            scope = events(caplog, "durability_scope")
-            assert [r.scope for r in scope] == ["single_node"]  # type: ignore[attr-defined]
-            assert scope[0].reason == "no_synchronous_standby_names"  # type: ignore[attr-defined]
-            gauge = svc.service.metrics.durability_scope
-            assert gauge.labels("single_node")._value.get() == 1
-            assert gauge.labels("synchronous_replica")._value.get() == 0
-            # REQUIRE_SYNCHRONOUS_REPLICA refuses readiness on such a server.
-            settings = svc.service.settings
-            svc.service.settings = settings.model_copy(update={"require_synchronous_replica": True})
-            ready, reason = await svc.service.readiness()
-            assert not ready and "REQUIRE_SYNCHRONOUS_REPLICA" in reason, reason
-            svc.service.settings = settings
-            outcome = await fail_over_under_load(pair, svc, objects)
-    check_answers(outcome)
+    async def single_node(svc: RunningService, scope: list[logging.LogRecord]) -> None:
+        # What the docs say: a 2xx is on the primary's disk only.
+        assert scope[0].reason == "no_synchronous_standby_names"  # type: ignore[attr-defined]
+        gauge = svc.service.metrics.durability_scope
+        assert gauge.labels("single_node")._value.get() == 1
+        assert gauge.labels("synchronous_replica")._value.get() == 0
+        # REQUIRE_SYNCHRONOUS_REPLICA refuses readiness on such a server.
+        settings = svc.service.settings
+        svc.service.settings = settings.model_copy(update={"require_synchronous_replica": True})
+        ready, reason = await svc.service.readiness()
+        assert not ready and "REQUIRE_SYNCHRONOUS_REPLICA" in reason, reason
+        svc.service.settings = settings
+
+    outcome = await failover_outcome(
+        tmp_path, caplog, synchronous=False, scope="single_node", before=single_node
+    )
     # On loopback the standby is usually caught up when the primary dies: the loss may
     # be 0 here; it is reported, never asserted to be 0 (nothing promises it).
     assert len(outcome.lost) >= 0
