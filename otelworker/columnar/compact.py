@@ -270,6 +270,18 @@ class Compactor:
         bodies: dict[uuid.UUID, bytes] = {}
         unreadable: list[Source] = []
 
+        def leave_out(source: Source, message: str, reason: str, exc: Exception) -> None:
+            """An object that cannot be compacted: left uncompacted, logged."""
+            unreadable.append(source)
+            log_event(
+                "compact_object_unreadable",
+                message,
+                reason=reason,
+                level=logging.ERROR,
+                object_key=source.object_key,
+                error=str(exc)[:500],
+            )
+
         async def get(source: Source) -> None:
             async with slots:
                 try:
@@ -277,14 +289,11 @@ class Compactor:
                 except ObjectStoreError as exc:
                     if not object_missing(exc):
                         raise
-                    unreadable.append(source)
-                    log_event(
-                        "compact_object_unreadable",
+                    leave_out(
+                        source,
                         "an archived object could not be read; left uncompacted",
-                        reason="object_missing",
-                        level=logging.ERROR,
-                        object_key=source.object_key,
-                        error=str(exc)[:500],
+                        "object_missing",
+                        exc,
                     )
 
         async with asyncio.TaskGroup() as group:
@@ -300,14 +309,11 @@ class Compactor:
                 if bad is None or bad.batch_id not in bodies:
                     raise
                 del bodies[bad.batch_id]
-                unreadable.append(bad)
-                log_event(
-                    "compact_object_unreadable",
+                leave_out(
+                    bad,
                     "an archived object could not be decoded; left uncompacted",
-                    reason="object_corrupt",
-                    level=logging.ERROR,
-                    object_key=bad.object_key,
-                    error=str(exc)[:500],
+                    "object_corrupt",
+                    exc,
                 )
         for file, body in written:
             await self.store.put(file.object_key, body, PARQUET_CONTENT_TYPE, None)

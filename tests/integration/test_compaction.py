@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import logging
 import os
 import random
 import signal as signals
@@ -411,6 +412,35 @@ async def test_the_loop_holds_an_open_hour_until_it_closes_or_fills(
     closed = await c.run_once(now=open_hour + timedelta(hours=1, seconds=301), partial_hours=False)
     assert closed.sources == 2
     await assert_exactly_once(pool, root, seeded)
+
+
+async def test_a_missing_or_corrupt_object_is_left_uncompacted_and_the_rest_compacted(
+    pool: asyncpg.Pool, root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="otelworker")
+    store = LocalObjectStore(root)
+    seeded = Seeded()
+    now = datetime.now(UTC)
+    at = _hour(now) - timedelta(hours=2)
+    await seed(pool, store, seeded, tenant="t", signal="logs", objects=3, records=5, created_at=at)
+    rows = await pool.fetch("SELECT batch_id, object_key FROM export_batches ORDER BY batch_id")
+    missing, corrupt, good = rows
+    (root / missing["object_key"]).unlink()
+    (root / corrupt["object_key"]).write_bytes(b"not an object")
+    result = await compactor(pool, root).run_once(now=now)
+    assert (result.sources, result.unreadable, result.files) == (1, 2, 1)
+    left = await pool.fetch("SELECT batch_id FROM export_batches WHERE compacted_at IS NULL")
+    assert {r["batch_id"] for r in left} == {missing["batch_id"], corrupt["batch_id"]}
+    logged = {
+        (r.reason, r.object_key)  # type: ignore[attr-defined]
+        for r in caplog.records
+        if getattr(r, "event", None) == "compact_object_unreadable"
+    }
+    assert logged == {
+        ("object_missing", missing["object_key"]),
+        ("object_corrupt", corrupt["object_key"]),
+    }
+    assert good["batch_id"] not in {r["batch_id"] for r in left}
 
 
 def test_plan_chunks_cuts_by_hour_and_size() -> None:
