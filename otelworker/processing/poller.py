@@ -7,15 +7,12 @@ import contextlib
 import logging
 import time
 import uuid
-from typing import Any
-
-import asyncpg
 
 from otelworker.exceptions import StagingUnavailable
 from otelworker.logs import AggregatedEvents
 from otelworker.metrics import Metrics
 from otelworker.processing.buffer import Buffer
-from otelworker.staging.database import DB_ERRORS, expire_pool, hold_listening
+from otelworker.staging.database import listen_forever
 from otelworker.staging.queue import QueuePort
 
 CHANNEL = "otelworker_staged"
@@ -117,35 +114,25 @@ class Poller:
     async def listen(self, dsn: str) -> None:
         """Wake the poller on the insert notification (one per group commit)."""
 
-        def on_notify(*_: Any) -> None:
+        def on_notify(_payload: str) -> None:
             self.wake.set()
 
-        while True:
-            conn = None
-            try:
-                conn = await asyncpg.connect(dsn, timeout=10)
-                await conn.add_listener(CHANNEL, on_notify)
-                self.wake.set()  # catch up on what was staged while not listening
-                await hold_listening(conn)
-                reason = "connection_closed"
-            except DB_ERRORS as exc:
-                # Also a multi-host DATABASE_URL finding no primary yet in a failover
-                # (TargetServerAttributeNotMatched, an InternalClientError).
-                reason = type(exc).__name__
-                if isinstance(exc, TimeoutError) and conn is not None:
-                    # The server went silent (a host crash, a partition): the pool's
-                    # connections to it are as silent; replace them too.
-                    await expire_pool(getattr(self.queue, "pool", None))
-            finally:
-                if conn is not None and not conn.is_closed():
-                    with contextlib.suppress(*DB_ERRORS):
-                        await asyncio.shield(conn.close(timeout=2))
-                    if not conn.is_closed():
-                        conn.terminate()
+        def on_lost(reason: str) -> None:
             self.events.emit(
                 "listen_lost",
                 reason,
                 "insert notifications lost; reconnecting (polling meanwhile)",
                 channel=CHANNEL,
             )
-            await asyncio.sleep(self.poll_interval_s)
+
+        # On (re)connecting, a wake-up catches up on what was staged while not listening;
+        # a server gone silent has the queue's pool expired too.
+        await listen_forever(
+            dsn,
+            CHANNEL,
+            on_notify,
+            self.wake.set,
+            retry_s=self.poll_interval_s,
+            pool=getattr(self.queue, "pool", None),
+            on_lost=on_lost,
+        )
