@@ -43,7 +43,7 @@ from isal import igzip
 
 from loadtest.payloads import TraceRequestFactory
 
-# docs/performance.md, "Every row at every size with the flush's checksum check": the
+# docs/performance-history.md, "Every row at every size with the flush's checksum check": the
 # ROLE=ingress 512-span row's service + PostgreSQL CPU per span.
 INGRESS_US_PER_SPAN = 2.14
 TARGET_SPEED = 0.5
