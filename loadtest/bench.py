@@ -18,10 +18,13 @@ load-generator process (:mod:`loadtest.loadgen`: prebuilt OTLP/protobuf requests
 ``--concurrency`` keep-alive connections, closed loop). The rows (``--rows``, default all
 but ``all_2p``):
 
-- ``durable``: ``python -m hypercorn otelworker.app:app``, ROLE=ingress, the backlog cap
-  lifted (nothing drains; the 429 path is the stress harness's);
+- ``durable``: ``python -m otelworker serve`` (uvicorn + httptools + uvloop; every
+  otelworker row is served so, ``SERVICE_ENTRY``), ROLE=ingress, the backlog cap lifted
+  (nothing drains; the 429 path is the stress harness's);
 - ``noop``: a no-op Starlette endpoint on hypercorn (:mod:`loadtest.noop_app`), the
   yardstick every 1-process ratio is taken to;
+- ``noop_uv``: the same no-op on uvicorn + httptools + uvloop, serve's server: each
+  1-process row's ratio to it is printed beside (what durability costs on that server);
 - ``grpc``: a second ROLE=ingress process with GRPC_ENABLED=true (its own database) taking
   the same requests over OTLP/gRPC (``concurrency`` calls in flight over
   ``--grpc-channels`` channels), at the first traces size only; its ratio is to the no-op
@@ -33,8 +36,8 @@ but ``all_2p``):
 - ``rotel``: rotel (``rotel-agent start --exporter blackhole``, from the ``rotel`` wheel)
   with its OTLP/HTTP receiver on a local port: a collector that keeps nothing, the peer a
   user would weigh us against, not a pass mark;
-- ``noop_2p`` and ``durable_2p``: the no-op and ROLE=ingress under ``hypercorn -w 2``
-  (``PROCESSES=2``), the 2-process ratio taken to the 2-process no-op; ``all_2p``
+- ``noop_2p`` and ``durable_2p``: the no-op under ``hypercorn -w 2`` and ROLE=ingress
+  under ``serve --processes 2``, the 2-process ratio taken to the 2-process no-op; ``all_2p``
   (ROLE=all, ``-w 2``) on request.
 
 Request sizes (``--sizes``, default ``100,512,logs8192``): 100-span and 512-span trace
