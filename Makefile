@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip install -q
+MODE   ?= verify
 
 .PHONY: install run test lint format bench soak stress-verify clean
 

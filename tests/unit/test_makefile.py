@@ -53,3 +53,14 @@ def test_the_stamps_compose(tmp_path: Path) -> None:
     (venv / ".installed-run").touch()
     assert _installs("run", venv) == []
     assert _installs("test", venv) == [{"test", "embedded"}]
+
+
+def test_stress_verify_runs_the_ci_safe_mode_by_default(tmp_path: Path) -> None:
+    # .ci/run calls `make stress-verify` with no MODE: it must run the CI-safe harness.
+    out = subprocess.run(
+        ["make", "-n", "-C", str(ROOT), "stress-verify", f"VENV={tmp_path / 'venv'}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert re.search(r"-m loadtest\.stress --mode verify\b", out), out
