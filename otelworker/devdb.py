@@ -503,11 +503,13 @@ class EmbeddedPostgres:
                     check=False,
                 )
                 failed = proc.returncode != 0
+                status = f"exit status {proc.returncode}"
             except subprocess.TimeoutExpired:
                 failed = True
+                status = f"no answer within {_TIMEOUT_S + 30} s"
             if failed:
                 out.seek(0)
                 raise RuntimeError(
-                    f"{what} failed for {self.data_dir}:\n{out.read().strip()}\n"
+                    f"{what} failed for {self.data_dir} ({status}):\n{out.read().strip()}\n"
                     f"--- tail of {self.log_file} ---\n{_tail(self.log_file)}"
                 )

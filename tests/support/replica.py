@@ -135,7 +135,22 @@ class ReplicaPair:
         self.primary.kill()
 
     def promote(self) -> None:
-        self.standby._pg_ctl("promote", "-w", "-t", "60")
+        """Promote the standby and wait until it takes writes.
+
+        By ``pg_promote()`` over SQL, not ``pg_ctl promote -w``: the wheel's pg_ctl was
+        seen to die of SIGSEGV now and then while waiting, right after the primary's kill.
+        """
+        admin = f"postgresql://postgres@127.0.0.1:{self.standby_port}/postgres"
+
+        async def promote() -> None:
+            conn = await asyncpg.connect(admin, timeout=10)
+            try:
+                if not await conn.fetchval("SELECT pg_promote(true, 60)"):
+                    raise RuntimeError("the standby did not promote within 60 s")
+            finally:
+                await conn.close()
+
+        run_async(promote)
 
     def stop(self) -> None:
         for server in (self.standby, self.primary):
