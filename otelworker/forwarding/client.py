@@ -38,14 +38,14 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
-from isal import igzip
+from isal import igzip, isal_zlib
 
 from otelworker import otlp
 from otelworker.archive.split import pieces
@@ -105,7 +105,7 @@ class _Part:
     """One request's body: ``gzipped`` when it is gzip (HTTP sends it so encoded)."""
 
     data: bytes
-    records: int
+    records: int | None  # None: not counted (the object's count is known whole)
     gzipped: bool
 
 
@@ -138,21 +138,82 @@ def _prepare(
     gzip_parts: bool,
 ) -> list[_Part]:
     """CPU work, run in a thread: the object as requests of at most ``max_bytes``
-    (uncompressed), gzip'd when ``gzip_parts``."""
-    raw = _inflate(body, encoding)
-    if len(raw) <= max_bytes:
-        if records is None:
-            records = otlp.count_records(signal, otlp.decode(signal, raw))
-        parts = [(raw, records)]
-    else:
-        message = otlp.decode(signal, raw)
-        del raw
+    (uncompressed), gzip'd when ``gzip_parts``.
+
+    A gzip object is one member per staged request, each a whole serialized request
+    (concatenated, they are the one request of all their resources): members are packed
+    into parts as they are, without decoding; only a member larger than ``max_bytes`` is
+    decoded and split along its resources. A part's record count is taken only when the
+    object's is not given (``records``); else it is counted when a part fails after
+    others went through (:func:`_records_of`)."""
+    raws = list(_gzip_members(body)) if encoding == "gzip" else [_inflate(body, encoding)]
+    parts: list[tuple[bytes, int | None]] = list(_packed(signal, raws, max_bytes))
+    del raws
+    if len(parts) == 1 and records is not None:
+        parts = [(parts[0][0], records)]
+    elif records is None:
         parts = [
-            (piece.body, piece.records) for piece in pieces(signal, message, max_bytes=max_bytes)
+            (data, n if n is not None else otlp.count_records(signal, otlp.decode(signal, data)))
+            for data, n in parts
         ]
     if gzip_parts:
         return [_Part(compress(data, Compression.GZIP), n, True) for data, n in parts]
     return [_Part(data, n, False) for data, n in parts]
+
+
+def _gzip_members(body: bytes) -> Iterator[bytes]:
+    """Each gzip member's decompressed bytes, in order (ISA-L)."""
+    rest = body
+    try:
+        while rest:
+            inflater = isal_zlib.decompressobj(wbits=31)
+            data = inflater.decompress(rest)
+            if not inflater.eof:
+                raise BadPayload("corrupt gzip object: a member is truncated")
+            yield data
+            rest = inflater.unused_data
+    except BadPayload:
+        raise
+    except Exception as exc:  # isal_zlib.error
+        raise BadPayload(f"corrupt gzip object: {exc}") from None
+
+
+def _packed(
+    signal: str, raws: Sequence[bytes], max_bytes: int
+) -> Iterator[tuple[bytes, int | None]]:
+    """Consecutive serialized requests joined into bodies of at most ``max_bytes``
+    (records not counted); one larger than that alone is split along its resources (its
+    pieces counted)."""
+    batch: list[bytes] = []
+    size = 0
+    for raw in raws:
+        if len(raw) > max_bytes:
+            if batch:
+                yield b"".join(batch), None
+                batch, size = [], 0
+            message = otlp.decode(signal, raw)
+            for piece in pieces(signal, message, max_bytes=max_bytes):
+                yield piece.body, piece.records
+            continue
+        if batch and size + len(raw) > max_bytes:
+            yield b"".join(batch), None
+            batch, size = [], 0
+        batch.append(raw)
+        size += len(raw)
+    if batch:
+        yield b"".join(batch), None
+
+
+def _records_of(signal: str, parts: Sequence[_Part]) -> int:
+    """The records in ``parts``, counting (decoding) those not counted yet."""
+    total = 0
+    for part in parts:
+        if part.records is None:
+            data = bytes(igzip.decompress(part.data)) if part.gzipped else part.data  # type: ignore[no-untyped-call]
+            total += otlp.count_records(signal, otlp.decode(signal, data))
+        else:
+            total += part.records
+    return total
 
 
 def _maybe_members(body: bytes) -> bool:
@@ -464,12 +525,15 @@ class DestinationClient:
             return SendResult(
                 Outcome.PERMANENT, "corrupt_object", _bounded(str(exc)), None, 0, 0, 0
             )
-        delivered = rejected = requests = 0
+        rejected = requests = 0
         status, message = "empty", ""
-        for part in parts:
+        for index, part in enumerate(parts):
             answer = await self._transport.post(signal, tenant, part.data, part.gzipped)
             requests += 1
             if answer.outcome is not Outcome.DELIVERED:
+                delivered = (
+                    await asyncio.to_thread(_records_of, signal, parts[:index]) if index else 0
+                )
                 return SendResult(
                     answer.outcome,
                     answer.status,
@@ -479,11 +543,12 @@ class DestinationClient:
                     rejected,
                     requests,
                 )
-            delivered += part.records
             rejected += answer.rejected
             status = answer.status
             message = answer.message or message
-        return SendResult(Outcome.DELIVERED, status, message, None, delivered, rejected, requests)
+        if records is None:
+            records = sum(part.records or 0 for part in parts)  # each counted in _prepare
+        return SendResult(Outcome.DELIVERED, status, message, None, records, rejected, requests)
 
     async def close(self) -> None:
         await self._transport.close()

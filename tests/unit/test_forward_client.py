@@ -29,6 +29,7 @@ from google.rpc import error_details_pb2, status_pb2
 from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
+import otelworker.forwarding.client as client_module
 from otelworker.forwarding.client import (
     MAX_MESSAGE,
     DestinationClient,
@@ -317,6 +318,37 @@ async def test_a_part_not_delivered_ends_the_attempt(fake: HttpFake) -> None:
     assert result.requests == 2  # no part sent after the one refused
     assert result.records == 10  # the first part's
     assert len(fake.received) == 2
+
+
+async def test_an_object_of_many_members_is_packed_by_member_without_decoding(
+    fake: HttpFake, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A batch of staged requests is one gzip member each: past max_request_bytes they are
+    # packed member by member into parts (each member a whole request), not decoded.
+    requests = [spans_request(1, 5, pad=40) for _ in range(9)]
+    obj = stored(*requests)
+    assert members(obj.body) == 9
+    one = len(requests[0].SerializeToString())
+    decoded: list[str] = []
+    real_decode = client_module.otlp.decode
+    monkeypatch.setattr(
+        client_module.otlp, "decode", lambda sig, raw: decoded.append(sig) or real_decode(sig, raw)
+    )
+    result = await send(
+        http_dest(fake, f"max_request_bytes: {3 * one + 10}"), obj, records=obj.records
+    )
+    assert (result.outcome, result.records, result.requests) == (Outcome.DELIVERED, 45, 3)
+    assert decoded == []
+    assert fake.ids() == obj.ids  # every span once, in order
+    assert all(members(got.body) == 1 for got in fake.received)
+
+    # A part refused after others went through: the records delivered are counted then.
+    fake.received.clear()
+    fake.answers = [Answer(), Answer(status=503)]
+    result = await send(
+        http_dest(fake, f"max_request_bytes: {3 * one + 10}"), obj, records=obj.records
+    )
+    assert (result.outcome, result.records, result.requests) == (Outcome.RETRY, 15, 2)
 
 
 async def test_permanent_part_after_split(fake: HttpFake) -> None:
