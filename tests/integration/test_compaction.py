@@ -25,22 +25,19 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import pyarrow.parquet as pq
 import pytest
+from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
-pa = pytest.importorskip("pyarrow")
-pq = pytest.importorskip("pyarrow.parquet")
-
-from opentelemetry.proto.collector.logs.v1 import logs_service_pb2  # noqa: E402
-from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2  # noqa: E402
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2  # noqa: E402
-
-from otelworker.archive.manifest import ArchiveIndex  # noqa: E402
-from otelworker.archive.prune import ORPHAN_MIN_AGE, gc_orphans, prune, prune_parquet  # noqa: E402
-from otelworker.columnar.compact import Compactor, LostRace, plan_chunks  # noqa: E402
-from otelworker.settings import Compression  # noqa: E402
-from otelworker.sinks.base import object_key  # noqa: E402
-from otelworker.sinks.local import LocalObjectStore  # noqa: E402
-from otelworker.staging.database import migrate  # noqa: E402
+from otelworker.archive.manifest import ArchiveIndex
+from otelworker.archive.prune import ORPHAN_MIN_AGE, gc_orphans, prune, prune_parquet
+from otelworker.columnar.compact import Compactor, LostRace, plan_chunks
+from otelworker.settings import Compression
+from otelworker.sinks.base import object_key
+from otelworker.sinks.local import LocalObjectStore
+from otelworker.staging.database import migrate
 
 pytestmark = pytest.mark.integration
 

@@ -865,11 +865,22 @@ async def test_database_cut_answers_503_then_recovers_without_restart(
 # --- HTTP/2 -------------------------------------------------------------------------------------
 
 
-async def test_http2_under_the_hypercorn_entry(service: RunningService, front: str) -> None:
+async def test_http2_under_the_hypercorn_entry(
+    service: RunningService, front: str, database_url: str
+) -> None:
     """h2c (prior knowledge) is the bare hypercorn entry's; serve's uvicorn speaks
-    HTTP/1.1 only (docs/design.md, "The HTTP front")."""
+    HTTP/1.1 only (docs/design.md, "The HTTP front"): there an HTTP/2 preface is refused,
+    never answered as if it were HTTP/1.1, and nothing is staged."""
     if front == "serve":
-        pytest.skip("serve's server (uvicorn) does not speak HTTP/2")
+        async with httpx.AsyncClient(http1=False, http2=True) as h2:
+            with pytest.raises(httpx.HTTPError):
+                await h2.post(
+                    service.endpoint("traces"),
+                    content=trace_request().SerializeToString(),
+                    headers={"content-type": PROTOBUF},
+                )
+        assert await queue_rows(database_url) == []
+        return
     async with httpx.AsyncClient(http1=False, http2=True) as h2:
         response = await h2.post(
             service.endpoint("traces"),

@@ -10,25 +10,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-pa = pytest.importorskip("pyarrow")
-pq = pytest.importorskip("pyarrow.parquet")
-duckdb = pytest.importorskip("duckdb")
-
-from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (  # noqa: E402
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
     ExportLogsServiceRequest,
 )
-from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (  # noqa: E402
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
 )
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (  # noqa: E402
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
 )
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue  # noqa: E402
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
-from otelworker.columnar.convert import go_float, render, to_tables, write_parquet  # noqa: E402
-from otelworker.columnar.schema import (  # noqa: E402
+from otelworker.columnar.convert import go_float, render, to_tables, write_parquet
+from otelworker.columnar.schema import (
     META_SCHEMA_VERSION,
     META_SOURCE_BATCHES,
     SCHEMA_VERSION,
