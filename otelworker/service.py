@@ -233,8 +233,10 @@ class Service:
                     port=port,
                 )
 
-        if destinations is not None:
+        if destinations is not None or s.runs_worker or s.role is Role.COMPACTOR:
             self.store = await open_store(s)
+        if destinations is not None:
+            assert self.store is not None
             self.forwarder = Forwarder(
                 DeliveryQueue(self.pool, s.default_tenant),
                 self.store,
@@ -248,8 +250,7 @@ class Service:
             )
 
         if s.runs_worker:
-            if self.store is None:
-                self.store = await open_store(s)
+            assert self.store is not None
             self.pipeline = Pipeline(s, self.queue, self.store, self.metrics, self.events)
             self.metrics.buffer_depth.set_function(self._buffer_depth)
             if self.backlog is not None:
@@ -276,8 +277,7 @@ class Service:
             # The archive's Parquet copy (docs/query.md); pyarrow checked by the settings.
             from otelworker.columnar.compact import CompactLoop, Compactor
 
-            if self.store is None:
-                self.store = await open_store(s)
+            assert self.store is not None
             compactor = Compactor(
                 self.pool,
                 self.store,
