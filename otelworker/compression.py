@@ -9,6 +9,7 @@ import gzip
 import zstandard
 from isal import igzip, isal_zlib
 
+from otelworker import gzjoin
 from otelworker.settings import Compression
 
 # How a staged payload is stored, per S3_COMPRESSION (the payload_encoding column).
@@ -27,10 +28,9 @@ def compress(data: bytes, compression: Compression, level: int | None = None) ->
     if compression is Compression.GZIP:
         # ISA-L writes the same gzip format about five times faster than zlib at level 1
         # (0.85 vs 4.3 ms for a batch of 25 x 26 KB) and releases the GIL.
-        level = level or 1
-        if level <= ISAL_MAX_LEVEL:
-            return igzip.compress(data, compresslevel=level, mtime=0)
-        return gzip.compress(data, compresslevel=level, mtime=0)
+        # A joinable member (otelworker/gzjoin.py): the flush joins an object's payloads
+        # into one member, indexed, instead of concatenating members.
+        return gzjoin.piece(data, level or 1)
     if compression is Compression.ZSTD:
         # The frame declares its content size: a reader can check it without decoding.
         return zstandard.ZstdCompressor(level=level or 3, write_content_size=True).compress(data)

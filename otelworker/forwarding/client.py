@@ -8,19 +8,22 @@ It never retries: the forwarder owns retries, backoff and leases; :class:`SendRe
 says what the destination answered and whether to retry.
 
 The fast path: over HTTP with gzip, an object stored gzip'd and no larger than
-``max_request_bytes`` is POSTed as it is stored, ``Content-Encoding: gzip`` (concatenated
-requests are one request): nothing is decompressed, decoded or compressed. That holds
-for an object of one gzip member, and for any object when the destination says
-``gzip_members: many`` (it reads every member of a concatenated gzip body, as RFC 1952
-allows and Go's reader does). Otherwise (the default, ``one``: some receivers, rotel
-among them, read only the first member and drop the rest, answering 200) an object of
-several members is decompressed and compressed again as one (ISA-L, in a thread: about
-0.5 us per span), not decoded. gRPC compresses each message
-itself, so an object is decompressed once (not decoded) and handed to grpc as bytes.
-An object larger than ``max_request_bytes`` is decoded and cut along resources by the
-replay's splitter (:func:`otelworker.archive.split.pieces`); then each part is sent in
-order, and the first part not delivered ends the attempt (the forwarder sends the whole
-object again: the parts before it are delivered twice, as at-least-once allows).
+``max_request_bytes`` is POSTed as it is stored, ``Content-Encoding: gzip``: nothing is
+decompressed, decoded or compressed. The flush writes a gzip object as ONE member with an
+index of its staged requests (otelworker/gzjoin.py), which every receiver reads; an
+object larger than ``max_request_bytes`` is cut along that index into runs of whole
+requests, each written out as a gzip member of its own, again without inflating or
+deflating (a staged request larger than the limit alone is inflated and cut along its
+resources by the replay's splitter, :func:`otelworker.archive.split.pieces`). An object
+written before the index (concatenated members, one per staged request) goes as stored
+when the destination says ``gzip_members: many`` (it reads every member, as RFC 1952
+allows and Go's reader does); else (the default, ``one``: some receivers, rotel among
+them, read only the first member and drop the rest, answering 200) its members are
+inflated and compressed again as one (ISA-L, in a thread), not decoded. gRPC compresses
+each message itself, so an object is decompressed (not decoded) and handed to grpc as
+bytes. The parts of an object are sent in order, and the first part not delivered ends
+the attempt (the forwarder sends the whole object again: the parts before it are
+delivered twice, as at-least-once allows).
 
 Classification, as the OTLP spec and the Collector's exporters: HTTP 2xx is delivered
 (its ``partial_success`` rejected records counted, not retried); 429, 502, 503, 504 and
@@ -47,7 +50,7 @@ from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 from isal import igzip, isal_zlib
 
-from otelworker import otlp
+from otelworker import gzjoin, otlp
 from otelworker.archive.split import pieces
 from otelworker.compression import compress, decompress_object
 from otelworker.exceptions import BadPayload
@@ -140,13 +143,27 @@ def _prepare(
     """CPU work, run in a thread: the object as requests of at most ``max_bytes``
     (uncompressed), gzip'd when ``gzip_parts``.
 
-    A gzip object is one member per staged request, each a whole serialized request
-    (concatenated, they are the one request of all their resources): members are packed
-    into parts as they are, without decoding; only a member larger than ``max_bytes`` is
-    decoded and split along its resources. A part's record count is taken only when the
-    object's is not given (``records``); else it is counted when a part fails after
-    others went through (:func:`_records_of`)."""
-    raws = list(_gzip_members(body)) if encoding == "gzip" else [_inflate(body, encoding)]
+    An indexed gzip object (otelworker/gzjoin.py) going out as gzip is cut into runs of
+    its entries (:func:`_runs`). Otherwise the object's staged requests (an index's
+    entries inflated, or an older object's members: each a whole serialized request;
+    concatenated, they are the one request of all their resources) are packed into parts
+    as they are, without decoding; only one larger than ``max_bytes`` is decoded and split
+    along its resources. A part's record count is taken only when the object's is not
+    given (``records``) and the index does not give it; else it is counted when a part
+    fails after others went through (:func:`_records_of`)."""
+    entries = gzjoin.index(body) if encoding == "gzip" else None
+    if entries is not None and gzip_parts:
+        return list(_runs(signal, body, entries, max_bytes))
+    raws: list[tuple[bytes, int | None]]
+    if entries is not None:
+        try:
+            raws = [(gzjoin.inflate(body, entry), entry.records) for entry in entries]
+        except Exception as exc:  # isal_zlib.error, ValueError
+            raise BadPayload(f"corrupt gzip object: {exc}") from None
+    elif encoding == "gzip":
+        raws = [(raw, None) for raw in _gzip_members(body)]
+    else:
+        raws = [(_inflate(body, encoding), None)]
     parts: list[tuple[bytes, int | None]] = list(_packed(signal, raws, max_bytes))
     del raws
     if len(parts) == 1 and records is not None:
@@ -179,29 +196,65 @@ def _gzip_members(body: bytes) -> Iterator[bytes]:
 
 
 def _packed(
-    signal: str, raws: Sequence[bytes], max_bytes: int
+    signal: str, raws: Sequence[tuple[bytes, int | None]], max_bytes: int
 ) -> Iterator[tuple[bytes, int | None]]:
-    """Consecutive serialized requests joined into bodies of at most ``max_bytes``
-    (records not counted); one larger than that alone is split along its resources (its
-    pieces counted)."""
+    """Consecutive serialized requests (with their records, when known) joined into
+    bodies of at most ``max_bytes`` (records counted when every one's is known); one
+    larger than that alone is split along its resources (its pieces counted)."""
     batch: list[bytes] = []
     size = 0
-    for raw in raws:
+    records: int | None = 0
+    for raw, n in raws:
         if len(raw) > max_bytes:
             if batch:
-                yield b"".join(batch), None
-                batch, size = [], 0
-            message = otlp.decode(signal, raw)
-            for piece in pieces(signal, message, max_bytes=max_bytes):
-                yield piece.body, piece.records
+                yield b"".join(batch), records
+                batch, size, records = [], 0, 0
+            yield from _split(signal, raw, max_bytes)
             continue
         if batch and size + len(raw) > max_bytes:
-            yield b"".join(batch), None
-            batch, size = [], 0
+            yield b"".join(batch), records
+            batch, size, records = [], 0, 0
         batch.append(raw)
         size += len(raw)
+        records = None if records is None or n is None else records + n
     if batch:
-        yield b"".join(batch), None
+        yield b"".join(batch), records
+
+
+def _split(signal: str, raw: bytes, max_bytes: int) -> Iterator[tuple[bytes, int]]:
+    """One serialized request larger than ``max_bytes`` cut along its resources."""
+    for piece in pieces(signal, otlp.decode(signal, raw), max_bytes=max_bytes):
+        yield piece.body, piece.records
+
+
+def _runs(
+    signal: str, body: bytes, entries: Sequence[gzjoin.Entry], max_bytes: int
+) -> Iterator[_Part]:
+    """An indexed gzip object (otelworker/gzjoin.py) as gzip requests of at most
+    ``max_bytes`` uncompressed: runs of consecutive entries, each cut out as a gzip member
+    of its own, nothing inflated or deflated; only an entry larger than ``max_bytes`` is
+    inflated and split along its resources."""
+    run: list[gzjoin.Entry] = []
+    size = 0
+    for entry in entries:
+        if entry.raw > max_bytes:
+            if run:
+                yield _Part(gzjoin.member(body, run), sum(e.records for e in run), True)
+                run, size = [], 0
+            try:
+                raw = gzjoin.inflate(body, entry)
+            except Exception as exc:  # isal_zlib.error, ValueError
+                raise BadPayload(f"corrupt gzip object: {exc}") from None
+            for data, n in _split(signal, raw, max_bytes):
+                yield _Part(compress(data, Compression.GZIP), n, True)
+            continue
+        if run and size + entry.raw > max_bytes:
+            yield _Part(gzjoin.member(body, run), sum(e.records for e in run), True)
+            run, size = [], 0
+        run.append(entry)
+        size += entry.raw
+    if run:
+        yield _Part(gzjoin.member(body, run), sum(e.records for e in run), True)
 
 
 def _records_of(signal: str, parts: Sequence[_Part]) -> int:
@@ -483,9 +536,10 @@ class DestinationClient:
         if not self._http or raw_bytes > d.max_request_bytes:
             return None
         if encoding == "gzip" and d.compression == "gzip":
-            if d.gzip_members == "many" or not _maybe_members(body):
+            # One member (indexed, otelworker/gzjoin.py), or members the destination reads.
+            if gzjoin.index(body) is not None or d.gzip_members == "many":
                 return True
-            return None
+            return None if _maybe_members(body) else True
         if encoding in (None, "identity") and d.compression == "none":
             return False
         return None

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from otelworker import otlp
+from otelworker import gzjoin, otlp
 from otelworker.compression import ENCODING, checksum, compress, decompress
 from otelworker.exceptions import (
     BadPayload,
@@ -59,12 +59,19 @@ def prepare(
     by the CRC-32 of its stored bytes taken when it was staged (migration 0005), or, for a
     row staged before, decompressed (the codec's CRC and the size). Rows staged in another
     codec are recompressed; rows staged before the door kept their facts (migration 0003)
-    are decoded as before.
+    are decoded as before. Gzip payloads staged as joinable members (every one since
+    otelworker/gzjoin.py) are joined into one member with an index of its pieces; a
+    batch with one staged before is concatenated members, as then.
     """
     target = ENCODING[compression]
     good: list[int] = []
     poison: list[tuple[int, str]] = []
     pieces: list[bytes] = []
+    # Each piece's deflate fragment, CRC-32, raw bytes and records while every one is a
+    # joinable gzip member (otelworker/gzjoin.py); None once one is not.
+    fragments: list[tuple[memoryview, int, int, int]] | None = (
+        [] if compression is Compression.GZIP else None
+    )
     names: set[str] = set()
     low: int | None = None
     high: int | None = None
@@ -112,6 +119,12 @@ def prepare(
             continue
         good.append(item.id)
         pieces.append(piece)
+        if fragments is not None:
+            joinable = gzjoin.fragment(piece)
+            if joinable is None or joinable[2] != size & 0xFFFFFFFF:
+                fragments = None
+            else:
+                fragments.append((joinable[0], joinable[1], size, item.record_count))
         records += item.record_count
         raw_bytes += size
         names.update(services)
@@ -121,7 +134,7 @@ def prepare(
     return Prepared(
         good=good,
         poison=poison,
-        body=b"".join(pieces),
+        body=gzjoin.join(fragments) if fragments else b"".join(pieces),
         raw_bytes=raw_bytes,
         record_count=records,
         min_time=_ns_to_dt(low) if low is not None else None,

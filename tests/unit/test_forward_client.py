@@ -30,6 +30,8 @@ from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 import otelworker.forwarding.client as client_module
+from otelworker import gzjoin
+from otelworker.compression import compress
 from otelworker.forwarding.client import (
     MAX_MESSAGE,
     DestinationClient,
@@ -38,6 +40,7 @@ from otelworker.forwarding.client import (
     make_client,
 )
 from otelworker.forwarding.destinations import Destination, parse_destinations
+from otelworker.settings import Compression
 from tests.support import free_port
 from tests.support.objects import record_ids
 from tests.support.pki import Pki, make_pki
@@ -86,6 +89,21 @@ def stored(*requests: Any, encoding: str = "gzip") -> Stored:
         body = b"".join(zstandard.ZstdCompressor().compress(raw) for raw in raws)
     else:
         body = b"".join(raws)
+    ids = [i for r in requests for i in record_ids("traces", r)]
+    return Stored(body, b"".join(raws), ids, len(ids))
+
+
+def indexed(*requests: Any) -> Stored:
+    """An archived object as the flush writes it now: the staged requests' joinable
+    members joined into one gzip member, indexed (otelworker/gzjoin.py)."""
+    raws = [r.SerializeToString() for r in requests]
+    counts = [len(record_ids("traces", r)) for r in requests]
+    parts = []
+    for raw, n in zip(raws, counts, strict=True):
+        fragment = gzjoin.fragment(compress(raw, Compression.GZIP, 1))
+        assert fragment is not None
+        parts.append((fragment[0], fragment[1], fragment[2], n))
+    body = gzjoin.join(parts)
     ids = [i for r in requests for i in record_ids("traces", r)]
     return Stored(body, b"".join(raws), ids, len(ids))
 
@@ -349,6 +367,68 @@ async def test_an_object_of_many_members_is_packed_by_member_without_decoding(
         http_dest(fake, f"max_request_bytes: {3 * one + 10}"), obj, records=obj.records
     )
     assert (result.outcome, result.records, result.requests) == (Outcome.RETRY, 15, 2)
+
+
+async def test_an_indexed_object_goes_as_stored_by_default(fake: HttpFake) -> None:
+    obj = indexed(spans_request(2, 5), spans_request(1, 3), spans_request(1, 1))
+    assert members(obj.body) == 1
+    result = await send(http_dest(fake), obj, records=obj.records)
+    assert (result.outcome, result.records, result.requests) == (Outcome.DELIVERED, 14, 1)
+    assert fake.received[0].body == obj.body  # one member already: nothing re-framed
+    assert fake.ids() == obj.ids
+
+
+async def test_an_indexed_object_is_cut_into_members_without_inflating(
+    fake: HttpFake, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past max_request_bytes an indexed object is cut into runs of whole staged
+    requests, each written out as a gzip member of its own: nothing inflated, deflated
+    or decoded, and the records of a part come from the index."""
+    requests = [spans_request(1, 5, pad=40) for _ in range(9)]
+    obj = indexed(*requests)
+    one = len(requests[0].SerializeToString())
+    calls: list[str] = []
+    for module, name in [
+        (client_module.otlp, "decode"),
+        (client_module.gzjoin, "inflate"),
+        (client_module, "compress"),
+        (client_module.igzip, "decompress"),
+    ]:
+        real = getattr(module, name)
+        monkeypatch.setattr(
+            module, name, lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k)
+        )
+    d = http_dest(fake, f"max_request_bytes: {3 * one + 10}")
+    result = await send(d, obj, records=obj.records)
+    assert (result.outcome, result.records, result.requests) == (Outcome.DELIVERED, 45, 3)
+    assert calls == []
+    assert fake.ids() == obj.ids  # every span once, in order
+    for got in fake.received:
+        assert members(got.body) == 1
+        assert len(gzip.decompress(got.body)) <= 3 * one + 10
+
+    # A part refused after others went through: its predecessors' records, from the index.
+    fake.received.clear()
+    fake.answers = [Answer(), Answer(status=503)]
+    result = await send(d, obj, records=obj.records)
+    assert (result.outcome, result.records, result.requests) == (Outcome.RETRY, 15, 2)
+    assert calls == []
+
+
+async def test_an_indexed_entry_larger_than_the_limit_is_split_along_its_resources(
+    fake: HttpFake,
+) -> None:
+    big = spans_request(4, 10, pad=40)
+    obj = indexed(spans_request(1, 2), big, spans_request(1, 3))
+    limit = len(big.SerializeToString()) // 3 + 50
+    result = await send(http_dest(fake, f"max_request_bytes: {limit}"), obj, records=obj.records)
+    assert result.outcome is Outcome.DELIVERED
+    assert result.records == obj.records == 45
+    assert sorted(fake.ids()) == sorted(obj.ids)
+    assert len(fake.ids()) == len(obj.ids)
+    for got in fake.received:
+        assert members(got.body) == 1
+        assert len(gzip.decompress(got.body)) <= limit
 
 
 async def test_permanent_part_after_split(fake: HttpFake) -> None:
@@ -733,6 +813,15 @@ async def test_grpc_tenant_header_override_and_none(grpc_fake: GrpcServer) -> No
     assert grpc_fake.fake.metadata[-1]["x-scope-orgid"] == "fixed"
     await send(grpc_dest(grpc_fake, 'tenant_header: ""'), stored(spans_request(1, 1)))
     assert "x-scope-orgid" not in grpc_fake.fake.metadata[-1]
+
+
+async def test_grpc_indexed_object_packed_by_entry(grpc_fake: GrpcServer) -> None:
+    requests = [spans_request(1, 5, pad=40) for _ in range(6)]
+    obj = indexed(*requests)
+    limit = 2 * len(requests[0].SerializeToString()) + 10
+    result = await send(grpc_dest(grpc_fake, f"max_request_bytes: {limit}"), obj)
+    assert (result.outcome, result.records, result.requests) == (Outcome.DELIVERED, 30, 3)
+    assert grpc_fake.fake.ids() == obj.ids
 
 
 async def test_grpc_split(grpc_fake: GrpcServer) -> None:

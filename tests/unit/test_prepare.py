@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gzip
 
-from otelworker import otlp
+from isal import igzip, isal_zlib
+
+from otelworker import gzjoin, otlp
 from otelworker.compression import checksum, compress
 from otelworker.processing.export import prepare
 from otelworker.settings import Compression
@@ -16,6 +18,34 @@ def _staged(item_id: int, raw: bytes, *, crc: bool = True) -> Claimed:
     stored = compress(raw, Compression.GZIP, 1)
     facts = Facts("gzip", len(raw), 1, 2, ("svc",), checksum(stored) if crc else None)
     return Claimed(item_id, "traces", stored, 1, 0, facts)
+
+
+def _members(body: bytes) -> int:
+    count = 0
+    while body:
+        inflater = isal_zlib.decompressobj(wbits=31)
+        inflater.decompress(body)
+        assert inflater.eof
+        body = inflater.unused_data
+        count += 1
+    return count
+
+
+def test_a_row_staged_before_joinable_members_makes_the_object_concatenated_members() -> None:
+    """A payload staged by an older version (a plain gzip member) cannot be joined: the
+    batch's object is its members concatenated, as objects were then, with no index."""
+    raws = [span_request([bytes([n]) * 8], service_name="svc") for n in range(1, 4)]
+    items = [_staged(n, raw) for n, raw in enumerate(raws)]
+    old = igzip.compress(raws[1], 1, mtime=0)
+    items[1] = Claimed(
+        1, "traces", old, 1, 0, Facts("gzip", len(raws[1]), 1, 2, ("svc",), checksum(old))
+    )
+    prepared = prepare("traces", items, Compression.GZIP, 1)
+    assert prepared.good == [0, 1, 2]
+    assert gzjoin.index(prepared.body) is None
+    assert prepared.body == b"".join(item.payload for item in items)
+    assert _members(prepared.body) == 3
+    assert gzip.decompress(prepared.body) == b"".join(raws)
 
 
 def test_rows_with_a_checksum_are_joined_unchanged_and_a_changed_one_goes_dead_alone() -> None:
@@ -30,8 +60,15 @@ def test_rows_with_a_checksum_are_joined_unchanged_and_a_changed_one_goes_dead_a
     assert prepared.good == [0, 1, 3]
     assert [item_id for item_id, _ in prepared.poison] == [2]
     assert "checksum" in prepared.poison[0][1]
-    # The object is the stored members joined as they were staged, byte for byte.
-    assert prepared.body == b"".join(items[i].payload for i in (0, 1, 3))
+    # The object is one gzip member: the stored deflate data joined as it was staged,
+    # byte for byte, and indexed by staged request.
+    entries = gzjoin.index(prepared.body)
+    assert entries is not None and [e.records for e in entries] == [1, 1, 1]
+    for entry, i in zip(entries, (0, 1, 3), strict=True):
+        fragment = gzjoin.fragment(items[i].payload)
+        assert fragment is not None
+        assert prepared.body[entry.start : entry.start + entry.size] == bytes(fragment[0])
+    assert _members(prepared.body) == 1
     assert gzip.decompress(prepared.body) == raws[0] + raws[1] + raws[3]
     message = otlp.decode("traces", gzip.decompress(prepared.body))
     assert otlp.count_records("traces", message) == 3
