@@ -3,7 +3,7 @@
     python -m loadtest.bench forward                     # 100 and 512 spans, both rows
     python -m loadtest.bench forward --duration 5 --warmup 2 --rounds 1 --forward-sizes 512
 
-Two ``python -m hypercorn otelworker.app:app`` processes with ``ROLE=all`` on databases
+Two ``python -m otelworker serve`` processes (as deployed) with ``ROLE=all`` on databases
 and buckets of their own (S3 as the ``all`` row has it): ``all`` (no destination) and
 ``all_fwd`` (``DESTINATIONS_FILE`` naming one OTLP/HTTP destination, the no-op receiver
 :mod:`loadtest.noop_receiver` in a third process: it decompresses and counts, keeps
@@ -432,7 +432,10 @@ async def bench_forward(ctx: Context) -> dict[str, Any]:
             elif name == MANY_ROW:
                 settings["DESTINATIONS_FILE"] = str(many_file)
             proc = provision.AppProcess(
-                "otelworker.app:app", settings=settings, log_path=ctx.workdir / f"{name}.log"
+                "otelworker.app:app",
+                settings=settings,
+                log_path=ctx.workdir / f"{name}.log",
+                entry="serve",
             )
             rows.append(Row(name, proc, dsn, pg_pid, receiver.pid))
         try:
