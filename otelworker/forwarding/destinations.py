@@ -29,14 +29,14 @@ gRPC: the endpoint is ``host:port`` (TLS when ``tls`` is given) or ``http://host
 target ``host:port``, and ``tls`` is not None exactly when the channel uses TLS.
 HTTP: TLS is the URL's scheme's; ``tls`` configures the https URLs.
 
-``gzip_members`` (HTTP with gzip): an archived object is as many gzip members back to
-back as the flush joined payloads. RFC 1952 makes that one valid gzip body, and Go's
-reader (the Collector, Tempo, Loki, Mimir, Jaeger) and otelworker read every member:
-``many`` sends objects as stored, nothing decompressed or compressed. But some receivers
-read only the first member and drop the rest while answering 200 (rotel does: Rust's
-single-member ``GzDecoder``), so the default, ``one``, compresses such an object again
-as one member (ISA-L: about half a microsecond per span); an object of one member goes
-as stored either way.
+``gzip_members`` (HTTP with gzip) matters only for objects written before joinable
+members (otelworker/gzjoin.py; those written since are one gzip member, indexed, and go
+as stored): such an object is as many gzip members back to back as the flush joined
+payloads. RFC 1952 makes that one valid gzip body, and Go's reader (the Collector,
+Tempo, Loki, Mimir, Jaeger) and otelworker read every member: ``many`` sends them as
+stored. But some receivers read only the first member and drop the rest while answering
+200 (rotel does: Rust's single-member ``GzDecoder``), so the default, ``one``, compresses
+such an object again as one member (ISA-L: about half a microsecond per span).
 
 :class:`DestinationsFile` re-reads the file when it changes (checked at most once a
 second); a version that does not load leaves the last good one in force and logs one
