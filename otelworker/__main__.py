@@ -179,7 +179,7 @@ otelworker requeue-dead --signal logs --limit 1000""",
     )
     requeue.add_argument(
         "--limit",
-        type=int,
+        type=archive_cli.positive_int,
         default=1_000_000,
         metavar="N",
         help="at most N items (default 1000000)",

@@ -58,6 +58,11 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1 (else a usage error, exit 2)."""
+    return int(_argtype(_positive_int)(text))
+
+
 def _orphan_age_s(text: str) -> float:
     """gc-orphans' age: prune's least age for an orphan, an hour, or more."""
     value = float(text)

@@ -66,3 +66,20 @@ def test_each_command_is_documented_with_its_exit_status(command: str) -> None:
     (section,) = found
     assert "Exit status" in section, command
     assert re.search(r"^\| `0` \|", section, flags=re.MULTILINE), command
+
+
+@pytest.mark.parametrize("limit", ["0", "-5", "many"])
+def test_requeue_dead_limit_below_one_is_a_usage_error(limit: str) -> None:
+    """`--limit 0` (or a negative) would requeue nothing, or everything: a usage error
+    naming the flag, exit 2, before any database is touched."""
+    done = subprocess.run(
+        [sys.executable, "-m", "otelworker", "requeue-dead", "--limit", limit],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env={**os.environ, "DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"},
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "--limit" in done.stderr
