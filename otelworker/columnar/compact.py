@@ -296,9 +296,14 @@ class Compactor:
                         exc,
                     )
 
-        async with asyncio.TaskGroup() as group:
-            for source in chunk.sources:
-                group.create_task(get(source))
+        try:
+            async with asyncio.TaskGroup() as group:
+                for source in chunk.sources:
+                    group.create_task(get(source))
+        except* ObjectStoreError as failed:
+            # A store outage fails the pass as one ObjectStoreError (the loop retries it
+            # at the next interval), not as an ExceptionGroup that would end the loop.
+            raise failed.exceptions[0] from None
         while True:
             try:
                 written = await asyncio.to_thread(convert_chunk, chunk, bodies, self.prefix)
