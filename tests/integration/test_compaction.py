@@ -3,200 +3,52 @@ one recorded Parquet file, reruns add nothing, late arrivals go to a later file,
 compactors and SIGKILLed ones never duplicate or lose a row (their files are orphans
 that gc-orphans removes, and gc-orphans never takes a recorded one), prune --parquet.
 
-The manifest is seeded directly (objects written in the archive's layout, rows inserted
-with chosen arrival times) so that windows and hours are the test's to choose.
+The manifest is seeded directly (tests/support/compaction.py: objects written in the
+archive's layout, rows inserted with chosen arrival times) so that windows and hours are
+the test's to choose.
 """
 
 from __future__ import annotations
 
 import asyncio
-import gzip
 import logging
-import os
 import random
 import signal as signals
-import sys
 import uuid
-from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import pyarrow.parquet as pq
 import pytest
-from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
-from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
 from otelworker.archive.manifest import ArchiveIndex
 from otelworker.archive.prune import ORPHAN_MIN_AGE, gc_orphans, prune, prune_parquet
 from otelworker.columnar.compact import Compactor, LostRace, plan_chunks
-from otelworker.settings import Compression
-from otelworker.sinks.base import object_key
 from otelworker.sinks.local import LocalObjectStore
-from otelworker.staging.database import migrate
+from tests.support.compaction import (
+    NS,
+    PREFIX,
+    Seeded,
+    assert_exactly_once,
+    compact_env,
+    compacted_count,
+    hour_of,
+    migrated_pool,
+    recorded,
+    seed,
+    start_compact,
+    until_all_compacted,
+)
 
 pytestmark = pytest.mark.integration
-
-PREFIX = "otel"
-NS = 1_767_225_600 * 10**9  # data time: 2026-01-01T00:00:00Z
-
-
-@dataclass
-class Seeded:
-    """What the test put in the archive: per (tenant, signal), the record ids."""
-
-    ids: dict[tuple[str, str], list[str]] = field(default_factory=dict)
-    batches: list[uuid.UUID] = field(default_factory=list)
-
-    def add(self, tenant: str, signal: str, ids: list[str]) -> None:
-        self.ids.setdefault((tenant, signal), []).extend(ids)
-
-
-_counter = iter(range(1, 10**9))
-
-
-def _request(signal: str, records: int, service: str) -> tuple[Any, list[str]]:
-    """A request of ``records`` records, each with a unique id (span id; a log record's
-    span id; a gauge point's attribute ``n``)."""
-    ids: list[str] = []
-    if signal == "traces":
-        req: Any = trace_service_pb2.ExportTraceServiceRequest()
-        rs = req.resource_spans.add()
-        rs.resource.attributes.add(key="service.name").value.string_value = service
-        ss = rs.scope_spans.add()
-        for _ in range(records):
-            n = next(_counter)
-            span = ss.spans.add(
-                name="op", start_time_unix_nano=NS + n, end_time_unix_nano=NS + n + 5
-            )
-            span.trace_id = n.to_bytes(16, "big")
-            span.span_id = n.to_bytes(8, "big")
-            span.attributes.add(key="k").value.int_value = n
-            ids.append(span.span_id.hex())
-    elif signal == "logs":
-        req = logs_service_pb2.ExportLogsServiceRequest()
-        rl = req.resource_logs.add()
-        rl.resource.attributes.add(key="service.name").value.string_value = service
-        sl = rl.scope_logs.add()
-        for _ in range(records):
-            n = next(_counter)
-            rec = sl.log_records.add(time_unix_nano=NS + n, severity_text="INFO")
-            rec.span_id = n.to_bytes(8, "big")
-            rec.body.string_value = f"line {n}"
-            ids.append(rec.span_id.hex())
-    else:
-        req = metrics_service_pb2.ExportMetricsServiceRequest()
-        rm = req.resource_metrics.add()
-        rm.resource.attributes.add(key="service.name").value.string_value = service
-        metric = rm.scope_metrics.add().metrics.add(name="g")
-        for _ in range(records):
-            n = next(_counter)
-            p = metric.gauge.data_points.add(time_unix_nano=NS + n, as_double=float(n))
-            p.attributes.add(key="n").value.string_value = str(n)
-            ids.append(str(n))
-    return req, ids
-
-
-async def seed(
-    pool: asyncpg.Pool,
-    store: LocalObjectStore,
-    seeded: Seeded,
-    *,
-    tenant: str,
-    signal: str,
-    objects: int,
-    records: int,
-    created_at: datetime,
-    service: str = "checkout",
-) -> None:
-    """``objects`` archived objects of ``records`` records, arrived at ``created_at``."""
-    for _ in range(objects):
-        req, ids = _request(signal, records, service)
-        raw = req.SerializeToString()
-        body = gzip.compress(raw)
-        batch_id = uuid.uuid4()
-        key = object_key(PREFIX, signal, batch_id, created_at, Compression.GZIP, tenant)
-        await store.put(key, body, "application/x-protobuf", "gzip")
-        await pool.execute(
-            "INSERT INTO export_batches (batch_id, signal, object_key, item_count, record_count,"
-            " compressed_bytes, raw_bytes, min_time, max_time, service_names, created_at, tenant)"
-            " VALUES ($1, $2, $3, 1, $4, $5, $6, $7, $7, $8, $9, $10)",
-            batch_id,
-            signal,
-            key,
-            len(ids),
-            len(body),
-            len(raw),
-            datetime.fromtimestamp(NS / 1e9, UTC),
-            [service],
-            created_at,
-            tenant,
-        )
-        seeded.add(tenant, signal, ids)
-        seeded.batches.append(batch_id)
-
-
-_ID_COLUMN = {"otel_traces": "SpanId", "otel_logs": "SpanId"}
-
-
-def _record_ids(path: Path, table_name: str) -> list[str]:
-    table = pq.read_table(path)
-    if table_name in _ID_COLUMN:
-        return [str(v) for v in table.column(_ID_COLUMN[table_name]).to_pylist()]
-    return [dict(a)["n"] for a in table.column("Attributes").to_pylist()]
-
-
-_SIGNAL_OF = {"otel_traces": "traces", "otel_logs": "logs", "otel_metrics_gauge": "metrics"}
-
-
-async def recorded(pool: asyncpg.Pool, root: Path) -> dict[tuple[str, str], list[str]]:
-    """The record ids in the recorded files, per (tenant, signal), read from the files."""
-    out: dict[tuple[str, str], list[str]] = {}
-    for row in await pool.fetch(
-        "SELECT tenant, table_name, object_key, row_count FROM parquet_files"
-    ):
-        ids = _record_ids(root / row["object_key"], row["table_name"])
-        assert len(ids) == row["row_count"], row["object_key"]
-        out.setdefault((row["tenant"], _SIGNAL_OF[row["table_name"]]), []).extend(ids)
-    return out
-
-
-async def assert_exactly_once(pool: asyncpg.Pool, root: Path, seeded: Seeded) -> None:
-    """Every seeded record in exactly one recorded file; every source batch compacted and
-    named by exactly one file per table; the rows of its files = its record counts."""
-    found = await recorded(pool, root)
-    for key, ids in seeded.ids.items():
-        got = found.get(key, [])
-        duplicated = [i for i, c in Counter(got).items() if c > 1]
-        assert not duplicated, (key, duplicated[:5])
-        assert sorted(got) == sorted(ids), (key, len(got), len(ids))
-    assert set(found) <= set(seeded.ids)
-    uncompacted = await pool.fetchval(
-        "SELECT count(*) FROM export_batches WHERE compacted_at IS NULL"
-    )
-    assert uncompacted == 0
-    named = await pool.fetch("SELECT table_name, unnest(source_batches) AS b FROM parquet_files")
-    per = Counter((r["table_name"], r["b"]) for r in named)
-    assert all(c == 1 for c in per.values()), [k for k, c in per.items() if c > 1][:5]
-    assert {b for _, b in per} == set(seeded.batches)
 
 
 @pytest.fixture
 async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    conn = await asyncpg.connect(database_url)
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
-    p = await asyncpg.create_pool(database_url, min_size=1, max_size=6)
-    try:
+    async with migrated_pool(database_url) as p:
         yield p
-    finally:
-        await p.close()
 
 
 @pytest.fixture
@@ -208,59 +60,13 @@ def compactor(pool: asyncpg.Pool, root: Path, target: int = 128 * 1024**2) -> Co
     return Compactor(pool, LocalObjectStore(root), prefix=PREFIX, grace_s=300, target_bytes=target)
 
 
-def _hour(at: datetime) -> datetime:
-    return at.replace(minute=0, second=0, microsecond=0)
-
-
-def compact_env(database_url: str, root: Path, **settings: str) -> dict[str, str]:
-    """The environment of a ``python -m otelworker compact``: no OTEL_ or S3_ setting of
-    the caller's, this test's database and object directory, plus ``settings``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "S3_"))}
-    env.update(DATABASE_URL=database_url, LOCAL_OBJECT_DIR=str(root), S3_PREFIX=PREFIX)
-    env.update(settings)
-    return env
-
-
-async def start_compact(env: dict[str, str], cwd: Path, *args: str) -> asyncio.subprocess.Process:
-    """``python -m otelworker compact *args``, its output piped."""
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "otelworker",
-        "compact",
-        *args,
-        env=env,
-        cwd=cwd,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-
-
-async def compacted_count(pool: asyncpg.Pool) -> int:
-    count: int = await pool.fetchval(
-        "SELECT count(*) FROM export_batches WHERE compacted_at IS NOT NULL"
-    )
-    return count
-
-
-async def until_all_compacted(pool: asyncpg.Pool, within_s: float) -> None:
-    """Wait (at most ``within_s``) until no manifest row is left uncompacted."""
-    async with asyncio.timeout(within_s):
-        left = 1
-        while left:
-            await asyncio.sleep(0.1)
-            left = await pool.fetchval(
-                "SELECT count(*) FROM export_batches WHERE compacted_at IS NULL"
-            )
-
-
 async def test_compact_once_records_every_record_once_and_a_rerun_adds_nothing(
     pool: asyncpg.Pool, root: Path
 ) -> None:
     store = LocalObjectStore(root)
     seeded = Seeded()
     now = datetime.now(UTC)
-    two_hours_ago = _hour(now) - timedelta(hours=2)
+    two_hours_ago = hour_of(now) - timedelta(hours=2)
     for tenant in ("acme", "globex"):
         for signal in ("traces", "logs", "metrics"):
             for hour in (two_hours_ago, two_hours_ago + timedelta(hours=1)):
@@ -291,7 +97,7 @@ async def test_compact_once_records_every_record_once_and_a_rerun_adds_nothing(
         sources = await pool.fetch(
             "SELECT created_at FROM export_batches WHERE batch_id = ANY($1)", row["source_batches"]
         )
-        hours = {_hour(s["created_at"].astimezone(UTC)) for s in sources}
+        hours = {hour_of(s["created_at"].astimezone(UTC)) for s in sources}
         assert len(hours) == 1  # one arrival hour per file: its partition
         [hour] = hours
         assert row["object_key"].startswith(
@@ -343,7 +149,7 @@ async def test_late_arrivals_land_in_a_later_file_and_closed_files_stay(
     store = LocalObjectStore(root)
     seeded = Seeded()
     now = datetime.now(UTC)
-    hour = _hour(now) - timedelta(hours=3)
+    hour = hour_of(now) - timedelta(hours=3)
     await seed(
         pool,
         store,
@@ -392,7 +198,7 @@ async def test_the_loop_holds_an_open_hour_until_it_closes_or_fills(
     store = LocalObjectStore(root)
     seeded = Seeded()
     now = datetime.now(UTC).replace(minute=30)
-    open_hour = _hour(now)
+    open_hour = hour_of(now)
     await seed(
         pool,
         store,
@@ -418,7 +224,7 @@ async def test_a_missing_or_corrupt_object_is_left_uncompacted_and_the_rest_comp
     store = LocalObjectStore(root)
     seeded = Seeded()
     now = datetime.now(UTC)
-    at = _hour(now) - timedelta(hours=2)
+    at = hour_of(now) - timedelta(hours=2)
     await seed(pool, store, seeded, tenant="t", signal="logs", objects=3, records=5, created_at=at)
     rows = await pool.fetch("SELECT batch_id, object_key FROM export_batches ORDER BY batch_id")
     missing, corrupt, good = rows
@@ -474,7 +280,7 @@ async def test_racing_compactors_never_duplicate_and_the_loser_leaves_orphans(
     store = LocalObjectStore(root)
     seeded = Seeded()
     now = datetime.now(UTC)
-    at = _hour(now) - timedelta(hours=2)
+    at = hour_of(now) - timedelta(hours=2)
     await seed(
         pool, store, seeded, tenant="t", signal="traces", objects=3, records=10, created_at=at
     )
@@ -521,7 +327,7 @@ async def test_sigkill_of_compact_at_random_points_then_rerun(
     store = LocalObjectStore(root)
     seeded = Seeded()
     now = datetime.now(UTC)
-    at = _hour(now) - timedelta(hours=2)
+    at = hour_of(now) - timedelta(hours=2)
     for signal in ("traces", "logs"):
         for tenant in ("a", "b"):
             await seed(
@@ -590,7 +396,7 @@ async def test_prune_parquet_and_prune_keeps_what_is_not_compacted(
     store = LocalObjectStore(root)
     seeded = Seeded()
     now = datetime.now(UTC)
-    old = _hour(now) - timedelta(days=3)
+    old = hour_of(now) - timedelta(days=3)
     await seed(pool, store, seeded, tenant="t", signal="logs", objects=2, records=5, created_at=old)
     await seed(pool, store, seeded, tenant="u", signal="logs", objects=1, records=5, created_at=old)
     await compactor(pool, root).run_once(now=now)
@@ -640,7 +446,7 @@ async def test_role_compactor_compacts_in_the_service(
 
     store = LocalObjectStore(root)
     seeded = Seeded()
-    at = _hour(datetime.now(UTC)) - timedelta(hours=2)
+    at = hour_of(datetime.now(UTC)) - timedelta(hours=2)
     for signal in ("traces", "logs", "metrics"):
         await seed(
             pool, store, seeded, tenant="t", signal=signal, objects=2, records=5, created_at=at
@@ -670,7 +476,7 @@ async def test_compact_without_once_loops_until_sigterm(
 ) -> None:
     store = LocalObjectStore(root)
     seeded = Seeded()
-    at = _hour(datetime.now(UTC)) - timedelta(hours=2)
+    at = hour_of(datetime.now(UTC)) - timedelta(hours=2)
     await seed(pool, store, seeded, tenant="t", signal="logs", objects=2, records=5, created_at=at)
     env = compact_env(database_url, root, COMPACT_INTERVAL_S="0.2")
     proc = await start_compact(env, tmp_path, "--signal", "logs")
