@@ -323,3 +323,48 @@ class Metrics:
         )
         self.forward_lost_objects = LostObjects()
         r.register(self.forward_lost_objects)
+        # --- compaction (otelworker/columnar/compact.py; ROLE=compactor) ------------------
+        self.compact_files = Counter(
+            "otelworker_compact_files",
+            "Parquet files recorded in parquet_files (their source objects marked"
+            " compacted in the same transaction), by table.",
+            ["table"],
+            registry=r,
+        )
+        self.compact_records = Counter(
+            "otelworker_compact_records",
+            "Rows in the Parquet files recorded, by table.",
+            ["table"],
+            registry=r,
+        )
+        self.compact_bytes = Counter(
+            "otelworker_compact_bytes",
+            "Bytes of the Parquet files recorded (as uploaded), by table.",
+            ["table"],
+            registry=r,
+        )
+        self.compact_source_objects = Counter(
+            "otelworker_compact_source_objects",
+            "OTLP objects (manifest rows) marked compacted, by signal.",
+            ["signal"],
+            registry=r,
+        )
+        self.compact_failures = Counter(
+            "otelworker_compact_failures",
+            "Compaction failures, by reason: object_missing, object_corrupt (an object left"
+            " uncompacted), lost_race (a chunk another compactor recorded first: its files"
+            " orphans), object_store_error, database_error (a pass that failed).",
+            ["reason"],
+            registry=r,
+        )
+        self.compact_runs = Counter(
+            "otelworker_compact_runs",
+            "Compaction passes run (every tenant and signal once), whatever their outcome.",
+            registry=r,
+        )
+        self.compact_lag = Gauge(
+            "otelworker_compact_lag_seconds",
+            "Age of the oldest OTLP object due for compaction and not compacted yet (0 when"
+            " none), as of the last pass. Compactor processes only.",
+            registry=r,
+        )

@@ -285,6 +285,7 @@ class Service:
                 grace_s=s.compact_grace_s,
                 target_bytes=s.compact_target_bytes,
                 default_tenant=s.default_tenant,
+                metrics=self.metrics,
             )
             loop = CompactLoop(compactor, s.compact_interval_s)
             self.supervisor.spawn(loop.run(), "compactor")

@@ -26,6 +26,11 @@ everything before the cut.
 One compactor works on a (tenant, signal) at a time (a session advisory lock held for
 the pass: a second one skips it rather than convert the same objects in vain); the
 transaction above is what keeps the records exactly once even without the lock.
+
+Metrics (``otelworker_compact_*``, docs/operations.md): counted where the events are
+logged; after each pass, ``otelworker_compact_lag_seconds`` is the age of the oldest
+object that pass was due to take and did not (``compact_oldest_due``): 0 while the
+compactor keeps up.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from otelworker.columnar.files import ParquetFile
 from otelworker.exceptions import BadPayload, ObjectStoreError, StagingUnavailable
 from otelworker.forwarding.forwarder import object_missing
 from otelworker.logs import log_event
+from otelworker.metrics import Metrics
 from otelworker.otlp import SIGNALS
 from otelworker.sinks.base import ObjectStore
 from otelworker.staging.database import DB_ERRORS
@@ -102,6 +108,11 @@ class CompactResult:
     busy: int = 0  # (tenant, signal) passes skipped: another compactor held them
     unreadable: int = 0  # objects that could not be read (left uncompacted)
     bytes: int = 0  # Parquet bytes recorded
+
+
+def pass_failure(exc: StagingUnavailable | ObjectStoreError) -> str:
+    """The ``reason`` of a failed pass (metric and event): the database or the store."""
+    return "database_error" if isinstance(exc, StagingUnavailable) else "object_store_error"
 
 
 class LostRace(Exception):
@@ -224,6 +235,7 @@ class Compactor:
         target_bytes: int,
         default_tenant: str = "default",
         fetch_concurrency: int = 8,
+        metrics: Metrics | None = None,
     ) -> None:
         self.pool = pool
         self.store = store
@@ -232,6 +244,8 @@ class Compactor:
         self.target_bytes = target_bytes
         self.default_tenant = default_tenant
         self.fetch_concurrency = fetch_concurrency
+        # The service's registry (served at /metrics); a command's own otherwise.
+        self.metrics = metrics if metrics is not None else Metrics()
 
     # --- the database -------------------------------------------------------------------
 
@@ -273,6 +287,7 @@ class Compactor:
         def leave_out(source: Source, message: str, reason: str, exc: Exception) -> None:
             """An object that cannot be compacted: left uncompacted, logged."""
             unreadable.append(source)
+            self.metrics.compact_failures.labels(reason).inc()
             log_event(
                 "compact_object_unreadable",
                 message,
@@ -376,13 +391,57 @@ class Compactor:
     ) -> CompactResult:
         """Compact everything closed at ``now`` (default: the database's clock is not
         asked; this process's), per (tenant, signal)."""
-        cut = (now or datetime.now(UTC)) - self.grace
+        now = now or datetime.now(UTC)
+        cut = now - self.grace
+        signals = (signal,) if signal else SIGNALS
+        # What this pass is due to take: everything before the cut, or (the loop) only
+        # the hours closed at the cut (an open hour's tail waits, see plan_chunks).
+        due = cut if partial_hours else cut.replace(minute=0, second=0, microsecond=0)
         result = CompactResult()
-        for sig in (signal,) if signal else SIGNALS:
-            tenants = [tenant] if tenant else await self.tenants(sig, cut)
-            for who in tenants:
-                await self._pass(who, sig, cut, partial_hours, result)
+        self.metrics.compact_runs.inc()
+        try:
+            for sig in signals:
+                tenants = [tenant] if tenant else await self.tenants(sig, cut)
+                for who in tenants:
+                    await self._pass(who, sig, cut, partial_hours, result)
+        except (StagingUnavailable, ObjectStoreError) as exc:
+            self.metrics.compact_failures.labels(pass_failure(exc)).inc()
+            if isinstance(exc, ObjectStoreError):
+                # The database answers: the lag still says how far behind the copy is.
+                await self._refresh_lag_or_log(now, due, signals, tenant)
+            raise
+        await self._refresh_lag_or_log(now, due, signals, tenant)
         return result
+
+    async def _refresh_lag_or_log(
+        self, now: datetime, due: datetime, signals: Sequence[str], tenant: str | None
+    ) -> None:
+        """The lag after a pass; a database that fails here leaves the gauge as it was
+        (logged): the pass's work is done (or failed on its own account)."""
+        try:
+            await self.refresh_lag(now, due, signals, tenant)
+        except StagingUnavailable as exc:
+            log_event(
+                "compact_lag_failed",
+                "could not read the compaction lag; the gauge keeps its last value",
+                reason="database_error",
+                level=logging.WARNING,
+                error=str(exc)[:500],
+            )
+
+    async def refresh_lag(
+        self, now: datetime, due: datetime, signals: Sequence[str], tenant: str | None
+    ) -> float:
+        """``otelworker_compact_lag_seconds``: the age at ``now`` of the oldest object
+        stored before ``due`` and not compacted yet (0 when none); one indexed probe per
+        signal."""
+        rows = await self._fetch(
+            "compact_oldest_due", list(signals), due, tenant, self.default_tenant
+        )
+        oldest: datetime | None = rows[0][0] if rows else None
+        lag = max((now - oldest).total_seconds(), 0.0) if oldest is not None else 0.0
+        self.metrics.compact_lag.set(lag)
+        return lag
 
     async def _pass(
         self, tenant: str, signal: str, cut: datetime, partial_hours: bool, result: CompactResult
@@ -452,6 +511,7 @@ class Compactor:
             await self.commit(built)
         except LostRace as exc:
             result.lost_races += 1
+            self.metrics.compact_failures.labels("lost_race").inc()
             log_event(
                 "compact_lost_race",
                 "another compactor recorded these objects first; this run's files are"
@@ -471,6 +531,11 @@ class Compactor:
         result.rows += rows
         result.sources += len(built.sources)
         result.bytes += size
+        for f in built.files:
+            self.metrics.compact_files.labels(f.table_name).inc()
+            self.metrics.compact_records.labels(f.table_name).inc(f.row_count)
+            self.metrics.compact_bytes.labels(f.table_name).inc(f.compressed_bytes)
+        self.metrics.compact_source_objects.labels(chunk.signal).inc(len(built.sources))
         log_event(
             "compact_chunk_recorded",
             "OTLP objects compacted into Parquet files",
@@ -517,8 +582,10 @@ class CompactLoop:
                 log_event(
                     "compact_pass_failed",
                     "compaction pass failed; retrying at the next interval",
-                    reason=type(exc).__name__,
+                    # As otelworker_compact_failures_total counts it.
+                    reason=pass_failure(exc),
                     level=logging.WARNING,
+                    error_class=type(exc).__name__,
                     error=str(exc)[:500],
                 )
             elapsed = asyncio.get_running_loop().time() - started

@@ -524,6 +524,22 @@ WHERE signal = $1 AND compacted_at IS NULL AND created_at < $2
 ORDER BY created_at, batch_id
 LIMIT $5;
 
+-- name: compact_oldest_due --
+-- The compactor's lag (otelworker_compact_lag_seconds): the arrival time of the oldest
+-- manifest row of the signals $1 stored before $2 (what a pass takes) and not compacted
+-- yet, of the tenant $3 (NULL: any; a row without one is $4's); NULL when none. One probe
+-- of export_batches_uncompacted_idx per signal.
+SELECT min(o.created_at)
+FROM unnest($1::text[]) AS s(signal)
+CROSS JOIN LATERAL (
+    SELECT b.created_at
+    FROM export_batches b
+    WHERE b.signal = s.signal AND b.compacted_at IS NULL AND b.created_at < $2
+      AND ($3::text IS NULL OR coalesce(b.tenant, $4::text) = $3)
+    ORDER BY b.created_at
+    LIMIT 1
+) AS o;
+
 -- name: compact_try_lock --
 -- One compactor works on a (tenant, signal) at a time (a session lock on a connection
 -- held for the pass; released by compact_unlock or when the connection goes).
