@@ -14,8 +14,15 @@
 FROM python:3.11-slim AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
+# A C compiler for otelworker's one compiled module (otelworker/_wire.c, setup.py): it is
+# optional to the build, so without one the wheel would silently lack it and the door's
+# time range and the compactor would take their slower Python paths.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY otelworker ./otelworker
 # The parquet extra (pyarrow, DuckDB) for ROLE=compactor, compact and query.
 RUN pip wheel --no-cache-dir --wheel-dir /wheels '.[parquet]'
@@ -38,7 +45,7 @@ RUN groupadd --system --gid "${GID}" otelworker \
 # hadolint ignore=DL3013
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     pip install --no-cache-dir --no-index --find-links=/wheels 'otelworker[parquet]' \
-    && python -c "import otelworker.app, otelworker.front.server, otelworker.ingress.grpc_server, uvloop, pyarrow, duckdb, otelworker.columnar.compact"
+    && python -c "import otelworker.app, otelworker.front.server, otelworker.ingress.grpc_server, uvloop, pyarrow, duckdb, otelworker.columnar.compact, otelworker._wire"
 # The working directory is where relative defaults land (.env is read from here;
 # LOCAL_OBJECT_DIR and EMBEDDED_DB_DIR default to ./.otelworker/...), owned by the user.
 WORKDIR /var/lib/otelworker

@@ -8,25 +8,26 @@ MODE   ?= verify
 .PHONY: install run test lint format bench soak stress-verify clean
 
 # One stamp per set of extras, so that each target installs only what it needs and the
-# targets compose: `make run` the package and its embedded PostgreSQL (no linters, test
+# targets compose (a change to the compiled walker, otelworker/_wire.c, reinstalls, which
+# rebuilds it in place): `make run` the package and its embedded PostgreSQL (no linters, test
 # tools, benchmark peers or Kubernetes schemas), `make test` adds the test tools.
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed-run: pyproject.toml | $(BIN)/python
+$(VENV)/.installed-run: pyproject.toml setup.py otelworker/_wire.c | $(BIN)/python
 	$(PIP) -e '.[embedded]'
 	touch $@
 
-$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+$(VENV)/.installed-test: pyproject.toml setup.py otelworker/_wire.c | $(BIN)/python
 	$(PIP) -e '.[test,embedded]'
 	touch $@
 
-$(VENV)/.installed-lint: pyproject.toml | $(BIN)/python
+$(VENV)/.installed-lint: pyproject.toml setup.py otelworker/_wire.c | $(BIN)/python
 	$(PIP) -e '.[lint]'
 	touch $@
 
 # The benchmarks and the stress harness provision PostgreSQL and S3 as the tests do.
-$(VENV)/.installed-loadtest: pyproject.toml | $(BIN)/python
+$(VENV)/.installed-loadtest: pyproject.toml setup.py otelworker/_wire.c | $(BIN)/python
 	$(PIP) -e '.[test,embedded,loadtest]'
 	touch $@
 

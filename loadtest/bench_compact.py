@@ -11,9 +11,10 @@ In one process, no database or object store (what is measured is the CPU work):
    (loadtest.payloads, the ingest benchmark's spans, fresh ids each), each compressed
    as its own gzip member at level 1 (S3_COMPRESSION=gzip's default, ISA-L) and joined.
 2. **Compaction**, timed by the process's CPU time (every thread's: pyarrow's writer
-   uses several) and by the wall clock: each object decompressed and decoded
-   (otelworker.archive.reader.decode), converted (otelworker.columnar.convert.to_tables),
-   the tables joined and written as one Parquet file (write_parquet: zstd, dictionaries,
+   uses several) and by the wall clock: each object decompressed
+   (otelworker.archive.reader.decompress), converted (otelworker.columnar.convert.tables_of:
+   the compiled walker, otelworker/_wire.c, where it is built, else decoded and converted
+   in Python), the tables joined and written as one Parquet file (write_parquet: zstd, dictionaries,
    statistics), as the compactor's convert step does. Spans per CPU second is the
    compaction's spans/s per core; the target is >= 0.5x the ``ROLE=ingress`` spans/s per
    core at 512 spans (``--ingress-us-per-span``: the service + PostgreSQL CPU per span of
@@ -74,13 +75,13 @@ def compact(objects: list[bytes], tenant: str = "bench") -> tuple[Any, bytes]:
     """The compactor's CPU work for one file: decode, convert, join, write."""
     import pyarrow as pa
 
-    from otelworker.archive.reader import decode
-    from otelworker.columnar.convert import to_tables, write_parquet
+    from otelworker.archive.reader import decompress
+    from otelworker.columnar.convert import tables_of, write_parquet
 
     parts = []
     for n, body in enumerate(objects):
-        request = decode("traces", f"bench/traces_{n}.binpb.gz", body)
-        parts.append(to_tables("traces", request, tenant)["otel_traces"])
+        raw = decompress(f"bench/traces_{n}.binpb.gz", body)
+        parts.append(tables_of("traces", raw, tenant)["otel_traces"])
     table = pa.concat_tables(parts)
     sink = io.BytesIO()
     write_parquet(

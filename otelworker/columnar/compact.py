@@ -46,7 +46,7 @@ from typing import Any
 
 import asyncpg
 
-from otelworker.archive.reader import decode
+from otelworker.archive.reader import decompress
 from otelworker.columnar.files import ParquetFile
 from otelworker.exceptions import BadPayload, ObjectStoreError, StagingUnavailable
 from otelworker.forwarding.forwarder import object_missing
@@ -175,7 +175,7 @@ def convert_chunk(
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from otelworker.columnar.convert import time_range, to_tables, write_parquet
+    from otelworker.columnar.convert import tables_of, time_range, write_parquet
     from otelworker.columnar.schema import SIGNAL_TABLES, TIME_COLUMN, parquet_key
 
     parts: dict[str, list[Any]] = {name: [] for name in SIGNAL_TABLES[chunk.signal]}
@@ -184,8 +184,12 @@ def convert_chunk(
         body = bodies.get(source.batch_id)
         if body is None:
             continue
-        request = decode(chunk.signal, source.object_key, body)
-        for name, table in to_tables(chunk.signal, request, chunk.tenant).items():
+        raw = decompress(source.object_key, body)
+        try:
+            converted = tables_of(chunk.signal, raw, chunk.tenant)
+        except BadPayload as exc:
+            raise BadPayload(f"{source.object_key}: {exc}") from None
+        for name, table in converted.items():
             if table.num_rows:
                 parts[name].append(table)
         batch_ids.append(str(source.batch_id))

@@ -330,7 +330,7 @@ class Intake:
         assert committer is not None  # admit() saw it
         # Decode once: what the flush needs, from this decode; the payload stored in the
         # object's codec, so the flush joins it as it is, checked by its checksum.
-        span = otlp.time_range(signal, message)
+        span = otlp.payload_time_range(signal, payload, message)
         codec = settings.s3_compression
         if len(payload) > _INLINE_COMPRESS_BYTES:
             stored = await asyncio.to_thread(compress, payload, codec, settings.compression_level)

@@ -1,0 +1,661 @@
+/* otelworker._wire: OTLP protobuf read straight off the wire, for two hot paths that
+ * Python can only do one attribute read per record at a time (docs/performance.md):
+ *
+ *   time_range(signal, data)  the earliest and latest record timestamps of a serialized
+ *                             traces or logs request (what the door stages for the
+ *                             manifest), as otelworker.otlp.time_range computes them;
+ *   span_columns(data, render) the otel_traces table's per-span columns of a serialized
+ *                             ExportTraceServiceRequest as Arrow buffers (offsets and
+ *                             bytes), for otelworker/columnar/wire.py to wrap without a
+ *                             Python object per value.
+ *
+ * Both follow the Python paths exactly or decline: anything they do not handle the one
+ * way the Python path does (a singular field written twice, which protobuf merges; a
+ * known field with another wire type; groups; a repeated attribute key; a malformed
+ * length) makes them return False, and the caller runs the Python path, which decodes
+ * with upb and raises for what is malformed. Values that need Python's rendering
+ * (doubles, bytes, arrays and kvlists in attributes) are rendered by the `render`
+ * callable given the AnyValue's bytes. No state; the GIL is held throughout.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+/* --- the wire ------------------------------------------------------------------------ */
+
+typedef struct {
+    uint32_t field;
+    int wt;
+    uint64_t v;          /* varint, fixed64, fixed32 */
+    const uint8_t *d;    /* length-delimited */
+    size_t len;
+} Field;
+
+static int read_varint(const uint8_t **pp, const uint8_t *end, uint64_t *out) {
+    const uint8_t *p = *pp;
+    uint64_t v = 0;
+    for (int shift = 0; shift < 64 && p < end; shift += 7) {
+        uint8_t b = *p++;
+        v |= (uint64_t)(b & 0x7f) << shift;
+        if (!(b & 0x80)) {
+            *pp = p;
+            *out = v;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+static uint64_t le64(const uint8_t *p) {
+    uint64_t v = 0;
+    for (int i = 7; i >= 0; i--) v = (v << 8) | p[i];
+    return v;
+}
+
+/* 1: a field read; 0: the end; -1: malformed or a group (decline). */
+static int next_field(const uint8_t **pp, const uint8_t *end, Field *f) {
+    uint64_t key, n;
+    if (*pp >= end) return 0;
+    if (!read_varint(pp, end, &key)) return -1;
+    f->field = (uint32_t)(key >> 3);
+    f->wt = (int)(key & 7);
+    if (f->field == 0 || (key >> 3) > 0x1fffffff) return -1;
+    switch (f->wt) {
+    case 0:
+        return read_varint(pp, end, &f->v) ? 1 : -1;
+    case 1:
+        if (end - *pp < 8) return -1;
+        f->v = le64(*pp);
+        *pp += 8;
+        return 1;
+    case 2:
+        if (!read_varint(pp, end, &n) || n > (uint64_t)(end - *pp)) return -1;
+        f->d = *pp;
+        f->len = (size_t)n;
+        *pp += n;
+        return 1;
+    case 5:
+        if (end - *pp < 4) return -1;
+        f->v = (uint64_t)(*pp)[0] | (uint64_t)(*pp)[1] << 8 | (uint64_t)(*pp)[2] << 16 |
+               (uint64_t)(*pp)[3] << 24;
+        *pp += 4;
+        return 1;
+    default:
+        return -1;
+    }
+}
+
+/* A field seen twice in one message: bit per field number below 32. */
+#define ONCE(seen, n) (((seen) >> (n)) & 1u ? 0 : ((seen) |= 1u << (n), 1))
+
+#define DECLINE (-2)
+#define FAIL (-1)
+
+/* --- time ranges ----------------------------------------------------------------------- */
+
+typedef struct {
+    uint64_t low, high;
+} Range;
+
+static int span_times(const uint8_t *p, const uint8_t *end, Range *r) {
+    Field f;
+    int rc;
+    uint32_t seen = 0;
+    uint64_t start = 0, stop = 0;
+    while ((rc = next_field(&p, end, &f)) == 1) {
+        if (f.field == 7 || f.field == 8) {
+            if (f.wt != 1 || !ONCE(seen, f.field)) return DECLINE;
+            if (f.field == 7) start = f.v; else stop = f.v;
+        }
+    }
+    if (rc < 0) return DECLINE;
+    if (!stop) stop = start;
+    if (start && (!r->low || start < r->low)) r->low = start;
+    if (stop > r->high) r->high = stop;
+    return 0;
+}
+
+static int log_times(const uint8_t *p, const uint8_t *end, Range *r) {
+    Field f;
+    int rc;
+    uint32_t seen = 0;
+    uint64_t t = 0, observed = 0;
+    while ((rc = next_field(&p, end, &f)) == 1) {
+        if (f.field == 1 || f.field == 11) {
+            if (f.wt != 1 || !ONCE(seen, f.field)) return DECLINE;
+            if (f.field == 1) t = f.v; else observed = f.v;
+        }
+    }
+    if (rc < 0) return DECLINE;
+    if (!t) t = observed;
+    if (t && (!r->low || t < r->low)) r->low = t;
+    if (t > r->high) r->high = t;
+    return 0;
+}
+
+typedef int (*RecordFn)(const uint8_t *, const uint8_t *, Range *);
+
+/* Descend request(1) -> resource(2) -> scope(2) -> records; depth 0 is the request. */
+static int walk(const uint8_t *p, const uint8_t *end, int depth, RecordFn record, Range *r) {
+    static const uint32_t child[3] = {1, 2, 2};
+    Field f;
+    int rc;
+    while ((rc = next_field(&p, end, &f)) == 1) {
+        if (f.field != child[depth]) continue;
+        if (f.wt != 2) return DECLINE;
+        rc = depth == 2 ? record(f.d, f.d + f.len, r) : walk(f.d, f.d + f.len, depth + 1, record, r);
+        if (rc) return rc;
+    }
+    return rc < 0 ? DECLINE : 0;
+}
+
+static PyObject *time_range(PyObject *self, PyObject *args) {
+    const char *signal;
+    Py_buffer data;
+    RecordFn record;
+    Range r = {0, 0};
+    if (!PyArg_ParseTuple(args, "sy*", &signal, &data)) return NULL;
+    if (strcmp(signal, "traces") == 0) record = span_times;
+    else if (strcmp(signal, "logs") == 0) record = log_times;
+    else {
+        PyBuffer_Release(&data);
+        Py_RETURN_FALSE;
+    }
+    int rc = walk((const uint8_t *)data.buf, (const uint8_t *)data.buf + data.len, 0, record, &r);
+    PyBuffer_Release(&data);
+    if (rc) Py_RETURN_FALSE;
+    if (!r.low || !r.high) Py_RETURN_NONE;
+    return Py_BuildValue("(KK)", (unsigned long long)r.low, (unsigned long long)r.high);
+}
+
+/* --- growable buffers and Arrow columns ------------------------------------------------ */
+
+typedef struct {
+    char *buf;
+    size_t len, cap;
+} Buf;
+
+static int buf_reserve(Buf *b, size_t more) {
+    if (b->len + more <= b->cap) return 0;
+    size_t cap = b->cap ? b->cap : 256;
+    while (cap < b->len + more) cap *= 2;
+    char *grown = PyMem_Realloc(b->buf, cap);
+    if (!grown) {
+        PyErr_NoMemory();
+        return FAIL;
+    }
+    b->buf = grown;
+    b->cap = cap;
+    return 0;
+}
+
+static int buf_put(Buf *b, const void *src, size_t n) {
+    if (buf_reserve(b, n)) return FAIL;
+    if (n) memcpy(b->buf + b->len, src, n);
+    b->len += n;
+    return 0;
+}
+
+static int put_i32(Buf *b, int32_t v) { return buf_put(b, &v, 4); }
+static int put_i64(Buf *b, int64_t v) { return buf_put(b, &v, 8); }
+
+static PyObject *buf_bytes(Buf *b) {
+    return PyBytes_FromStringAndSize(b->buf ? b->buf : "", (Py_ssize_t)b->len);
+}
+
+/* A string column: int32 offsets (one per value, after the leading 0) and the bytes. */
+typedef struct {
+    Buf offsets, data;
+} Str;
+
+static int str_init(Str *s) { return put_i32(&s->offsets, 0); }
+
+static int str_end(Str *s) {
+    if (s->data.len > INT32_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "a string column past 2 GiB");
+        return FAIL;
+    }
+    return put_i32(&s->offsets, (int32_t)s->data.len);
+}
+
+static int str_add(Str *s, const void *p, size_t n) {
+    if (buf_put(&s->data, p, n)) return FAIL;
+    return str_end(s);
+}
+
+static int str_hex(Str *s, const uint8_t *p, size_t n) {
+    static const char digits[] = "0123456789abcdef";
+    if (buf_reserve(&s->data, 2 * n)) return FAIL;
+    char *out = s->data.buf + s->data.len;
+    for (size_t i = 0; i < n; i++) {
+        out[2 * i] = digits[p[i] >> 4];
+        out[2 * i + 1] = digits[p[i] & 15];
+    }
+    s->data.len += 2 * n;
+    return str_end(s);
+}
+
+/* A MAP<string,string> column: int32 offsets per row into keys and values. */
+typedef struct {
+    Buf offsets;
+    Str keys, values;
+    int32_t count;
+} Map;
+
+static int map_init(Map *m) {
+    m->count = 0;
+    if (put_i32(&m->offsets, 0) || str_init(&m->keys) || str_init(&m->values)) return FAIL;
+    return 0;
+}
+
+/* The row ends: its keys since `start` must be distinct (a repeated key keeps its last
+ * value in the Python path, reordered: decline rather than copy that rule). */
+static int map_row(Map *m, int32_t start) {
+    const int32_t *off = (const int32_t *)m->keys.offsets.buf;
+    for (int32_t i = start; i < m->count; i++) {
+        for (int32_t j = i + 1; j < m->count; j++) {
+            int32_t li = off[i + 1] - off[i], lj = off[j + 1] - off[j];
+            if (li == lj && memcmp(m->keys.data.buf + off[i], m->keys.data.buf + off[j], (size_t)li) == 0)
+                return DECLINE;
+        }
+    }
+    return put_i32(&m->offsets, m->count);
+}
+
+/* One AnyValue rendered into `out` as the Python path renders it. */
+static int add_value(Str *out, const uint8_t *p, const uint8_t *end, PyObject *render) {
+    Field f, which = {0};
+    int rc, set = 0;
+    const uint8_t *start = p;
+    while ((rc = next_field(&p, end, &f)) == 1) {
+        if (f.field >= 1 && f.field <= 7) {
+            static const int wire[8] = {-1, 2, 0, 0, 1, 2, 2, 2};
+            if (f.wt != wire[f.field] || set) return DECLINE;
+            set = 1;
+            which = f;
+        }
+    }
+    if (rc < 0) return DECLINE;
+    if (!set) return str_add(out, "", 0);
+    char text[32];
+    switch (which.field) {
+    case 1:
+        return str_add(out, which.d, which.len);
+    case 2:
+        return which.v ? str_add(out, "true", 4) : str_add(out, "false", 5);
+    case 3: {
+        int n = snprintf(text, sizeof text, "%lld", (long long)(int64_t)which.v);
+        return str_add(out, text, (size_t)n);
+    }
+    default: {
+        PyObject *raw = PyBytes_FromStringAndSize((const char *)start, end - start);
+        if (!raw) return FAIL;
+        PyObject *rendered = PyObject_CallOneArg(render, raw);
+        Py_DECREF(raw);
+        if (!rendered) return FAIL;
+        Py_ssize_t n;
+        const char *utf8 = PyUnicode_Check(rendered) ? PyUnicode_AsUTF8AndSize(rendered, &n) : NULL;
+        if (!utf8) {
+            Py_DECREF(rendered);
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "render must return str");
+            return FAIL;
+        }
+        rc = str_add(out, utf8, (size_t)n);
+        Py_DECREF(rendered);
+        return rc;
+    }
+    }
+}
+
+/* One KeyValue into a map's current row. */
+static int add_pair(Map *m, const uint8_t *p, const uint8_t *end, PyObject *render) {
+    Field f, key = {0}, value = {0};
+    int rc;
+    uint32_t seen = 0;
+    while ((rc = next_field(&p, end, &f)) == 1) {
+        if (f.field == 1 || f.field == 2) {
+            if (f.wt != 2 || !ONCE(seen, f.field)) return DECLINE;
+            if (f.field == 1) key = f; else value = f;
+        }
+    }
+    if (rc < 0) return DECLINE;
+    if (str_add(&m->keys, key.d, key.len)) return FAIL;
+    if ((rc = add_value(&m->values, value.d, value.d + value.len, render))) return rc;
+    m->count++;
+    return 0;
+}
+
+/* --- the otel_traces columns ----------------------------------------------------------- */
+
+typedef struct {
+    int32_t rows;
+    Buf ts, duration, kind, code, resource, scope;
+    Str trace_id, span_id, parent, state, name, message;
+    Map attrs;
+    Buf ev_offsets, ev_ts;
+    Str ev_name;
+    Map ev_attrs;
+    int32_t events;
+    Buf ln_offsets;
+    Str ln_trace, ln_span, ln_state;
+    Map ln_attrs;
+    int32_t links;
+    PyObject *resources, *scopes; /* lists of bytes: each Resource / InstrumentationScope */
+    PyObject *render;
+} Spans;
+
+static int64_t clamp_u64(uint64_t v) { return v > (uint64_t)INT64_MAX ? INT64_MAX : (int64_t)v; }
+
+static int64_t clamp_i128(__int128 v) {
+    if (v > (__int128)INT64_MAX) return INT64_MAX;
+    if (v < (__int128)INT64_MIN) return INT64_MIN;
+    return (int64_t)v;
+}
+
+static int add_event(Spans *s, const uint8_t *p, const uint8_t *end) {
+    Field f, name = {0};
+    int rc;
+    uint32_t seen = 0;
+    uint64_t t = 0;
+    int32_t start = s->ev_attrs.count;
+    while ((rc = next_field(&p, end, &f)) == 1) {
+        switch (f.field) {
+        case 1:
+            if (f.wt != 1 || !ONCE(seen, 1)) return DECLINE;
+            t = f.v;
+            break;
+        case 2:
+            if (f.wt != 2 || !ONCE(seen, 2)) return DECLINE;
+            name = f;
+            break;
+        case 3:
+            if (f.wt != 2) return DECLINE;
+            if ((rc = add_pair(&s->ev_attrs, f.d, f.d + f.len, s->render))) return rc;
+            break;
+        case 4:
+            if (f.wt != 0) return DECLINE;
+            break;
+        }
+    }
+    if (rc < 0) return DECLINE;
+    if (put_i64(&s->ev_ts, clamp_u64(t)) || str_add(&s->ev_name, name.d, name.len)) return FAIL;
+    if ((rc = map_row(&s->ev_attrs, start))) return rc;
+    s->events++;
+    return 0;
+}
+
+static int add_link(Spans *s, const uint8_t *p, const uint8_t *end) {
+    Field f, trace = {0}, span = {0}, state = {0};
+    int rc;
+    uint32_t seen = 0;
+    int32_t start = s->ln_attrs.count;
+    while ((rc = next_field(&p, end, &f)) == 1) {
+        switch (f.field) {
+        case 1: case 2: case 3:
+            if (f.wt != 2 || !ONCE(seen, f.field)) return DECLINE;
+            if (f.field == 1) trace = f; else if (f.field == 2) span = f; else state = f;
+            break;
+        case 4:
+            if (f.wt != 2) return DECLINE;
+            if ((rc = add_pair(&s->ln_attrs, f.d, f.d + f.len, s->render))) return rc;
+            break;
+        case 5:
+            if (f.wt != 0) return DECLINE;
+            break;
+        case 6:
+            if (f.wt != 5) return DECLINE;
+            break;
+        }
+    }
+    if (rc < 0) return DECLINE;
+    if (str_hex(&s->ln_trace, trace.d, trace.len) || str_hex(&s->ln_span, span.d, span.len) ||
+        str_add(&s->ln_state, state.d, state.len))
+        return FAIL;
+    if ((rc = map_row(&s->ln_attrs, start))) return rc;
+    s->links++;
+    return 0;
+}
+
+static int add_status(const uint8_t *p, const uint8_t *end, Field *message, int64_t *code) {
+    Field f;
+    int rc;
+    uint32_t seen = 0;
+    while ((rc = next_field(&p, end, &f)) == 1) {
+        if (f.field == 2) {
+            if (f.wt != 2 || !ONCE(seen, 2)) return DECLINE;
+            *message = f;
+        } else if (f.field == 3) {
+            if (f.wt != 0 || !ONCE(seen, 3)) return DECLINE;
+            *code = (int64_t)(int32_t)(uint32_t)f.v;
+        }
+    }
+    return rc < 0 ? DECLINE : 0;
+}
+
+/* Span fields and the wire type each must have (-1: not a field read here). */
+static const int SPAN_WIRE[17] = {-1, 2, 2, 2, 2, 2, 0, 1, 1, 2, 0, 2, 0, 2, 0, 2, 5};
+
+static int add_span(Spans *s, const uint8_t *p, const uint8_t *end, int32_t resource, int32_t scope) {
+    Field f, id[6] = {{0}}, message = {0};
+    int rc;
+    uint32_t seen = 0;
+    uint64_t start = 0, stop = 0;
+    int64_t kind = 0, code = 0;
+    int32_t attrs = s->attrs.count;
+    while ((rc = next_field(&p, end, &f)) == 1) {
+        if (f.field > 16) continue;
+        if (f.wt != SPAN_WIRE[f.field]) return DECLINE;
+        switch (f.field) {
+        case 1: case 2: case 3: case 4: case 5:
+            if (!ONCE(seen, f.field)) return DECLINE;
+            id[f.field] = f;
+            break;
+        case 6:
+            if (!ONCE(seen, 6)) return DECLINE;
+            kind = (int64_t)(int32_t)(uint32_t)f.v;
+            break;
+        case 7:
+            if (!ONCE(seen, 7)) return DECLINE;
+            start = f.v;
+            break;
+        case 8:
+            if (!ONCE(seen, 8)) return DECLINE;
+            stop = f.v;
+            break;
+        case 9:
+            if ((rc = add_pair(&s->attrs, f.d, f.d + f.len, s->render))) return rc;
+            break;
+        case 11:
+            if ((rc = add_event(s, f.d, f.d + f.len))) return rc;
+            break;
+        case 13:
+            if ((rc = add_link(s, f.d, f.d + f.len))) return rc;
+            break;
+        case 15:
+            if (!ONCE(seen, 15)) return DECLINE;
+            if ((rc = add_status(f.d, f.d + f.len, &message, &code))) return rc;
+            break;
+        }
+    }
+    if (rc < 0) return DECLINE;
+    if (put_i64(&s->ts, clamp_u64(start)) ||
+        put_i64(&s->duration, clamp_i128((__int128)stop - (__int128)start)) ||
+        put_i32(&s->kind, kind >= 0 && kind < 6 ? (int32_t)kind : 6) ||
+        put_i32(&s->code, code >= 0 && code < 3 ? (int32_t)code : 3) ||
+        put_i32(&s->resource, resource) || put_i32(&s->scope, scope) ||
+        str_hex(&s->trace_id, id[1].d, id[1].len) || str_hex(&s->span_id, id[2].d, id[2].len) ||
+        str_add(&s->state, id[3].d, id[3].len) || str_hex(&s->parent, id[4].d, id[4].len) ||
+        str_add(&s->name, id[5].d, id[5].len) || str_add(&s->message, message.d, message.len) ||
+        put_i32(&s->ev_offsets, s->events) || put_i32(&s->ln_offsets, s->links))
+        return FAIL;
+    if ((rc = map_row(&s->attrs, attrs))) return rc;
+    s->rows++;
+    return 0;
+}
+
+static int append_message(PyObject *list, const Field *f) {
+    PyObject *raw = PyBytes_FromStringAndSize(f->d ? (const char *)f->d : "", (Py_ssize_t)f->len);
+    if (!raw) return FAIL;
+    int rc = PyList_Append(list, raw);
+    Py_DECREF(raw);
+    return rc ? FAIL : 0;
+}
+
+static int add_scope_spans(Spans *s, const uint8_t *p, const uint8_t *end, int32_t resource) {
+    Field f, scope = {0};
+    int rc;
+    uint32_t seen = 0;
+    int32_t index = (int32_t)PyList_GET_SIZE(s->scopes);
+    /* Hold the scope's place: its bytes are set once the whole ScopeSpans is read. */
+    if (PyList_Append(s->scopes, Py_None)) return FAIL;
+    while ((rc = next_field(&p, end, &f)) == 1) {
+        if (f.field == 1) {
+            if (f.wt != 2 || !ONCE(seen, 1)) return DECLINE;
+            scope = f;
+        } else if (f.field == 2) {
+            if (f.wt != 2) return DECLINE;
+            if ((rc = add_span(s, f.d, f.d + f.len, resource, index))) return rc;
+        } else if (f.field == 3 && f.wt != 2) {
+            return DECLINE;
+        }
+    }
+    if (rc < 0) return DECLINE;
+    PyObject *raw = PyBytes_FromStringAndSize(scope.d ? (const char *)scope.d : "", (Py_ssize_t)scope.len);
+    if (!raw) return FAIL;
+    return PyList_SetItem(s->scopes, index, raw) ? FAIL : 0; /* steals raw */
+}
+
+static int add_resource_spans(Spans *s, const uint8_t *p, const uint8_t *end) {
+    Field f, resource = {0};
+    int rc;
+    uint32_t seen = 0;
+    int32_t index = (int32_t)PyList_GET_SIZE(s->resources);
+    while ((rc = next_field(&p, end, &f)) == 1) {
+        if (f.field == 1) {
+            if (f.wt != 2 || !ONCE(seen, 1)) return DECLINE;
+            resource = f;
+        } else if (f.field == 2) {
+            if (f.wt != 2) return DECLINE;
+            if ((rc = add_scope_spans(s, f.d, f.d + f.len, index))) return rc;
+        } else if (f.field == 3 && f.wt != 2) {
+            return DECLINE;
+        }
+    }
+    if (rc < 0) return DECLINE;
+    return append_message(s->resources, &resource);
+}
+
+static void map_free(Map *m) {
+    PyMem_Free(m->offsets.buf);
+    PyMem_Free(m->keys.offsets.buf);
+    PyMem_Free(m->keys.data.buf);
+    PyMem_Free(m->values.offsets.buf);
+    PyMem_Free(m->values.data.buf);
+}
+
+static void str_free(Str *s) {
+    PyMem_Free(s->offsets.buf);
+    PyMem_Free(s->data.buf);
+}
+
+static void spans_free(Spans *s) {
+    Buf *bufs[] = {&s->ts, &s->duration, &s->kind, &s->code, &s->resource, &s->scope,
+                   &s->ev_offsets, &s->ev_ts, &s->ln_offsets};
+    for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) PyMem_Free(bufs[i]->buf);
+    Str *strs[] = {&s->trace_id, &s->span_id, &s->parent, &s->state, &s->name, &s->message,
+                   &s->ev_name, &s->ln_trace, &s->ln_span, &s->ln_state};
+    for (size_t i = 0; i < sizeof strs / sizeof *strs; i++) str_free(strs[i]);
+    map_free(&s->attrs);
+    map_free(&s->ev_attrs);
+    map_free(&s->ln_attrs);
+    Py_XDECREF(s->resources);
+    Py_XDECREF(s->scopes);
+}
+
+static PyObject *str_tuple(Str *s) {
+    PyObject *o = buf_bytes(&s->offsets), *d = buf_bytes(&s->data);
+    if (!o || !d) {
+        Py_XDECREF(o);
+        Py_XDECREF(d);
+        return NULL;
+    }
+    return Py_BuildValue("(NN)", o, d);
+}
+
+static PyObject *map_tuple(Map *m) {
+    PyObject *o = buf_bytes(&m->offsets), *k = str_tuple(&m->keys), *v = str_tuple(&m->values);
+    if (!o || !k || !v) {
+        Py_XDECREF(o);
+        Py_XDECREF(k);
+        Py_XDECREF(v);
+        return NULL;
+    }
+    return Py_BuildValue("(NNN)", o, k, v);
+}
+
+static PyObject *span_columns(PyObject *self, PyObject *args) {
+    Py_buffer data;
+    PyObject *render;
+    Spans s;
+    memset(&s, 0, sizeof s);
+    if (!PyArg_ParseTuple(args, "y*O", &data, &render)) return NULL;
+    s.render = render;
+    s.resources = PyList_New(0);
+    s.scopes = PyList_New(0);
+    int rc = (!s.resources || !s.scopes) ? FAIL : 0;
+    Str *strs[] = {&s.trace_id, &s.span_id, &s.parent, &s.state, &s.name, &s.message,
+                   &s.ev_name, &s.ln_trace, &s.ln_span, &s.ln_state};
+    for (size_t i = 0; !rc && i < sizeof strs / sizeof *strs; i++) rc = str_init(strs[i]);
+    if (!rc) rc = map_init(&s.attrs) || map_init(&s.ev_attrs) || map_init(&s.ln_attrs) ||
+                  put_i32(&s.ev_offsets, 0) || put_i32(&s.ln_offsets, 0) ? FAIL : 0;
+    const uint8_t *p = (const uint8_t *)data.buf, *end = p + data.len;
+    Field f;
+    while (!rc && (rc = next_field(&p, end, &f)) == 1) {
+        rc = 0;
+        if (f.field != 1) continue;
+        if (f.wt != 2) rc = DECLINE;
+        else rc = add_resource_spans(&s, f.d, f.d + f.len);
+    }
+    if (rc == -1 && !PyErr_Occurred()) rc = DECLINE; /* next_field's -1: malformed */
+    PyBuffer_Release(&data);
+    PyObject *result = NULL;
+    if (rc == DECLINE) {
+        result = Py_False;
+        Py_INCREF(result);
+    } else if (rc == 0) {
+        result = Py_BuildValue(
+            "{s:i,s:N,s:N,s:N,s:N,s:N,s:N,s:O,s:O,s:N,s:N,s:N,s:N,s:N,s:N,s:N,"
+            "s:N,s:N,s:N,s:N,s:N,s:N,s:N,s:N,s:N}",
+            "rows", s.rows,
+            "ts", buf_bytes(&s.ts), "duration", buf_bytes(&s.duration),
+            "kind", buf_bytes(&s.kind), "code", buf_bytes(&s.code),
+            "resource", buf_bytes(&s.resource), "scope", buf_bytes(&s.scope),
+            "resources", s.resources, "scopes", s.scopes,
+            "trace_id", str_tuple(&s.trace_id), "span_id", str_tuple(&s.span_id),
+            "parent", str_tuple(&s.parent), "state", str_tuple(&s.state),
+            "name", str_tuple(&s.name), "message", str_tuple(&s.message),
+            "attrs", map_tuple(&s.attrs),
+            "ev_offsets", buf_bytes(&s.ev_offsets), "ev_ts", buf_bytes(&s.ev_ts),
+            "ev_name", str_tuple(&s.ev_name), "ev_attrs", map_tuple(&s.ev_attrs),
+            "ln_offsets", buf_bytes(&s.ln_offsets), "ln_trace", str_tuple(&s.ln_trace),
+            "ln_span", str_tuple(&s.ln_span), "ln_state", str_tuple(&s.ln_state),
+            "ln_attrs", map_tuple(&s.ln_attrs));
+    }
+    spans_free(&s);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"time_range", time_range, METH_VARARGS,
+     "time_range(signal, data) -> (low, high) | None | False: a traces or logs request's"
+     " record time range off the wire; False: not read here (use the Python path)."},
+    {"span_columns", span_columns, METH_VARARGS,
+     "span_columns(data, render) -> dict | False: the otel_traces columns of a serialized"
+     " ExportTraceServiceRequest as buffers; False: not read here (use the Python path)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_wire", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__wire(void) { return PyModule_Create(&module); }
