@@ -571,10 +571,15 @@ def test_alerts_cover_the_issue_list() -> None:
         # forwarding (issue 21)
         "max by (destination) (otelworker_forward_lag_seconds) > 300",
         "delta(otelworker_forward_dead_objects[15m])) > 0",
+        # compaction (issue 23): three times COMPACT_GRACE_S's default
+        "max(otelworker_compact_lag_seconds) > 3 * 300",
     ):
         assert needle in exprs
     lagging = [r for r in _alert_rules() if r["alert"] == "OtelworkerForwardLagging"]
     assert [r["for"] for r in lagging] == ["10m"]
+    compaction = [r for r in _alert_rules() if r["alert"] == "OtelworkerCompactionLagging"]
+    assert [r["for"] for r in compaction] == ["15m"]
+    assert _settings_default("COMPACT_GRACE_S") == 300
 
 
 def test_dashboard_has_the_forwarding_row() -> None:
@@ -589,6 +594,25 @@ def test_dashboard_has_the_forwarding_row() -> None:
         "otelworker_forward_lag_seconds",
         "otelworker_forward_attempts_total",
         "otelworker_forward_dead_objects",
+    ):
+        assert name in exprs, name
+
+
+def test_dashboard_has_the_compaction_row() -> None:
+    """Issue 23's row: rows and objects compacted, files and bytes, passes and failures,
+    the lag."""
+    panels = list(_dashboard_panels())
+    (row,) = [p for p in panels if p["type"] == "row" and p["title"] == "Compaction"]
+    below = [p for p in panels if p["type"] != "row" and p["gridPos"]["y"] > row["gridPos"]["y"]]
+    exprs = " ".join(t["expr"] for p in below for t in p["targets"])
+    for name in (
+        "otelworker_compact_records_total",
+        "otelworker_compact_source_objects_total",
+        "otelworker_compact_files_total",
+        "otelworker_compact_bytes_total",
+        "otelworker_compact_runs_total",
+        "otelworker_compact_failures_total",
+        "otelworker_compact_lag_seconds",
     ):
         assert name in exprs, name
 
