@@ -287,3 +287,20 @@ async def test_a_compactor_service_serves_its_metrics(
     assert got[("otelworker_compact_runs_total", ())] >= 1
     assert got[("otelworker_compact_lag_seconds", ())] == 0
     assert not any(v for (name, _), v in got.items() if name == "otelworker_compact_failures_total")
+
+
+def test_every_compactor_metric_is_documented() -> None:
+    """Each otelworker_compact_* family is in the metrics reference and in the compaction
+    section of the query docs."""
+    docs = Path(__file__).resolve().parents[2] / "docs"
+    names = {
+        family.name + ("_total" if family.type == "counter" else "")
+        for family in Metrics().registry.collect()
+        if family.name.startswith("otelworker_compact_")
+    }
+    assert len(names) == 7, names
+    operations = (docs / "operations.md").read_text()
+    compaction = (docs / "query.md").read_text().split("## Compaction", 1)[1].split("\n## ", 1)[0]
+    for name in sorted(names):
+        assert f"`{name}`" in operations, name
+        assert f"`{name}`" in compaction, name
