@@ -714,12 +714,18 @@ def tables_of(signal: str, raw: bytes, tenant: str) -> dict[str, pa.Table]:
         if columns is not False:
             table = _traces_from_wire(columns, tenant)
             try:
-                table.validate(full=True)  # UTF-8, as upb checks it
+                # UTF-8, as upb checks it, of the strings the walker copied from the wire
+                # (ids are its own hex; resources and scopes were decoded by upb).
+                for name in _WIRE_STRINGS:
+                    table.column(name).validate(full=True)
             except pa.ArrowInvalid:
                 pass
             else:
                 return {"otel_traces": table}
     return to_tables(signal, otlp.decode(signal, raw), tenant)
+
+
+_WIRE_STRINGS = ("TraceState", "SpanName", "SpanAttributes", "StatusMessage", "Events", "Links")
 
 
 def _render_raw(raw: bytes) -> str:
