@@ -276,9 +276,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--query-spans", type=int, default=1_000_000)
     parser.add_argument("--ingress-us-per-span", type=float, default=INGRESS_US_PER_SPAN)
     parser.add_argument("--rounds", type=int, default=3, help="compactions timed (median)")
+    parser.add_argument(
+        "--no-compiled",
+        action="store_true",
+        help="convert in Python, as where otelworker._wire is not built (an A/B)",
+    )
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     args = parser.parse_args(argv)
+    if args.no_compiled:
+        from otelworker.columnar import convert
+
+        convert.compiled = None
     result = bench_compact(
         args.objects,
         args.per_object,
