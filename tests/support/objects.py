@@ -20,6 +20,7 @@ import asyncio
 import gzip
 import re
 import time
+import zlib
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -546,3 +547,15 @@ class Telemetry:
         self.send_metrics(self.metric_points(points))
         self.send_logs(self.log_records(logs))
         return self.sent
+
+
+def gzip_members(body: bytes) -> int:
+    """gzip members in a body (zlib stops at each member's end)."""
+    count = 0
+    while body:
+        inflater = zlib.decompressobj(wbits=31)
+        inflater.decompress(body)
+        assert inflater.eof
+        body = inflater.unused_data
+        count += 1
+    return count

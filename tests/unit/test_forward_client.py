@@ -12,7 +12,6 @@ import asyncio
 import gzip
 import os
 import time
-import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -42,6 +41,7 @@ from otelworker.forwarding.client import (
 from otelworker.forwarding.destinations import Destination, parse_destinations
 from otelworker.settings import Compression
 from tests.support import free_port
+from tests.support.objects import gzip_members as members
 from tests.support.objects import record_ids
 from tests.support.pki import Pki, make_pki
 from tests.support.secrets import new_token
@@ -231,18 +231,6 @@ async def test_fast_path_counts_records_when_not_told(fake: HttpFake) -> None:
     result = await send(http_dest(fake), obj)
     assert result.records == 12
     assert fake.received[0].body == obj.body
-
-
-def members(body: bytes) -> int:
-    """gzip members in a body (zlib stops at each member's end)."""
-    count = 0
-    while body:
-        inflater = zlib.decompressobj(wbits=31)
-        inflater.decompress(body)
-        assert inflater.eof
-        body = inflater.unused_data
-        count += 1
-    return count
 
 
 async def test_one_member_object_goes_as_stored_by_default(fake: HttpFake) -> None:
