@@ -189,6 +189,15 @@ def convert_chunk(
             converted = tables_of(chunk.signal, raw, chunk.tenant)
         except BadPayload as exc:
             raise BadPayload(f"{source.object_key}: {exc}") from None
+        except MemoryError:
+            raise
+        except Exception as exc:
+            # Whatever else converting one object raises (an Arrow error on data it cannot
+            # hold, a converter's bug) is that object's: it is left out, uncompacted and
+            # logged, and the rest of the chunk goes on; it never ends the compactor.
+            raise BadPayload(
+                f"{source.object_key}: cannot convert: {type(exc).__name__}: {exc}"
+            ) from None
         for name, table in converted.items():
             if table.num_rows:
                 parts[name].append(table)

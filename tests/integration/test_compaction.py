@@ -18,6 +18,7 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pyarrow.parquet as pq
@@ -25,6 +26,7 @@ import pytest
 
 from otelworker.archive.manifest import ArchiveIndex
 from otelworker.archive.prune import ORPHAN_MIN_AGE, gc_orphans, prune, prune_parquet
+from otelworker.archive.reader import decompress
 from otelworker.columnar.compact import Compactor, LostRace, plan_chunks
 from otelworker.sinks.local import LocalObjectStore
 from tests.support.compaction import (
@@ -244,6 +246,45 @@ async def test_a_missing_or_corrupt_object_is_left_uncompacted_and_the_rest_comp
         ("object_corrupt", corrupt["object_key"]),
     }
     assert good["batch_id"] not in {r["batch_id"] for r in left}
+
+
+async def test_an_object_the_converter_fails_on_is_left_out_and_the_compactor_goes_on(
+    pool: asyncpg.Pool,
+    root: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Not a corrupt object: one the conversion raises on (an Arrow error, a converter's
+    bug). That object is left uncompacted and logged; its chunk-mates are compacted and
+    the pass returns: it never ends the compactor."""
+    from otelworker.columnar import convert
+
+    caplog.set_level(logging.INFO, logger="otelworker")
+    store = LocalObjectStore(root)
+    seeded = Seeded()
+    now = datetime.now(UTC)
+    at = hour_of(now) - timedelta(hours=2)
+    await seed(pool, store, seeded, tenant="t", signal="logs", objects=3, records=5, created_at=at)
+    rows = await pool.fetch("SELECT batch_id, object_key FROM export_batches ORDER BY batch_id")
+    poisoned = rows[1]
+    poisoned_raw = decompress(poisoned["object_key"], (root / poisoned["object_key"]).read_bytes())
+    real = convert.tables_of
+
+    def failing(signal: str, raw: bytes, tenant: str) -> Any:
+        if raw == poisoned_raw:
+            raise ValueError("an Arrow error on this object")
+        return real(signal, raw, tenant)
+
+    monkeypatch.setattr(convert, "tables_of", failing)
+    result = await compactor(pool, root).run_once(now=now)
+    assert (result.sources, result.unreadable) == (2, 1)
+    left = await pool.fetch("SELECT batch_id FROM export_batches WHERE compacted_at IS NULL")
+    assert [r["batch_id"] for r in left] == [poisoned["batch_id"]]
+    logged = [r for r in caplog.records if getattr(r, "event", None) == "compact_object_unreadable"]
+    assert [(r.reason, r.object_key) for r in logged] == [  # type: ignore[attr-defined]
+        ("object_corrupt", poisoned["object_key"])
+    ]
+    assert "ValueError" in logged[0].error  # type: ignore[attr-defined]
 
 
 def test_plan_chunks_cuts_by_hour_and_size() -> None:
