@@ -6,8 +6,9 @@
  *                             manifest), as otelworker.otlp.time_range computes them;
  *   span_columns(data, render) the otel_traces table's per-span columns of a serialized
  *                             ExportTraceServiceRequest as Arrow buffers (offsets and
- *                             bytes), for otelworker/columnar/wire.py to wrap without a
- *                             Python object per value.
+ *                             bytes), for otelworker/columnar/convert.py to wrap without
+ *                             a Python object per value;
+ *   log_columns(data, render)  the same for otel_logs and ExportLogsServiceRequest.
  *
  * Both follow the Python paths exactly or decline: anything they do not handle the one
  * way the Python path does (a singular field written twice, which protobuf merges; a
@@ -646,6 +647,166 @@ static PyObject *span_columns(PyObject *self, PyObject *args) {
     return result;
 }
 
+/* --- the otel_logs columns ------------------------------------------------------------ */
+
+typedef struct {
+    int32_t rows;
+    Buf ts, flags, severity, resource, scope;
+    Str trace_id, span_id, severity_text, body;
+    Map attrs;
+    /* per resource and per scope: the message's bytes and the schema URL's */
+    PyObject *resources, *resource_urls, *scopes, *scope_urls;
+    PyObject *render;
+} Logs;
+
+/* LogRecord fields and the wire type each must have (-1: not a field read here). */
+static const int LOG_WIRE[13] = {-1, 1, 0, 2, -1, 2, 2, 0, 5, 2, 2, 1, 2};
+
+static int add_log(Logs *s, const uint8_t *p, const uint8_t *end, int32_t resource, int32_t scope) {
+    Field f, text = {0}, body = {0}, trace = {0}, span = {0};
+    int rc;
+    uint32_t seen = 0;
+    uint64_t t = 0, observed = 0, flags = 0;
+    int64_t severity = 0;
+    int32_t attrs = s->attrs.count;
+    while ((rc = next_field(&p, end, &f)) == 1) {
+        if (f.field > 12) continue;
+        if (LOG_WIRE[f.field] < 0) {
+            if (f.field == 4) return DECLINE; /* reserved in the proto: never written */
+            continue;
+        }
+        if (f.wt != LOG_WIRE[f.field]) return DECLINE;
+        if (f.field != 6 && !ONCE(seen, f.field)) return DECLINE;
+        switch (f.field) {
+        case 1: t = f.v; break;
+        case 2: severity = (int64_t)(int32_t)(uint32_t)f.v; break;
+        case 3: text = f; break;
+        case 5: body = f; break;
+        case 6:
+            if ((rc = add_pair(&s->attrs, f.d, f.d + f.len, s->render))) return rc;
+            break;
+        case 8: flags = f.v; break;
+        case 9: trace = f; break;
+        case 10: span = f; break;
+        case 11: observed = f.v; break;
+        }
+    }
+    if (rc < 0) return DECLINE;
+    uint8_t flag = (uint8_t)(flags & 0xff), sev = (uint8_t)(severity & 0xff);
+    if (put_i64(&s->ts, clamp_u64(t ? t : observed)) || buf_put(&s->flags, &flag, 1) ||
+        buf_put(&s->severity, &sev, 1) || put_i32(&s->resource, resource) ||
+        put_i32(&s->scope, scope) || str_hex(&s->trace_id, trace.d, trace.len) ||
+        str_hex(&s->span_id, span.d, span.len) || str_add(&s->severity_text, text.d, text.len))
+        return FAIL;
+    if ((rc = add_value(&s->body, body.d, body.d + body.len, s->render))) return rc;
+    if ((rc = map_row(&s->attrs, attrs))) return rc;
+    s->rows++;
+    return 0;
+}
+
+/* A message's field 1 (its resource or scope) and field 3 (its schema URL), appended to
+ * `messages` and `urls` once the whole message is read; records (field 2) by `record`. */
+static int add_scope_logs(Logs *s, const uint8_t *p, const uint8_t *end, int32_t resource) {
+    Field f, scope = {0}, url = {0};
+    int rc;
+    uint32_t seen = 0;
+    int32_t index = (int32_t)PyList_GET_SIZE(s->scopes);
+    if (PyList_Append(s->scopes, Py_None) || PyList_Append(s->scope_urls, Py_None)) return FAIL;
+    while ((rc = next_field(&p, end, &f)) == 1) {
+        if (f.field < 1 || f.field > 3) continue;
+        if (f.wt != 2) return DECLINE;
+        if (f.field == 2) {
+            if ((rc = add_log(s, f.d, f.d + f.len, resource, index))) return rc;
+            continue;
+        }
+        if (!ONCE(seen, f.field)) return DECLINE;
+        if (f.field == 1) scope = f; else url = f;
+    }
+    if (rc < 0) return DECLINE;
+    PyObject *a = PyBytes_FromStringAndSize(scope.d ? (const char *)scope.d : "", (Py_ssize_t)scope.len);
+    if (!a || PyList_SetItem(s->scopes, index, a)) return FAIL;
+    PyObject *b = PyBytes_FromStringAndSize(url.d ? (const char *)url.d : "", (Py_ssize_t)url.len);
+    if (!b || PyList_SetItem(s->scope_urls, index, b)) return FAIL;
+    return 0;
+}
+
+static int add_resource_logs(Logs *s, const uint8_t *p, const uint8_t *end) {
+    Field f, resource = {0}, url = {0};
+    int rc;
+    uint32_t seen = 0;
+    int32_t index = (int32_t)PyList_GET_SIZE(s->resources);
+    while ((rc = next_field(&p, end, &f)) == 1) {
+        if (f.field < 1 || f.field > 3) continue;
+        if (f.wt != 2) return DECLINE;
+        if (f.field == 2) {
+            if ((rc = add_scope_logs(s, f.d, f.d + f.len, index))) return rc;
+            continue;
+        }
+        if (!ONCE(seen, f.field)) return DECLINE;
+        if (f.field == 1) resource = f; else url = f;
+    }
+    if (rc < 0) return DECLINE;
+    if (append_message(s->resources, &resource)) return FAIL;
+    return append_message(s->resource_urls, &url);
+}
+
+static void logs_free(Logs *s) {
+    Buf *bufs[] = {&s->ts, &s->flags, &s->severity, &s->resource, &s->scope};
+    for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) PyMem_Free(bufs[i]->buf);
+    Str *strs[] = {&s->trace_id, &s->span_id, &s->severity_text, &s->body};
+    for (size_t i = 0; i < sizeof strs / sizeof *strs; i++) str_free(strs[i]);
+    map_free(&s->attrs);
+    Py_XDECREF(s->resources);
+    Py_XDECREF(s->resource_urls);
+    Py_XDECREF(s->scopes);
+    Py_XDECREF(s->scope_urls);
+}
+
+static PyObject *log_columns(PyObject *self, PyObject *args) {
+    Py_buffer data;
+    PyObject *render;
+    Logs s;
+    memset(&s, 0, sizeof s);
+    if (!PyArg_ParseTuple(args, "y*O", &data, &render)) return NULL;
+    s.render = render;
+    s.resources = PyList_New(0);
+    s.resource_urls = PyList_New(0);
+    s.scopes = PyList_New(0);
+    s.scope_urls = PyList_New(0);
+    int rc = (!s.resources || !s.resource_urls || !s.scopes || !s.scope_urls) ? FAIL : 0;
+    if (!rc) rc = str_init(&s.trace_id) || str_init(&s.span_id) || str_init(&s.severity_text) ||
+                  str_init(&s.body) || map_init(&s.attrs) ? FAIL : 0;
+    const uint8_t *p = (const uint8_t *)data.buf, *end = p + data.len;
+    Field f;
+    while (!rc && (rc = next_field(&p, end, &f)) == 1) {
+        rc = 0;
+        if (f.field != 1) continue;
+        if (f.wt != 2) rc = DECLINE;
+        else rc = add_resource_logs(&s, f.d, f.d + f.len);
+    }
+    if (rc == -1 && !PyErr_Occurred()) rc = DECLINE;
+    PyBuffer_Release(&data);
+    PyObject *result = NULL;
+    if (rc == DECLINE) {
+        result = Py_False;
+        Py_INCREF(result);
+    } else if (rc == 0) {
+        result = Py_BuildValue(
+            "{s:i,s:N,s:N,s:N,s:N,s:N,s:O,s:O,s:O,s:O,s:N,s:N,s:N,s:N,s:N}",
+            "rows", s.rows,
+            "ts", buf_bytes(&s.ts), "flags", buf_bytes(&s.flags),
+            "severity", buf_bytes(&s.severity),
+            "resource", buf_bytes(&s.resource), "scope", buf_bytes(&s.scope),
+            "resources", s.resources, "resource_urls", s.resource_urls,
+            "scopes", s.scopes, "scope_urls", s.scope_urls,
+            "trace_id", str_tuple(&s.trace_id), "span_id", str_tuple(&s.span_id),
+            "severity_text", str_tuple(&s.severity_text), "body", str_tuple(&s.body),
+            "attrs", map_tuple(&s.attrs));
+    }
+    logs_free(&s);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"time_range", time_range, METH_VARARGS,
      "time_range(signal, data) -> (low, high) | None | False: a traces or logs request's"
@@ -653,6 +814,9 @@ static PyMethodDef methods[] = {
     {"span_columns", span_columns, METH_VARARGS,
      "span_columns(data, render) -> dict | False: the otel_traces columns of a serialized"
      " ExportTraceServiceRequest as buffers; False: not read here (use the Python path)."},
+    {"log_columns", log_columns, METH_VARARGS,
+     "log_columns(data, render) -> dict | False: the otel_logs columns of a serialized"
+     " ExportLogsServiceRequest as buffers; False: not read here (use the Python path)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -700,32 +700,33 @@ def _encodings(schema: pa.Schema) -> tuple[list[str], list[str], list[str]]:
 
 
 def tables_of(signal: str, raw: bytes, tenant: str) -> dict[str, pa.Table]:
-    """:func:`to_tables` of a serialized request: traces read off the wire by the compiled
-    walker where it is built and takes the request (columns as Arrow buffers, no Python
+    """:func:`to_tables` of a serialized request: traces and logs read off the wire by the
+    compiled walker where it is built and takes the request (columns as Arrow buffers, no Python
     object per value; ~10x the Python pass), else decoded (upb) and converted in Python.
     The walker declines what it does not read exactly as the Python path does (a field
     written twice, a repeated attribute key, a malformed length: see _wire.c); then the
     Python path runs, and raises :class:`BadPayload` for what is malformed."""
-    if signal == "traces" and compiled is not None:
+    walker = _WALKERS.get(signal) if compiled is not None else None
+    if walker is not None:
+        read, build, strings, name = walker
         try:
-            columns = compiled.span_columns(raw, _render_raw)
-        except DecodeError:
-            columns = False  # an attribute value upb refuses: the Python path says so
-        if columns is not False:
-            table = _traces_from_wire(columns, tenant)
+            columns = read(raw, _render_raw)
+            # A resource or scope upb refuses, a schema URL that is not UTF-8: the Python
+            # path says so.
+            table = build(columns, tenant) if columns is not False else None
+        except (DecodeError, UnicodeDecodeError):
+            table = None
+        if table is not None:
             try:
                 # UTF-8, as upb checks it, of the strings the walker copied from the wire
                 # (ids are its own hex; resources and scopes were decoded by upb).
-                for name in _WIRE_STRINGS:
-                    table.column(name).validate(full=True)
+                for column in strings:
+                    table.column(column).validate(full=True)
             except pa.ArrowInvalid:
                 pass
             else:
-                return {"otel_traces": table}
+                return {name: table}
     return to_tables(signal, otlp.decode(signal, raw), tenant)
-
-
-_WIRE_STRINGS = ("TraceState", "SpanName", "SpanAttributes", "StatusMessage", "Events", "Links")
 
 
 def _render_raw(raw: bytes) -> str:
@@ -820,3 +821,65 @@ def _traces_from_wire(c: dict[str, Any], tenant: str) -> pa.Table:
         ),
     }
     return _table("otel_traces", columns, rows, tenant)
+
+
+def _logs_from_wire(c: dict[str, Any], tenant: str) -> pa.Table:
+    rows = c["rows"]
+    names: list[str] = []
+    resource_attrs = _Map()
+    for raw in c["resources"]:
+        resource = resource_pb2.Resource.FromString(raw)
+        names.append(_service_name(resource.attributes))
+        resource_attrs.add_rendered(*_attrs(resource.attributes))
+    scope_names: list[str] = []
+    scope_versions: list[str] = []
+    scope_attrs = _Map()
+    for raw in c["scopes"]:
+        scope = common_pb2.InstrumentationScope.FromString(raw)
+        scope_names.append(scope.name)
+        scope_versions.append(scope.version)
+        scope_attrs.add_rendered(*_attrs(scope.attributes))
+    by_resource = _fixed(c["resource"], pa.int32())
+    by_scope = _fixed(c["scope"], pa.int32())
+    resource_urls = [url.decode() for url in c["resource_urls"]]
+    scope_urls = [url.decode() for url in c["scope_urls"]]
+    columns = {
+        "Timestamp": _fixed(c["ts"], pa.int64()).cast(TIMESTAMP),
+        "TraceId": _strings(c["trace_id"]),
+        "SpanId": _strings(c["span_id"]),
+        "TraceFlags": _fixed(c["flags"], pa.uint8()),
+        "SeverityText": _strings(c["severity_text"]),
+        "SeverityNumber": _fixed(c["severity"], pa.uint8()),
+        "ServiceName": pa.array(names, pa.string()).take(by_resource),
+        "Body": _strings(c["body"]),
+        "ResourceSchemaUrl": pa.array(resource_urls, pa.string()).take(by_resource),
+        "ResourceAttributes": resource_attrs.array().take(by_resource),
+        "ScopeSchemaUrl": pa.array(scope_urls, pa.string()).take(by_scope),
+        "ScopeName": pa.array(scope_names, pa.string()).take(by_scope),
+        "ScopeVersion": pa.array(scope_versions, pa.string()).take(by_scope),
+        "ScopeAttributes": scope_attrs.array().take(by_scope),
+        "LogAttributes": _map_of(c["attrs"]),
+    }
+    return _table("otel_logs", columns, rows, tenant)
+
+
+# signal: (the walker, the table from its columns, the columns of strings it copied from
+# the wire, the table's name)
+_WALKERS: dict[str, tuple[Any, Any, tuple[str, ...], str]] = (
+    {
+        "traces": (
+            compiled.span_columns,
+            _traces_from_wire,
+            ("TraceState", "SpanName", "SpanAttributes", "StatusMessage", "Events", "Links"),
+            "otel_traces",
+        ),
+        "logs": (
+            compiled.log_columns,
+            _logs_from_wire,
+            ("SeverityText", "Body", "LogAttributes"),
+            "otel_logs",
+        ),
+    }
+    if compiled is not None
+    else {}
+)

@@ -22,6 +22,7 @@ import pytest
 from otelworker.archive.manifest import ArchiveIndex
 from otelworker.archive.prune import gc_orphans
 from otelworker.exceptions import StagingRefused
+from otelworker.gzjoin import PIECE_HEADER
 from otelworker.metrics import Metrics
 from otelworker.processing.export import Exporter
 from otelworker.settings import Compression
@@ -206,7 +207,13 @@ async def test_a_row_of_corrupt_deflate_goes_dead_alone_and_its_batch_mates_are_
         payload = bytes(
             await conn.fetchval("SELECT payload FROM ingestion_queue WHERE id = $1", corrupt)
         )
-        payload = payload[:10] + bytes(b ^ 0xFF for b in payload[10:30]) + payload[30:]
+        # The header is 10 bytes, 16 with the joinable mark (otelworker/gzjoin.py).
+        start = len(PIECE_HEADER) if payload.startswith(PIECE_HEADER) else 10
+        payload = (
+            payload[:start]
+            + bytes(b ^ 0xFF for b in payload[start : start + 20])
+            + payload[start + 20 :]
+        )
         await conn.execute(
             "UPDATE ingestion_queue SET payload = $2, payload_crc = NULL WHERE id = $1",
             corrupt,
