@@ -194,7 +194,7 @@ def time_range(signal: str, message: Any) -> tuple[int, int] | None:
 def payload_time_range(signal: str, payload: bytes, message: Any) -> tuple[int, int] | None:
     """:func:`time_range` of ``message``, read off its serialization ``payload`` by the
     compiled walker (otelworker/_wire.c) where it can: one pass over the bytes instead of
-    a Python attribute read per record (41.6 against ~1 us for 100 spans). Metrics, and
+    a Python attribute read per record (3.3 against 22.9 us for 100 bare spans). Metrics, and
     any request the walker declines, go the Python way."""
     if compiled is not None and signal != "metrics":
         found: tuple[int, int] | Literal[False] | None = compiled.time_range(signal, payload)
