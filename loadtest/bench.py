@@ -1873,7 +1873,16 @@ async def amain(args: argparse.Namespace, workdir: Path) -> int:
             from loadtest.bench_compact import bench_compact, print_compact
 
             _say()
-            compact = await asyncio.to_thread(bench_compact)
+            # The baseline: ROLE=ingress's CPU per span at 512 spans measured in this run
+            # (`all`), else the figure of the last full run (bench_compact's default).
+            ingress_512 = (
+                (results.get("ingest", {}).get("sizes", {}).get("512", {}).get("rows", {}))
+                .get("durable", {})
+                .get("cpu_us_per_span")
+            )
+            compact = await asyncio.to_thread(
+                bench_compact, **({"ingress_us_per_span": ingress_512} if ingress_512 else {})
+            )
             results["compact"] = compact
             print_compact(compact)
             if args.strict and not all(t["met"] for t in compact["targets"]):

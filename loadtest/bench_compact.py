@@ -46,9 +46,10 @@ from otelworker import gzjoin
 from otelworker.compression import compress
 from otelworker.settings import Compression
 
-# docs/performance-history.md, "Every row at every size with the flush's checksum check": the
-# ROLE=ingress 512-span row's service + PostgreSQL CPU per span.
-INGRESS_US_PER_SPAN = 2.14
+# docs/performance.md, "How fast is it" (commit de6a6e6): the ROLE=ingress 512-span row's
+# service + PostgreSQL CPU per span. `python -m loadtest.bench all` passes the figure of its
+# own ingest run instead.
+INGRESS_US_PER_SPAN = 1.85
 TARGET_SPEED = 0.5
 TARGET_SIZE = 0.6
 HOUR_NS = 3600 * 10**9
