@@ -249,6 +249,19 @@ def test_kustomizations_render_what_they_should() -> None:
     (deployment,) = _of_kind(all_in_one, "Deployment")
     assert _pod_env(deployment, all_in_one)["ROLE"] == "all"
     assert deployment["spec"]["replicas"] == 1
+    with_compactor = render(KUSTOMIZATIONS["with-compactor"])
+    assert {_identity(doc) for doc in with_compactor} == base | {
+        ("Deployment", "otelworker-compactor")
+    }
+    (compactor,) = [
+        d
+        for d in _of_kind(with_compactor, "Deployment")
+        if _pod_env(d, with_compactor)["ROLE"] == "compactor"
+    ]
+    # Its own pods: the Service and the PDB select the ingress's, the compactor's none.
+    labels = compactor["spec"]["template"]["metadata"]["labels"]
+    assert labels["app.kubernetes.io/component"] == "compactor"
+    assert compactor["spec"]["selector"]["matchLabels"] == labels
 
 
 def test_manifests_validate_against_kubernetes_schemas(rendered: list[Doc]) -> None:
@@ -261,7 +274,7 @@ def test_manifests_validate_against_kubernetes_schemas(rendered: list[Doc]) -> N
 
 def test_roles(rendered: list[Doc]) -> None:
     roles = sorted(_pod_env(d, rendered).get("ROLE", "") for d in _of_kind(rendered, "Deployment"))
-    assert roles in (["ingress", "worker"], ["all"])
+    assert roles in (["ingress", "worker"], ["all"], ["compactor", "ingress", "worker"])
     for role in roles:
         assert role in {r.value for r in type(_settings_default("ROLE"))}
 
@@ -428,7 +441,7 @@ def test_object_store_is_s3_where_the_root_is_read_only(rendered: list[Doc]) -> 
     # root filesystem refuses.
     for deployment in _of_kind(rendered, "Deployment"):
         env = _pod_env(deployment, rendered)
-        if env["ROLE"] in ("worker", "all"):
+        if env["ROLE"] in ("worker", "all", "compactor"):
             assert env.get("S3_BUCKET")
 
 
