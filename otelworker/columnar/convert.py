@@ -761,8 +761,10 @@ def _names(names: tuple[str, ...], indices: bytes) -> pa.Array:
     return pa.array([*names, ""], pa.string()).take(_fixed(indices, pa.int32()))
 
 
-def _traces_from_wire(c: dict[str, Any], tenant: str) -> pa.Table:
-    rows = c["rows"]
+def _entities_of(c: dict[str, Any]) -> dict[str, pa.Array]:
+    """The resource and scope columns of the walker's rows: each resource and scope it
+    handed back (bytes) decoded by upb and rendered once, repeated into the rows by
+    ``take``."""
     names: list[str] = []
     resource_attrs = _Map()
     for raw in c["resources"]:
@@ -771,12 +773,26 @@ def _traces_from_wire(c: dict[str, Any], tenant: str) -> pa.Table:
         resource_attrs.add_rendered(*_attrs(resource.attributes))
     scope_names: list[str] = []
     scope_versions: list[str] = []
+    scope_attrs = _Map()
     for raw in c["scopes"]:
         scope = common_pb2.InstrumentationScope.FromString(raw)
         scope_names.append(scope.name)
         scope_versions.append(scope.version)
+        scope_attrs.add_rendered(*_attrs(scope.attributes))
     by_resource = _fixed(c["resource"], pa.int32())
     by_scope = _fixed(c["scope"], pa.int32())
+    return {
+        "ServiceName": pa.array(names, pa.string()).take(by_resource),
+        "ResourceAttributes": resource_attrs.array().take(by_resource),
+        "ScopeName": pa.array(scope_names, pa.string()).take(by_scope),
+        "ScopeVersion": pa.array(scope_versions, pa.string()).take(by_scope),
+        "ScopeAttributes": scope_attrs.array().take(by_scope),
+    }
+
+
+def _traces_from_wire(c: dict[str, Any], tenant: str) -> pa.Table:
+    rows = c["rows"]
+    entities = _entities_of(c)
     schema = TABLES["otel_traces"]
     events_type = schema.field("Events").type
     links_type = schema.field("Links").type
@@ -805,10 +821,10 @@ def _traces_from_wire(c: dict[str, Any], tenant: str) -> pa.Table:
         "TraceState": _strings(c["state"]),
         "SpanName": _strings(c["name"]),
         "SpanKind": _names(_SPAN_KINDS, c["kind"]),
-        "ServiceName": pa.array(names, pa.string()).take(by_resource),
-        "ResourceAttributes": resource_attrs.array().take(by_resource),
-        "ScopeName": pa.array(scope_names, pa.string()).take(by_scope),
-        "ScopeVersion": pa.array(scope_versions, pa.string()).take(by_scope),
+        "ServiceName": entities["ServiceName"],
+        "ResourceAttributes": entities["ResourceAttributes"],
+        "ScopeName": entities["ScopeName"],
+        "ScopeVersion": entities["ScopeVersion"],
         "SpanAttributes": _map_of(c["attrs"]),
         "Duration": _fixed(c["duration"], pa.int64()),
         "StatusCode": _names(_STATUS_CODES, c["code"]),
@@ -825,20 +841,7 @@ def _traces_from_wire(c: dict[str, Any], tenant: str) -> pa.Table:
 
 def _logs_from_wire(c: dict[str, Any], tenant: str) -> pa.Table:
     rows = c["rows"]
-    names: list[str] = []
-    resource_attrs = _Map()
-    for raw in c["resources"]:
-        resource = resource_pb2.Resource.FromString(raw)
-        names.append(_service_name(resource.attributes))
-        resource_attrs.add_rendered(*_attrs(resource.attributes))
-    scope_names: list[str] = []
-    scope_versions: list[str] = []
-    scope_attrs = _Map()
-    for raw in c["scopes"]:
-        scope = common_pb2.InstrumentationScope.FromString(raw)
-        scope_names.append(scope.name)
-        scope_versions.append(scope.version)
-        scope_attrs.add_rendered(*_attrs(scope.attributes))
+    entities = _entities_of(c)
     by_resource = _fixed(c["resource"], pa.int32())
     by_scope = _fixed(c["scope"], pa.int32())
     resource_urls = [url.decode() for url in c["resource_urls"]]
@@ -850,14 +853,14 @@ def _logs_from_wire(c: dict[str, Any], tenant: str) -> pa.Table:
         "TraceFlags": _fixed(c["flags"], pa.uint8()),
         "SeverityText": _strings(c["severity_text"]),
         "SeverityNumber": _fixed(c["severity"], pa.uint8()),
-        "ServiceName": pa.array(names, pa.string()).take(by_resource),
+        "ServiceName": entities["ServiceName"],
         "Body": _strings(c["body"]),
         "ResourceSchemaUrl": pa.array(resource_urls, pa.string()).take(by_resource),
-        "ResourceAttributes": resource_attrs.array().take(by_resource),
+        "ResourceAttributes": entities["ResourceAttributes"],
         "ScopeSchemaUrl": pa.array(scope_urls, pa.string()).take(by_scope),
-        "ScopeName": pa.array(scope_names, pa.string()).take(by_scope),
-        "ScopeVersion": pa.array(scope_versions, pa.string()).take(by_scope),
-        "ScopeAttributes": scope_attrs.array().take(by_scope),
+        "ScopeName": entities["ScopeName"],
+        "ScopeVersion": entities["ScopeVersion"],
+        "ScopeAttributes": entities["ScopeAttributes"],
         "LogAttributes": _map_of(c["attrs"]),
     }
     return _table("otel_logs", columns, rows, tenant)
