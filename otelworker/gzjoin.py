@@ -49,6 +49,8 @@ _VERSION = 1
 _ENTRY = struct.Struct("<IIII")  # deflate bytes, raw bytes, CRC-32 of raw, records
 # An extra field holds 65,535 bytes: its subfield header (4), the version (1), entries.
 MAX_ENTRIES = (0xFFFF - 4 - 1) // _ENTRY.size
+# ISA-L's deflate levels; above them zlib's.
+ISAL_MAX_LEVEL = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +67,7 @@ class Entry:
 def piece(data: bytes, level: int) -> bytes:
     """``data`` as a joinable gzip member (ISA-L's deflate at ``level`` <= 3, zlib's
     above)."""
-    if level <= 3:
+    if level <= ISAL_MAX_LEVEL:
         isal = isal_zlib.compressobj(level, isal_zlib.DEFLATED, -15)
         body = isal.compress(data) + isal.flush(isal_zlib.Z_SYNC_FLUSH)
     else:

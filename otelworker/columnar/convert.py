@@ -761,10 +761,10 @@ def _names(names: tuple[str, ...], indices: bytes) -> pa.Array:
     return pa.array([*names, ""], pa.string()).take(_fixed(indices, pa.int32()))
 
 
-def _entities_of(c: dict[str, Any]) -> dict[str, pa.Array]:
-    """The resource and scope columns of the walker's rows: each resource and scope it
-    handed back (bytes) decoded by upb and rendered once, repeated into the rows by
-    ``take``."""
+def _entities_of(c: dict[str, Any], scope_attributes: bool) -> dict[str, pa.Array]:
+    """The resource and scope columns of the walker's rows (ScopeAttributes only when
+    asked: otel_traces has none): each resource and scope it handed back (bytes) decoded
+    by upb and rendered once, repeated into the rows by ``take``."""
     names: list[str] = []
     resource_attrs = _Map()
     for raw in c["resources"]:
@@ -778,21 +778,24 @@ def _entities_of(c: dict[str, Any]) -> dict[str, pa.Array]:
         scope = common_pb2.InstrumentationScope.FromString(raw)
         scope_names.append(scope.name)
         scope_versions.append(scope.version)
-        scope_attrs.add_rendered(*_attrs(scope.attributes))
+        if scope_attributes:
+            scope_attrs.add_rendered(*_attrs(scope.attributes))
     by_resource = _fixed(c["resource"], pa.int32())
     by_scope = _fixed(c["scope"], pa.int32())
-    return {
+    columns = {
         "ServiceName": pa.array(names, pa.string()).take(by_resource),
         "ResourceAttributes": resource_attrs.array().take(by_resource),
         "ScopeName": pa.array(scope_names, pa.string()).take(by_scope),
         "ScopeVersion": pa.array(scope_versions, pa.string()).take(by_scope),
-        "ScopeAttributes": scope_attrs.array().take(by_scope),
     }
+    if scope_attributes:
+        columns["ScopeAttributes"] = scope_attrs.array().take(by_scope)
+    return columns
 
 
 def _traces_from_wire(c: dict[str, Any], tenant: str) -> pa.Table:
     rows = c["rows"]
-    entities = _entities_of(c)
+    entities = _entities_of(c, scope_attributes=False)
     schema = TABLES["otel_traces"]
     events_type = schema.field("Events").type
     links_type = schema.field("Links").type
@@ -841,7 +844,7 @@ def _traces_from_wire(c: dict[str, Any], tenant: str) -> pa.Table:
 
 def _logs_from_wire(c: dict[str, Any], tenant: str) -> pa.Table:
     rows = c["rows"]
-    entities = _entities_of(c)
+    entities = _entities_of(c, scope_attributes=True)
     by_resource = _fixed(c["resource"], pa.int32())
     by_scope = _fixed(c["scope"], pa.int32())
     resource_urls = [url.decode() for url in c["resource_urls"]]
