@@ -132,14 +132,12 @@ class OtlpGrpc:
                     raise intake.inflight_refused()
                 reserved = len(request)
             intake.meter(tenant, len(request))
-            message, records = intake.decode(signal, request, json=False)
+            decoded = intake.decode(signal, request, json=False)
             accepted = await intake.stage(
                 tenant,
                 signal,
                 GRPC,
-                request,
-                message,
-                records,
+                decoded,
                 verdict,
                 request_id,
                 shed_status="OK",

@@ -38,6 +38,7 @@ from otelworker.ingress.admission import Verdict
 from otelworker.ingress.tenants import Tenant, Tenants, valid_tenant
 from otelworker.logs import log_event
 from otelworker.staging.queue import Facts
+from otelworker.wire import compiled
 
 if TYPE_CHECKING:
     from otelworker.metrics import Metrics
@@ -99,6 +100,17 @@ class Accepted:
 
     records: int
     shed: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    """A request as the door stages it: its canonical protobuf ``payload`` (for JSON, the
+    conversion), its record count, record time range and resource service names."""
+
+    payload: bytes
+    records: int
+    span: tuple[int, int] | None
+    services: tuple[str, ...]
 
 
 # The tenant name of a request refused before it had one (unauthenticated, invalid name).
@@ -270,13 +282,28 @@ class Intake:
     # --- decoding -------------------------------------------------------------------------
 
     @staticmethod
-    def decode(signal: str, data: bytes, json: bool) -> tuple[Any, int]:
-        """The request message and its record count; :class:`Refused` if malformed."""
+    def decode(signal: str, data: bytes, json: bool) -> Decoded:
+        """The request checked and read for staging; :class:`Refused` if malformed.
+
+        Protobuf is checked and read by the compiled walker (``inspect``: what upb checks,
+        and the count, time range and service names, in one pass and without a message),
+        else decoded by upb; JSON is decoded and converted to canonical protobuf."""
+        if not json and compiled is not None:
+            found = compiled.inspect(signal, data)
+            if found is not False:
+                records, span, names = found
+                return Decoded(data, records, span, tuple(sorted(set(names))))
         try:
             message = otlp.decode_json(signal, data) if json else otlp.decode(signal, data)
         except BadPayload as exc:
             raise Refused(Kind.INVALID, "bad_request", str(exc)) from None
-        return message, otlp.count_records(signal, message)
+        payload = message.SerializeToString() if json else data
+        return Decoded(
+            payload,
+            otlp.count_records(signal, message),
+            otlp.payload_time_range(signal, payload, message),
+            tuple(sorted(otlp.service_names(signal, message))),
+        )
 
     # --- staging --------------------------------------------------------------------------
 
@@ -285,9 +312,7 @@ class Intake:
         tenant: Tenant,
         signal: str,
         transport: str,
-        payload: bytes,
-        message: Any,
-        records: int,
+        decoded: Decoded,
         verdict: Verdict,
         request_id: RequestId,
         shed_status: int | str,
@@ -298,6 +323,7 @@ class Intake:
         ``metered``: the request's bytes as the tenant's byte limit counted them (the
         decompressed body as received: for JSON the JSON text), which the per-tenant byte
         counters use too; else the payload's size."""
+        payload, records = decoded.payload, decoded.records
         size = len(payload) if metered is None else metered
         metrics = self.metrics
         settings = self.settings
@@ -328,9 +354,9 @@ class Intake:
 
         committer = self.service.committer
         assert committer is not None  # admit() saw it
-        # Decode once: what the flush needs, from this decode; the payload stored in the
-        # object's codec, so the flush joins it as it is, checked by its checksum.
-        span = otlp.payload_time_range(signal, payload, message)
+        # What the flush needs, from this decode; the payload stored in the object's codec,
+        # so the flush joins it as it is, checked by its checksum.
+        span = decoded.span
         codec = settings.s3_compression
         if len(payload) > _INLINE_COMPRESS_BYTES:
             stored = await asyncio.to_thread(compress, payload, codec, settings.compression_level)
@@ -341,7 +367,7 @@ class Intake:
             len(payload),
             span[0] if span else None,
             span[1] if span else None,
-            tuple(sorted(otlp.service_names(signal, message))),
+            decoded.services,
             checksum(stored),
         )
         started = time.monotonic()

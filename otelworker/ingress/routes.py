@@ -270,16 +270,13 @@ async def _receive(
             return answer.refuse(intake.inflight_refused())
         answer.size = len(data)
         intake.meter(tenant, len(data))
-        message, records = intake.decode(signal, data, encoding.json)
+        decoded = intake.decode(signal, data, encoding.json)
         # Stage durably (or shed by the overflow policy); answer after the commit.
-        payload = message.SerializeToString() if encoding.json else data
         accepted = await intake.stage(
             tenant,
             signal,
             HTTP,
-            payload,
-            message,
-            records,
+            decoded,
             verdict,
             answer.request_id,
             shed_status=202,
