@@ -101,6 +101,11 @@ class _NoAnswer(Response):
         return None
 
 
+# The 200 answers, by (signal, JSON?): sent as they are (Starlette's Response.__call__
+# only reads them; DrainUnreadBody copies a message before it adds a header).
+_ACCEPTED: dict[tuple[str, bool], Response] = {}
+
+
 class _Answer:
     """Renders a request's answers over HTTP and counts them."""
 
@@ -117,6 +122,16 @@ class _Answer:
     def respond(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> Response:
         self.intake.answered(self.signal, HTTP, str(status))
         return Response(body, status, headers=headers, media_type=self.encoding.content_type)
+
+    def accepted(self) -> Response:
+        """The 200 (one Response per signal and encoding, made once: nothing in it varies)."""
+        self.intake.answered(self.signal, HTTP, "200")
+        key = (self.signal, self.encoding.json)
+        response = _ACCEPTED.get(key)
+        if response is None:
+            body = otlp.success(self.signal, self.encoding)
+            response = _ACCEPTED[key] = Response(body, 200, media_type=self.encoding.content_type)
+        return response
 
     def refuse(self, refusal: Refused, headers: dict[str, str] | None = None) -> Response:
         kind = refusal.kind
@@ -292,7 +307,7 @@ async def _receive(
         # 202: nothing staged; partial_success says how many records were shed.
         body = otlp.partial_success(signal, encoding, accepted.records, accepted.shed)
         return answer.respond(202, body)
-    return answer.respond(200, otlp.success(signal, encoding))
+    return answer.accepted()
 
 
 async def healthz(request: Request) -> Response:
