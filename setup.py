@@ -1,5 +1,5 @@
-"""The one compiled module, otelworker._wire (OTLP read off the wire for the door's time
-range and the compactor's span columns: docs/design.md, "Compiled: otelworker._wire").
+"""The one compiled module, otelworker._wire (OTLP read off the wire for the door's check
+and facts and the compactor's span columns: docs/design.md, "Compiled: otelworker._wire").
 
 Optional: where it cannot be built (no C compiler) the install goes on without it and
 otelworker uses the Python paths it mirrors, slower (otelworker/wire.py says which ran).

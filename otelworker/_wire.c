@@ -63,11 +63,14 @@ static uint64_t le64(const uint8_t *p) {
     return v;
 }
 
-/* 1: a field read; 0: the end; -1: malformed or a group (decline). */
+/* 1: a field read; 0: the end; -1: malformed or a group (decline). As upb: a tag and a
+ * length take at most 5 bytes (a longer, zero-padded one is malformed), a length is below
+ * INT32_MAX, a tag at most UINT32_MAX with a field number of 1 or more. */
 static inline __attribute__((always_inline)) int next_field(const uint8_t **pp, const uint8_t *end, Field *f) {
     uint64_t key, n;
-    if (*pp >= end) return 0;
-    if (!read_varint(pp, end, &key)) return -1;
+    const uint8_t *start = *pp;
+    if (start >= end) return 0;
+    if (!read_varint(pp, end, &key) || *pp - start > 5) return -1;
     f->field = (uint32_t)(key >> 3);
     f->wt = (int)(key & 7);
     if (f->field == 0 || (key >> 3) > 0x1fffffff) return -1;
@@ -80,7 +83,10 @@ static inline __attribute__((always_inline)) int next_field(const uint8_t **pp, 
         *pp += 8;
         return 1;
     case 2:
-        if (!read_varint(pp, end, &n) || n > (uint64_t)(end - *pp)) return -1;
+        start = *pp;
+        if (!read_varint(pp, end, &n) || *pp - start > 5 || n >= INT32_MAX ||
+            n > (uint64_t)(end - *pp))
+            return -1;
         f->d = *pp;
         f->len = (size_t)n;
         *pp += n;

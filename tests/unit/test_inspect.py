@@ -24,7 +24,7 @@ from otelworker.ingress import intake as intake_module
 from otelworker.ingress.intake import Intake, Refused
 from otelworker.wire import compiled
 from tests.unit.test_columnar_convert import kv, metrics_request
-from tests.unit.test_wire import _field, _time, _varint, random_logs, random_traces
+from tests.unit.test_wire import _field, _time, _varint, mutated, random_logs, random_traces
 
 if compiled is None and os.environ.get("CI") == "true":
     raise RuntimeError("otelworker._wire was not built: CI installs need a C compiler")
@@ -181,6 +181,26 @@ def test_what_it_is_not_sure_of_goes_to_upb(why: str, span: bytes) -> None:
     assert compiled.inspect("traces", raw) is False, why
 
 
+def _padded(value: int, size: int) -> bytes:
+    """``value`` as a varint of exactly ``size`` bytes (zero-padded: legal, up to a point)."""
+    return bytes(((value >> (7 * i)) & 0x7F) | (0x80 if i < size - 1 else 0) for i in range(size))
+
+
+def test_padded_tags_and_lengths_are_read_as_far_as_upb_reads_them() -> None:
+    """upb takes a tag or a length of at most 5 bytes, a value of at most 10."""
+    span = _field(7, 1, (7).to_bytes(8, "little"))
+    scope = _field(2, 2, _field(2, 2, span))
+    for size in range(1, 12):
+        for what, raw, most in (
+            ("tag", _padded(1 << 3 | 2, size) + _varint(len(scope)) + scope, 5),
+            ("length", b"\x0a" + _padded(len(scope), size) + scope, 5),
+            ("value", _request_of_span(span + b"\x30" + _padded(2, size)), 10),
+        ):
+            want = python_facts("traces", raw)
+            assert inspected("traces", raw) == want, (what, size)
+            assert (want is not None) is (size <= most), (what, size)
+
+
 def test_a_declined_request_is_still_staged_with_upbs_facts() -> None:
     twice = _request_of_span(_field(7, 1, (5).to_bytes(8, "little")) * 2)
     decoded = Intake.decode("traces", twice, json=False)
@@ -295,19 +315,7 @@ def test_mutated_requests_never_crash_and_never_pass_what_upb_refuses(signal: st
     seeds = [s for s in seeds if s]
     accepted = refused = 0
     for _ in range(4000):
-        data = bytearray(rng.choice(seeds))
-        for _ in range(rng.randint(1, 4)):
-            if not data:
-                break
-            at = rng.randrange(len(data))
-            action = rng.random()
-            if action < 0.5:
-                data[at] = rng.randrange(256)
-            elif action < 0.7:
-                del data[at : at + rng.randint(1, 8)]
-            else:
-                data[at:at] = rng.randbytes(rng.randint(1, 8))
-        raw = bytes(data)
+        raw = mutated(rng, rng.choice(seeds))
         got = inspected(signal, raw)
         want = python_facts(signal, raw)
         if want is None:
