@@ -348,7 +348,8 @@ class Forwarder:
             # Nothing is claimed any more: what is held is in flight or about to be.
             lane.room.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(lane.room.wait(), max(0.01, deadline - time.monotonic()))
+                async with asyncio.timeout(max(0.01, deadline - time.monotonic())):
+                    await lane.room.wait()
         if lane.held:
             log_event(
                 "forward_drain_timeout",
@@ -441,7 +442,8 @@ class Forwarder:
     # --- claim and send -----------------------------------------------------------------
     async def _idle(self, lane: Lane) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(lane.wake.wait(), self.poll_interval_s)
+            async with asyncio.timeout(self.poll_interval_s):
+                await lane.wake.wait()
 
     async def _claim_loop(self, lane: Lane) -> None:
         while True:

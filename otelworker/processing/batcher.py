@@ -87,7 +87,8 @@ class Batcher:
             if due > now:
                 self._opened.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._opened.wait(), due - now)
+                    async with asyncio.timeout(due - now):
+                        await self._opened.wait()
                 continue
             await self._dispatch(key)
 

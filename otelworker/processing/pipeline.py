@@ -58,6 +58,7 @@ class Pipeline:
             token=self.token,
             lease_s=settings.lease_timeout_s,
             poll_interval_s=settings.poll_interval_ms / 1000,
+            claim_gap_s=min(settings.batch_flush_interval_ms / 4, settings.poll_interval_ms) / 1000,
             events=events,
         )
         self.batcher = Batcher(

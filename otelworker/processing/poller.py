@@ -28,6 +28,7 @@ class Poller:
         token: uuid.UUID,
         lease_s: float,
         poll_interval_s: float,
+        claim_gap_s: float = 0.0,
         events: AggregatedEvents | None = None,
     ) -> None:
         self.queue = queue
@@ -39,6 +40,12 @@ class Poller:
         self.token = token
         self.lease_s = lease_s
         self.poll_interval_s = poll_interval_s
+        # Once the queue is caught up (a claim found fewer rows than the buffer's room),
+        # the next claim waits for a wake-up and for this long after the last one began:
+        # every group commit wakes the poller, and a claim per commit costs a statement
+        # (and its commit) for a handful of rows that the next batch would not flush
+        # before its size or its timer anyway (docs/design.md, "Claims").
+        self.claim_gap_s = claim_gap_s
         self.wake = asyncio.Event()
         self.paused = False
 
@@ -74,15 +81,23 @@ class Poller:
 
     async def _idle(self, within_s: float | None = None) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.wake.wait(), within_s or self.poll_interval_s)
+            async with asyncio.timeout(within_s or self.poll_interval_s):
+                await self.wake.wait()
         self.wake.clear()
 
     async def run(self) -> None:
         failures = 0
+        caught_up_at: float | None = None  # when the last short claim began
         while True:
             if self.buffer.room <= 0:
                 await self._pause_until_room()
+            if caught_up_at is not None:
+                gap = caught_up_at + self.claim_gap_s - time.monotonic()
+                if gap > 0:
+                    await asyncio.sleep(gap)
+                caught_up_at = None
             room = self.buffer.room
+            began = time.monotonic()
             try:
                 claimed = await self.queue.claim(
                     room,
@@ -109,6 +124,7 @@ class Poller:
                     self.metrics.items_claimed.labels(item.signal).inc()
             self.metrics.buffer_depth.set(self.buffer.depth)
             if len(claimed) < room and self.buffer.room > 0:
+                caught_up_at = began
                 await self._idle()
 
     async def listen(self, dsn: str) -> None:

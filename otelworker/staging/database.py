@@ -92,7 +92,8 @@ async def hold_listening(conn: Any) -> None:
     conn.add_termination_listener(lambda *_: closed.set())
     while not closed.is_set():
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(closed.wait(), LISTEN_CHECK_S)
+            async with asyncio.timeout(LISTEN_CHECK_S):
+                await closed.wait()
         if closed.is_set():
             return
         async with asyncio.timeout(LISTEN_CHECK_TIMEOUT_S):

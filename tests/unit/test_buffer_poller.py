@@ -401,6 +401,60 @@ async def test_idle_poller_wakes_on_notify() -> None:
     assert queue.claims == [(10, 0), (10, 2)]
 
 
+async def test_once_caught_up_wake_ups_are_coalesced_into_a_claim_per_gap() -> None:
+    # Every group commit wakes the poller; once the queue is caught up, the wake-ups
+    # within CLAIM_GAP of the last claim become one claim at the gap's end, not one each.
+    gap_s = 0.3
+    queue = FakeQueue(rows=0)
+    buffer, poller = make(queue, capacity=100)
+    poller.claim_gap_s = gap_s
+    began: list[float] = []
+    claim = queue.claim
+
+    async def timed(*args: object, **kwargs: object) -> list[Claimed]:
+        began.append(time.monotonic())
+        return await claim(*args, **kwargs)  # type: ignore[arg-type]
+
+    queue.claim = timed  # type: ignore[method-assign]
+    async with polling(poller):
+        await until(lambda: len(queue.claims) == 1)  # the first claim: nothing there
+        for _ in range(20):  # twenty commits, each with its wake-up
+            queue.add(1)
+            poller.wake.set()
+            await asyncio.sleep(0)
+        await until(lambda: buffer.depth == 20, what="the coalesced claim")
+    assert queue.claims[:2] == [(100, 0), (100, 20)]  # one claim for the twenty
+    assert began[1] - began[0] >= gap_s
+
+
+async def test_a_wake_up_and_a_cancel_in_the_same_pass_still_cancel() -> None:
+    # asyncio.wait_for on Python 3.11 returns the result of an event set in the same loop
+    # pass as the cancel and swallows the CancelledError: the poller would then idle for
+    # an hour with its cancellation lost (and a shutdown waiting for it).
+    queue = FakeQueue(rows=0)
+    _, poller = make(queue, capacity=10)
+    task = asyncio.create_task(poller.run())
+    await until(lambda: len(queue.claims) == 1)
+    poller.wake.set()
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=5.0)
+    assert task in done and task.cancelled()
+
+
+async def test_a_full_claim_is_followed_at_once_whatever_the_gap() -> None:
+    # A backlog (claims that fill the room) is drained as fast as room frees: the gap
+    # applies only once the queue is caught up.
+    queue = FakeQueue(rows=30)
+    buffer, poller = make(queue, capacity=10)
+    poller.claim_gap_s = HOUR
+    async with polling(poller):
+        for done in (10, 20, 30):
+            await until(lambda d=done: sum(n for _, n in queue.claims) == d)
+            finish(buffer, 10)
+        await until(lambda: len(queue.claims) == 4, what="the short claim at the end")
+    assert queue.claims == [(10, 10), (10, 10), (10, 10), (10, 0)]
+
+
 async def test_idle_poller_polls_every_interval() -> None:
     queue = FakeQueue(rows=0)
     buffer, poller = make(queue, capacity=10, interval_s=0.02)
