@@ -149,14 +149,15 @@ class Settings(BaseSettings):
     saturated_retry_after_s: int = Field(1, ge=1, le=3600)
 
     # --- processing ------------------------------------------------------------------
-    # Room for WORKER_CONCURRENCY full batches of BATCH_MAX_SIZE small items (the bytes
-    # bound below binds first for large ones).
+    # Room for two full batches of BATCH_MAX_SIZE small items, one filling while one
+    # uploads, below STAGING_MAX_BACKLOG's default, which counts them (the bytes bound
+    # below binds first for large ones).
     processing_queue_max_depth: int = Field(800, ge=1, le=1_000_000)
     processing_queue_max_bytes: int = Field(256 * MiB, ge=1024, le=64 * 1024 * MiB)
     poll_interval_ms: int = Field(500, ge=1, le=600_000)
     lease_timeout_s: float = Field(30.0, ge=1.0, le=86_400.0)
-    # Per-object costs (the PUT, the manifest row, the claim and delete statements) are
-    # paid per batch: 100 small items per object (issue 22, docs/performance.md);
+    # Per-object costs (the PUT, the manifest row, the delete statement) are paid per
+    # batch: 400 small items per object (issue 22, docs/performance.md);
     # BATCH_MAX_BYTES of staged bytes caps a batch of large ones.
     batch_max_size: int = Field(400, ge=1, le=100_000)
     batch_max_bytes: int = Field(8 * MiB, ge=1024, le=4096 * MiB)
