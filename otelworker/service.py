@@ -311,7 +311,8 @@ class Service:
             await self.grpc.stop(grace)
         if self.committer is not None:
             try:
-                await asyncio.wait_for(self.committer.drain(), grace)
+                async with asyncio.timeout(grace):
+                    await self.committer.drain()
             except TimeoutError:
                 log_event(
                     "commit_drain_timeout",
@@ -330,7 +331,8 @@ class Service:
             await self.store.close()
         if self.pool is not None:
             try:
-                await asyncio.wait_for(self.pool.close(), timeout=max(grace, 1.0))
+                async with asyncio.timeout(max(grace, 1.0)):
+                    await self.pool.close()
             except TimeoutError:
                 self.pool.terminate()
         await self.release_embedded()

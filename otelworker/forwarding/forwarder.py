@@ -363,7 +363,8 @@ class Forwarder:
             await supervisor.cancel(task, grace_s=2.0)
         lane.held.clear()
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(lane.client.close(), 5.0)
+            async with asyncio.timeout(5.0):
+                await lane.client.close()
 
     # --- destinations: started, changed, removed ----------------------------------------
     def _reconcile(self, startup: bool = False) -> list[Lane]:

@@ -111,7 +111,8 @@ class Pipeline:
         for task in self._feeding:
             await supervisor.cancel(task)
         try:
-            await asyncio.wait_for(self._drain(), self.settings.shutdown_grace_s)
+            async with asyncio.timeout(self.settings.shutdown_grace_s):
+                await self._drain()
         except TimeoutError:
             log_event(
                 "drain_timeout",
