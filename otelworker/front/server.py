@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import logging
 import resource
 import socket
@@ -131,6 +132,14 @@ class _Hooks:
         loop.default_exception_handler(context)
 
 
+def _freeze_heap() -> None:
+    """Move what startup built (modules, protobuf descriptors, the pool) out of the cyclic
+    collector's reach: a full collection would otherwise walk all of it again and again
+    while requests run, for objects that live as long as the process."""
+    gc.collect()
+    gc.freeze()
+
+
 class Server(uvicorn.Server):
     """uvicorn's server, with serve's signals and serve's shutdown order."""
 
@@ -171,6 +180,7 @@ class Server(uvicorn.Server):
             for sock in sockets
         ]
         self.started = True
+        _freeze_heap()
         service = getattr(getattr(self.config.app, "state", None), "service", None)
         if service is not None:
             connections = self.server_state.connections
