@@ -1232,7 +1232,7 @@ async def prefill(dsn: str, items: int, spans: int, chunk: int = 1000) -> float:
                 message = otlp.decode("traces", raw)
                 low, high = otlp.time_range("traces", message) or (None, None)
                 names = sorted(otlp.service_names("traces", message))
-                stored = compress(raw, Compression.GZIP, 1)
+                stored = compress(raw, Compression.GZIP)
                 records.append(
                     ("traces", stored, spans, "gzip", len(raw), low, high, names, checksum(stored))
                 )

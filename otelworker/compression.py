@@ -25,10 +25,12 @@ def compress(data: bytes, compression: Compression, level: int | None = None) ->
         # A joinable member (otelworker/gzjoin.py): the flush joins an object's payloads
         # into one member, indexed, instead of concatenating members. ISA-L deflates
         # about five times faster than zlib at level 1 and releases the GIL.
-        return gzjoin.piece(data, level or 1)
+        return gzjoin.piece(data, 0 if level is None else level)
     if compression is Compression.ZSTD:
         # The frame declares its content size: a reader can check it without decoding.
-        return zstandard.ZstdCompressor(level=level or 3, write_content_size=True).compress(data)
+        return zstandard.ZstdCompressor(
+            level=3 if level is None else level, write_content_size=True
+        ).compress(data)
     return data
 
 

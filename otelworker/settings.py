@@ -178,7 +178,7 @@ class Settings(BaseSettings):
     s3_force_path_style: bool = False
     s3_create_bucket: bool = False
     s3_compression: Compression = Compression.GZIP
-    s3_compression_level: int | None = Field(None, ge=1, le=22)
+    s3_compression_level: int | None = Field(None, ge=0, le=22)
     s3_timeout_s: float = Field(30.0, gt=0.0, le=3600.0)
     local_object_dir: str = "./.otelworker/objects"
 
@@ -259,12 +259,13 @@ class Settings(BaseSettings):
 
     @property
     def compression_level(self) -> int:
-        """S3_COMPRESSION_LEVEL, or the fast default: gzip 1, zstd 3."""
+        """S3_COMPRESSION_LEVEL, or the fast default: gzip 0 (ISA-L's fastest level, which
+        compresses; zlib's 0 would store), zstd 3 (its 0 means the same)."""
         if self.s3_compression_level is not None:
             if self.s3_compression is Compression.GZIP:
                 return min(self.s3_compression_level, 9)
             return self.s3_compression_level
-        return 1 if self.s3_compression is Compression.GZIP else 3
+        return 0 if self.s3_compression is Compression.GZIP else 3
 
     @property
     def dsn(self) -> str | None:
