@@ -135,9 +135,15 @@ class _Hooks:
 def _freeze_heap() -> None:
     """Move what startup built (modules, protobuf descriptors, the pool) out of the cyclic
     collector's reach: a full collection would otherwise walk all of it again and again
-    while requests run, for objects that live as long as the process."""
+    while requests run, for objects that live as long as the process. And collect the
+    young generation every 10,000 net allocations rather than 700: a request's objects
+    are freed by their counts, almost never in cycles (a collection under load found none
+    to free), and at 700 the collector ran every few dozen requests for ~0.2 ms, ~3 % of
+    the door's CPU; at 10,000 it costs a tenth of that, for at most a few MB of cyclic
+    garbage waiting."""
     gc.collect()
     gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
 
 
 class Server(uvicorn.Server):
