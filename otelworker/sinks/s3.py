@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import ClientError
+from isal import isal_zlib
 
 from otelworker.exceptions import ObjectStoreError
 from otelworker.settings import Settings
@@ -47,6 +49,11 @@ def _error(action: str, key: str, exc: BaseException) -> ObjectStoreError:
     err.reason = reason  # type: ignore[attr-defined]
     err.refused = refused
     return err
+
+
+def _crc32(body: bytes) -> str:
+    """S3's form of a CRC-32: the big-endian value in base64."""
+    return base64.b64encode(isal_zlib.crc32(body).to_bytes(4, "big")).decode("ascii")
 
 
 class S3ObjectStore:
@@ -106,6 +113,12 @@ class S3ObjectStore:
             "Key": key,
             "Body": body,
             "ContentType": content_type,
+            # The object's CRC-32 (x-amz-checksum-crc32, which S3 checks and keeps), given
+            # here, computed with ISA-L: botocore would compute the same with zlib at a
+            # third of the speed (~2 ms for 8 MB) and, over HTTPS, send the body
+            # aws-chunked, in Python pieces, to carry it as a trailer.
+            "ChecksumAlgorithm": "CRC32",
+            "ChecksumCRC32": _crc32(body),
         }
         if content_encoding:
             kwargs["ContentEncoding"] = content_encoding

@@ -8,7 +8,9 @@ empty afterwards.
 from __future__ import annotations
 
 import asyncio
+import base64
 import uuid
+import zlib
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -159,6 +161,11 @@ async def test_sdk_records_land_in_s3_exactly_once(
     assert head["ContentType"] == "application/x-protobuf"
     if compression != "none":
         assert head.get("ContentEncoding") == compression
+    # The CRC-32 the exporter computed (with ISA-L) is the object's, in S3's form.
+    for key in exported.keys:
+        body = store.get(key)
+        expected = base64.b64encode(zlib.crc32(body).to_bytes(4, "big")).decode()
+        assert store.head(key).get("ChecksumCRC32") == expected, key
 
 
 async def test_local_directory_store(database_url: str, tmp_path: Path) -> None:

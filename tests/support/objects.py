@@ -202,9 +202,11 @@ class Store:
         return (self.local_dir / key).read_bytes()
 
     def head(self, key: str) -> dict[str, Any]:
-        """S3 object metadata (ContentType, ContentEncoding, ...)."""
+        """S3 object metadata (ContentType, ContentEncoding, the stored ChecksumCRC32, ...)."""
         assert self.s3 is not None
-        head: dict[str, Any] = self._client.head_object(Bucket=self.s3.bucket, Key=key)
+        head: dict[str, Any] = self._client.head_object(
+            Bucket=self.s3.bucket, Key=key, ChecksumMode="ENABLED"
+        )
         return head
 
     def put(self, key: str, body: bytes) -> None:
