@@ -119,9 +119,12 @@ class Poller:
                 await self._idle(min(self.poll_interval_s * 2 ** min(failures, 6), 5.0))
                 continue
             failures = 0
+            taken: dict[str, int] = {}
             for item in claimed:
                 if self.buffer.put(item):
-                    self.metrics.items_claimed.labels(item.signal).inc()
+                    taken[item.signal] = taken.get(item.signal, 0) + 1
+            for signal, n in taken.items():  # one counter update per signal, not per item
+                self.metrics.items_claimed.labels(signal).inc(n)
             self.metrics.buffer_depth.set(self.buffer.depth)
             if len(claimed) < room and self.buffer.room > 0:
                 caught_up_at = began
