@@ -29,6 +29,12 @@ repeat every pool's length. ``--report-every S`` prints an ``{"phase": "interval
 line every S seconds of the run (requests, 200s, req/s, p50/p99 of that interval's
 answers, statuses), for the soak's per-minute figures.
 
+It runs on uvloop (``OTELWORKER_LOADGEN_LOOP=asyncio``: on asyncio's own loop, as before
+2026-12-07's fifth session): the generator shares the machine's cores with the server and
+PostgreSQL, which no client of a deployment does, so the less CPU it takes the less it
+stands between PostgreSQL and a core (on uvloop ~40 µs of CPU a 100-span request against
+~58; docs/performance.md, "The load generator on uvloop").
+
 Run it in its own process so that it never shares the server's event loop:
 :func:`run_in_subprocess` starts ``python -m loadtest.loadgen`` and reads its JSON
 summary; the child prints a ``{"phase": "timing"}`` line when its clock starts, so the
@@ -534,7 +540,12 @@ def main(argv: list[str] | None = None) -> int:
         if machine
         else (lambda m: print(json.dumps(m), flush=True))
     )
-    result = asyncio.run(run(spec, requests, on_start, on_interval))
+    if os.environ.get("OTELWORKER_LOADGEN_LOOP", "uvloop") == "uvloop":
+        import uvloop
+
+        result = uvloop.run(run(spec, requests, on_start, on_interval))
+    else:
+        result = asyncio.run(run(spec, requests, on_start, on_interval))
     del requests
     if machine:
         _print({"phase": "done", "result": asdict(result)})
