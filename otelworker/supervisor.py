@@ -9,6 +9,7 @@ never swallowed: cancellation is how tasks are stopped, in the order the owner c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -16,6 +17,16 @@ from typing import Any, TypeVar
 from otelworker.logs import log_event
 
 T = TypeVar("T")
+
+
+async def wait_event(event: asyncio.Event, timeout_s: float) -> bool:
+    """Wait for ``event`` at most ``timeout_s`` seconds; True if it is set. With
+    ``asyncio.timeout``, never ``wait_for``: on Python 3.11 ``wait_for`` drops a cancel
+    that comes in the same pass of the loop as the event (docs/design.md, Supervision)."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout_s):
+            await event.wait()
+    return event.is_set()
 
 
 class Supervisor:

@@ -42,7 +42,7 @@ from otelworker.logs import AggregatedEvents, log_event
 from otelworker.metrics import Metrics
 from otelworker.sinks.base import ObjectStore
 from otelworker.staging.database import listen_forever
-from otelworker.supervisor import Supervisor
+from otelworker.supervisor import Supervisor, wait_event
 
 INITIAL_BACKOFF_S = 1.0
 RETRY_AFTER_MAX_S = 3600.0  # a Retry-After is honoured up to an hour
@@ -347,9 +347,7 @@ class Forwarder:
         while lane.held and time.monotonic() < deadline:
             # Nothing is claimed any more: what is held is in flight or about to be.
             lane.room.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(max(0.01, deadline - time.monotonic())):
-                    await lane.room.wait()
+            await wait_event(lane.room, max(0.01, deadline - time.monotonic()))
         if lane.held:
             log_event(
                 "forward_drain_timeout",
@@ -442,9 +440,7 @@ class Forwarder:
 
     # --- claim and send -----------------------------------------------------------------
     async def _idle(self, lane: Lane) -> None:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self.poll_interval_s):
-                await lane.wake.wait()
+        await wait_event(lane.wake, self.poll_interval_s)
 
     async def _claim_loop(self, lane: Lane) -> None:
         while True:

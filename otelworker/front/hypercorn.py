@@ -33,6 +33,7 @@ from otelworker.ingress.intake import Kind, Refused, RequestId
 from otelworker.logs import log_event
 from otelworker.service import Service
 from otelworker.staging.group_commit import PENDING, UNSETTLED, outcome_of
+from otelworker.supervisor import wait_event
 
 HTTP = "http"
 _HTTP1 = ("1.0", "1.1")
@@ -268,10 +269,8 @@ def keep_sigterm(
 
     async def exit_unless_stopped() -> None:
         await inflight.idle.wait()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(_ORPHAN_SETTLE_S):
-                await shutting_down.wait()
-                return
+        if await wait_event(shutting_down, _ORPHAN_SETTLE_S):
+            return
         log_event(
             "sigterm_exit",
             "SIGTERM for this worker alone: drained, stopping the service and exiting",

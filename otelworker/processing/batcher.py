@@ -11,7 +11,6 @@ flushes run at once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field
 from otelworker.logs import log_event
 from otelworker.processing.buffer import Buffer
 from otelworker.staging.queue import Claimed
+from otelworker.supervisor import wait_event
 
 # A flush takes ownership of the batch's list: it may empty it once the payloads are no
 # longer needed, so that they are not kept alive until the flush returns.
@@ -86,9 +86,7 @@ class Batcher:
             due = batch.opened + self.flush_interval_s
             if due > now:
                 self._opened.clear()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(due - now):
-                        await self._opened.wait()
+                await wait_event(self._opened, due - now)
                 continue
             await self._dispatch(key)
 

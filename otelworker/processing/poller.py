@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -14,6 +13,7 @@ from otelworker.metrics import Metrics
 from otelworker.processing.buffer import Buffer
 from otelworker.staging.database import listen_forever
 from otelworker.staging.queue import QueuePort
+from otelworker.supervisor import wait_event
 
 CHANNEL = "otelworker_staged"
 
@@ -80,9 +80,7 @@ class Poller:
             )
 
     async def _idle(self, within_s: float | None = None) -> None:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(within_s or self.poll_interval_s):
-                await self.wake.wait()
+        await wait_event(self.wake, within_s or self.poll_interval_s)
         self.wake.clear()
 
     async def run(self) -> None:

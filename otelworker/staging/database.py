@@ -15,6 +15,7 @@ import asyncpg
 from otelworker.exceptions import StagingUnavailable
 from otelworker.logs import log_event
 from otelworker.staging.sql import migrations, query
+from otelworker.supervisor import wait_event
 
 # What asyncpg raises when the server is away, restarting, failing over or refusing:
 # these turn into StagingUnavailable (503) and never into a 500 or a dead task. A failover
@@ -91,10 +92,7 @@ async def hold_listening(conn: Any) -> None:
     closed = asyncio.Event()
     conn.add_termination_listener(lambda *_: closed.set())
     while not closed.is_set():
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(LISTEN_CHECK_S):
-                await closed.wait()
-        if closed.is_set():
+        if await wait_event(closed, LISTEN_CHECK_S):
             return
         async with asyncio.timeout(LISTEN_CHECK_TIMEOUT_S):
             await conn.execute(query("listen_check"))
