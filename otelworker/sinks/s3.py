@@ -11,8 +11,8 @@ from typing import Any
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import ClientError
-from isal import isal_zlib
 
+from otelworker.compression import checksum
 from otelworker.exceptions import ObjectStoreError
 from otelworker.settings import Settings
 from otelworker.sinks.base import StoredObject
@@ -53,7 +53,7 @@ def _error(action: str, key: str, exc: BaseException) -> ObjectStoreError:
 
 def _crc32(body: bytes) -> str:
     """S3's form of a CRC-32: the big-endian value in base64."""
-    return base64.b64encode(isal_zlib.crc32(body).to_bytes(4, "big")).decode("ascii")
+    return base64.b64encode(checksum(body).to_bytes(4, "big")).decode("ascii")
 
 
 class S3ObjectStore:
